@@ -1,0 +1,266 @@
+//! Which worker gets the next request: the pool snapshot and the selection over it.
+//!
+//! The supervisor builds a [`Pool`] of the app's *ready* workers after every change and
+//! [`Balancer::publish`]es it; the proxy calls [`Balancer::pick`] on every request. The pool is
+//! immutable and swapped whole through `arc-swap`, so the request path takes no lock that the
+//! supervisor holds: a request sees either the old pool or the new one, never a half-updated
+//! table, and a worker that left the pool is never picked again (requests already routed to it
+//! finish on it).
+//!
+//! Every pick returns an [`InFlight`] guard. It counts the request against the worker until it
+//! is dropped, which the proxy arranges to happen when the response body has been sent, so
+//! "in flight" covers streamed and long-lived responses too. Draining waits on
+//! [`WorkerStats::wait_idle`] for that count to reach zero.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, Scheme};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{watch, Notify};
+
+/// How long an idle pooled connection to a worker is kept. Below Node's default 5 s
+/// `keepAliveTimeout`, so we close idle connections before the worker does and never send a
+/// request on a connection the worker is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Connecting to a worker on loopback is immediate or refused; this bounds a full SYN backlog.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live counters of one worker, shared by the supervisor (status, drain) and the proxy.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Requests routed to the worker and not yet finished (response body sent or aborted).
+    in_flight: AtomicUsize,
+    /// Requests routed to the worker since it started.
+    requests: AtomicU64,
+    /// Set when the worker leaves rotation; from then on the last request out wakes `idle`.
+    draining: AtomicBool,
+    idle: Notify,
+}
+
+impl WorkerStats {
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests routed so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no request is in flight. Call after the worker left the pool.
+    pub async fn wait_idle(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A ready worker as the proxy sees it: where it listens, and a connection pool to it.
+///
+/// Each upstream has its own client and so its own connection pool: when the worker leaves the
+/// pool and the last request on it finishes, the `Upstream` is dropped and its idle connections
+/// close with it, so nothing can be sent to a worker on its way out.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The worker's supervisor id.
+    pub id: u64,
+    /// The worker's slot (`NODE_APP_INSTANCE`).
+    pub slot: usize,
+    /// The worker's loopback address.
+    pub addr: SocketAddr,
+    /// `127.0.0.1:PORT`, ready for request URIs.
+    pub authority: Authority,
+    /// Scheme of request URIs (plain HTTP on loopback).
+    pub scheme: Scheme,
+    /// Pooled HTTP/1.1 client to this worker.
+    pub client: Client<HttpConnector, Incoming>,
+    /// Counters shared with the supervisor.
+    pub stats: Arc<WorkerStats>,
+}
+
+impl Upstream {
+    /// An upstream for a worker listening on `addr`.
+    pub fn new(id: u64, slot: usize, addr: SocketAddr, stats: Arc<WorkerStats>) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .expect("UNWRAP: a socket address is a valid authority");
+        Upstream { id, slot, addr, authority, scheme: Scheme::HTTP, client, stats }
+    }
+}
+
+/// An immutable set of ready workers.
+#[derive(Debug, Default)]
+pub struct Pool {
+    members: Vec<Arc<Upstream>>,
+}
+
+impl Pool {
+    /// A pool of these upstreams, in slot order.
+    pub fn new(mut members: Vec<Arc<Upstream>>) -> Pool {
+        members.sort_by_key(|u| u.slot);
+        Pool { members }
+    }
+
+    /// Number of ready workers.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True when no worker is ready.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// Counts a request against a worker while it lives.
+#[derive(Debug)]
+pub struct InFlight {
+    upstream: Arc<Upstream>,
+}
+
+impl InFlight {
+    fn new(upstream: Arc<Upstream>) -> InFlight {
+        upstream.stats.requests.fetch_add(1, Ordering::Relaxed);
+        upstream.stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight { upstream }
+    }
+
+    /// The worker this request is routed to.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let stats = &self.upstream.stats;
+        let before = stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && stats.draining.load(Ordering::SeqCst) {
+            stats.idle.notify_waiters();
+        }
+    }
+}
+
+/// Round-robin selection over the current pool of one app.
+#[derive(Debug)]
+pub struct Balancer {
+    pool: ArcSwap<Pool>,
+    next: AtomicUsize,
+    /// Ready-worker count, for those who wait for the first worker (the accept loop).
+    ready: watch::Sender<usize>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer {
+            pool: ArcSwap::from_pointee(Pool::default()),
+            next: AtomicUsize::new(0),
+            ready: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Balancer {
+    /// Replaces the pool; requests from now on see only `pool`.
+    pub fn publish(&self, pool: Pool) {
+        let ready = pool.len();
+        self.pool.store(Arc::new(pool));
+        self.ready.send_replace(ready);
+    }
+
+    /// The next worker in rotation, counted in flight; `None` when no worker is ready.
+    pub fn pick(&self) -> Option<InFlight> {
+        let pool = self.pool.load();
+        let n = pool.members.len();
+        if n == 0 {
+            return None;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        Some(InFlight::new(Arc::clone(&pool.members[index])))
+    }
+
+    /// Waits until at least one worker is ready.
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = ready.wait_for(|n| *n > 0).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(id: u64, slot: usize) -> Arc<Upstream> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 40_000 + slot as u16));
+        Arc::new(Upstream::new(id, slot, addr, Arc::default()))
+    }
+
+    #[tokio::test]
+    async fn round_robin_visits_every_worker_evenly() {
+        let balancer = Balancer::default();
+        assert!(balancer.pick().is_none());
+        balancer.publish(Pool::new(vec![upstream(1, 0), upstream(2, 1), upstream(3, 2)]));
+        let mut counts = [0; 3];
+        for _ in 0..30 {
+            let guard = balancer.pick().expect("pool is not empty");
+            counts[guard.upstream().slot] += 1;
+        }
+        assert_eq!(counts, [10, 10, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_out_of_the_pool_is_never_picked() {
+        let balancer = Balancer::default();
+        let (a, b) = (upstream(1, 0), upstream(2, 1));
+        balancer.publish(Pool::new(vec![a.clone(), b.clone()]));
+        balancer.publish(Pool::new(vec![b.clone()]));
+        for _ in 0..10 {
+            assert_eq!(balancer.pick().expect("b is ready").upstream().id, 2);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_the_last_guard() {
+        let balancer = Balancer::default();
+        let a = upstream(1, 0);
+        balancer.publish(Pool::new(vec![a.clone()]));
+        let first = balancer.pick().expect("ready");
+        let second = balancer.pick().expect("ready");
+        assert_eq!(a.stats.in_flight(), 2);
+        balancer.publish(Pool::default());
+        let stats = a.stats.clone();
+        let drained = tokio::spawn(async move { stats.wait_idle().await });
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished());
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(1), drained)
+            .await
+            .expect("drain finished")
+            .expect("task ran");
+        assert_eq!(a.stats.in_flight(), 0);
+        assert_eq!(a.stats.requests(), 2);
+    }
+}

@@ -1,0 +1,233 @@
+//! The command line: `corral run | check | status | stop | reload`, all taking `-c FILE`.
+//!
+//! Exit codes: 0 success; 1 failure; 3 no instance is running for this config (as the LSB
+//! `status` convention); 78 the config is invalid (`EX_CONFIG` from sysexits.h).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{units, Config, ConfigError};
+use crate::control::client::{self, ClientError};
+use crate::control::{socket_path, Reply, Request};
+use crate::logs::{self, LogFormat};
+use crate::supervisor::status::Status;
+
+const EXIT_NOT_RUNNING: u8 = 3;
+const EXIT_CONFIG: u8 = 78;
+
+/// Runs N copies of a web server behind one port: load balancing, supervision, zero-downtime
+/// reloads.
+#[derive(Debug, Parser)]
+#[command(name = "corral", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Config file; the control socket of the running instance is derived from its path.
+    #[arg(short, long, global = true, default_value = crate::config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Format of corral's own log (stderr). Also CORRAL_LOG_FORMAT.
+    #[arg(long, global = true, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run in the foreground: bind, start the workers, proxy; stop on SIGTERM/SIGINT.
+    Run,
+    /// Validate the config and print what it would run; exit non-zero naming every problem.
+    Check,
+    /// Show the workers of the running instance.
+    Status {
+        /// Machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running instance gracefully and wait until it has exited.
+    Stop,
+    /// Rolling reload of the running instance (not available in this version yet).
+    Reload {
+        /// Only this app.
+        app: Option<String>,
+    },
+}
+
+/// Parses the command line, runs the command, and picks the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("corral: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check => Ok(check(&cli.config)),
+        Command::Run => {
+            logs::init(cli.log_format);
+            let config = match Config::load(&cli.config) {
+                Ok(config) => config,
+                Err(e) => return Ok(config_error(&e)),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("corral")
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(crate::run::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => control(&cli.config, Request::Status, |reply| match reply {
+            Reply::Status(status) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                } else {
+                    print!("{}", table(&status));
+                }
+            }
+            other => print_reply(other),
+        }),
+        Command::Stop => {
+            let deadline = Config::load(&cli.config).map(|c| crate::run::stop_deadline(&c)).unwrap_or(Duration::from_secs(120));
+            let code = control_with_deadline(&cli.config, Request::Stop, deadline, print_reply)?;
+            if code == ExitCode::SUCCESS {
+                println!("stopped");
+            }
+            Ok(code)
+        }
+        Command::Reload { app } => control(&cli.config, Request::Reload { app }, print_reply),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Err(e) => config_error(&e),
+        Ok(config) => {
+            let cpus = crate::config::usable_cpus();
+            println!("{}: OK ({} app{})", path.display(), config.apps.len(), if config.apps.len() == 1 { "" } else { "s" });
+            for app in &config.apps {
+                let n = app.instances.resolve(cpus);
+                let listen = app.listen.map_or_else(|| "no proxy".to_owned(), |a| format!("listening on {a}"));
+                println!(
+                    "  {}: {n} worker{} of `{}`, {listen}, listen_timeout {}, kill_timeout {}",
+                    app.name,
+                    if n == 1 { "" } else { "s" },
+                    app.command.join(" "),
+                    units::format_duration(app.listen_timeout),
+                    units::format_duration(app.kill_timeout),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("corral: {e}");
+    match e {
+        ConfigError::Read { .. } => ExitCode::FAILURE,
+        ConfigError::Invalid { .. } => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+fn print_reply(reply: Reply) {
+    match reply {
+        Reply::Progress { message } => println!("{message}"),
+        Reply::Error { message } => eprintln!("corral: {message}"),
+        Reply::Status(_) => {}
+    }
+}
+
+fn control(config: &std::path::Path, request: Request, on_reply: impl FnMut(Reply)) -> anyhow::Result<ExitCode> {
+    control_with_deadline(config, request, Duration::from_secs(30), on_reply)
+}
+
+/// Sends one request and feeds every reply to `on_reply` until the instance closes the
+/// connection. Fails on an `Error` reply, on no instance, and at `deadline`.
+fn control_with_deadline(
+    config: &std::path::Path,
+    request: Request,
+    deadline: Duration,
+    mut on_reply: impl FnMut(Reply),
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let socket = socket_path(config);
+    runtime.block_on(async {
+        let conversation = async {
+            let mut replies = client::request(&socket, &request).await?;
+            let mut failed = false;
+            while let Some(reply) = replies.next().await? {
+                failed |= matches!(reply, Reply::Error { .. });
+                on_reply(reply);
+            }
+            Ok::<bool, ClientError>(failed)
+        };
+        match tokio::time::timeout(deadline, conversation).await {
+            Err(_) => anyhow::bail!("no answer from the running instance within {deadline:?}"),
+            Ok(Err(ClientError::NotRunning { path })) => {
+                eprintln!("corral: not running for {} (no control socket at {path})", config.display());
+                Ok(ExitCode::from(EXIT_NOT_RUNNING))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(true)) => Ok(ExitCode::FAILURE),
+            Ok(Ok(false)) => Ok(ExitCode::SUCCESS),
+        }
+    })
+}
+
+/// The `corral status` table.
+fn table(status: &Status) -> String {
+    let header = ["APP", "SLOT", "PID", "PORT", "STATE", "UPTIME", "RESTARTS", "MEMORY", "REQUESTS", "IN FLIGHT"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for app in &status.apps {
+        for w in &app.workers {
+            let dash = || "-".to_owned();
+            rows.push(vec![
+                w.app.clone(),
+                w.slot.to_string(),
+                w.pid.map_or_else(dash, |p| p.to_string()),
+                w.port.map_or_else(dash, |p| p.to_string()),
+                w.state.clone(),
+                if w.pid.is_some() { uptime(w.uptime_ms) } else { dash() },
+                w.restarts.to_string(),
+                w.memory_bytes.map_or_else(dash, units::format_size),
+                w.requests.to_string(),
+                w.in_flight.to_string(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let apps: Vec<String> = status
+        .apps
+        .iter()
+        .map(|a| match &a.listen {
+            Some(listen) => format!("{}: {}/{} ready on {listen}", a.name, a.ready, a.instances),
+            None => format!("{}: {}/{} running", a.name, a.ready, a.instances),
+        })
+        .collect();
+    out.push_str(&format!("corral pid {}, up {}; {}\n", status.pid, uptime(status.uptime_ms), apps.join("; ")));
+    out
+}
+
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}

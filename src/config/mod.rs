@@ -1,0 +1,203 @@
+//! Configuration: `proxy.toml` in, a validated [`Config`] out.
+//!
+//! # Flow
+//!
+//! `corral` reads `./proxy.toml`, or the file named by `-c`. The text is parsed into a TOML tree
+//! that keeps the byte span of every key and value ([`parse`]), and each `[[app]]` table is walked
+//! key by key into an [`AppConfig`]: human units (`"10s"`, `"200M"`) become `Duration`s and byte
+//! counts here, once, and nothing downstream parses strings. Every problem found is collected,
+//! with its line and column, and they are reported together, so one `corral check` run shows
+//! everything that is wrong. Unknown keys are errors (a typo must not silently fall back to a
+//! default).
+//!
+//! # Precedence
+//!
+//! Command line over file over built-in default. Today the command line only picks the file
+//! (`-c`); every other setting comes from the file or from the defaults documented on each field
+//! and in `proxy.example.toml`.
+//!
+//! This module owns no running state. The supervisor gets a fresh `Config` at start (and, later,
+//! on reload) and decides what to do with it.
+
+mod cpus;
+mod parse;
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+pub use cpus::usable_cpus;
+
+/// The default config file, relative to the working directory.
+pub const DEFAULT_PATH: &str = "proxy.toml";
+
+/// A validated configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, made absolute (the control socket's path derives from it).
+    pub path: PathBuf,
+    /// The `[[app]]` tables, in file order.
+    pub apps: Vec<AppConfig>,
+}
+
+/// One `[[app]]`: a command run as N workers, optionally behind a public address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    /// Unique name, used in logs, `status` and CLI commands.
+    pub name: String,
+    /// argv of a worker; run without a shell.
+    pub command: Vec<String>,
+    /// Working directory of the workers (absolute; relative paths in the file are resolved
+    /// against the config file's folder). Default: that folder.
+    pub cwd: PathBuf,
+    /// Public address. `None` makes the app a plain supervised process with no proxy.
+    pub listen: Option<SocketAddr>,
+    /// How many workers. Default: 1.
+    pub instances: Instances,
+    /// Extra environment for the workers, in file order.
+    pub env: Vec<(String, String)>,
+    /// Name of the variable that carries the worker's port. Default: `PORT`.
+    pub port_env: String,
+    /// A new worker must accept TCP on its port within this. Default: 10 s.
+    pub listen_timeout: Duration,
+    /// After `kill_signal`, wait this long before SIGKILL. Default: 5 s.
+    pub kill_timeout: Duration,
+    /// Signal that asks a worker to stop. Default: SIGTERM.
+    pub kill_signal: Signal,
+    /// On stop, how long in-flight requests may take to finish. Default: 30 s.
+    pub drain_timeout: Duration,
+    /// Limits of the HTTP front end.
+    pub http: HttpLimits,
+}
+
+/// Limits and timeouts of the proxy, chosen on purpose (see the README's HTTP section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest request head (request line plus headers) in bytes; larger gets 431. Default 64 KiB.
+    pub max_header_size: usize,
+    /// Most header fields in a request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// A client must send its whole request head within this, or the connection is closed.
+    /// Default 10 s (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long a worker may take to start its response (status and headers) before the client
+    /// gets 504. Streaming after that is not limited. Default 60 s.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_header_size: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The `instances` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// A fixed number.
+    Count(NonZeroUsize),
+    /// `"max"` less `n` (a negative number in the file), never below 1.
+    MaxMinus(usize),
+}
+
+impl Instances {
+    /// The worker count on a machine where `cpus` CPUs are usable.
+    pub fn resolve(self, cpus: usize) -> usize {
+        match self {
+            Instances::Count(n) => n.get(),
+            Instances::MaxMinus(n) => cpus.saturating_sub(n).max(1),
+        }
+    }
+}
+
+/// A config that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read, and has problems.
+    #[error("{}", Problems { path, list: problems })]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found, in file order.
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+struct Problems<'a> {
+    path: &'a Path,
+    list: &'a [Problem],
+}
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.list.len();
+        let noun = if count == 1 { "problem" } else { "problems" };
+        write!(f, "{count} {noun} in {}:", self.path.display())?;
+        for p in self.list {
+            write!(f, "\n  {}:{}:{}: {}", self.path.display(), p.line, p.column, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(&absolute).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_str(&text, &absolute).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Validates config text as if it were read from `path` (which anchors relative `cwd`s).
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
+        let base = path.parent().unwrap_or(Path::new("/"));
+        let apps = parse::parse(text, base)?;
+        Ok(Config {
+            path: path.to_path_buf(),
+            apps,
+        })
+    }
+
+    /// The app with this name.
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../proxy.example.toml");
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    Config::from_str(text, &repo_root().join("proxy.toml"))
+}
+
+fn messages(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("expected problems in:\n{text}"),
+        Err(problems) => problems.iter().map(|p| format!("{}: {}", p.line, p.message)).collect(),
+    }
+}
+
+#[test]
+fn the_example_config_is_valid_and_documents_every_key() {
+    let config = parse(EXAMPLE).unwrap_or_else(|p| panic!("{p:?}"));
+    let app = &config.apps[0];
+    assert_eq!(app.name, "web");
+    assert_eq!(app.instances, Instances::MaxMinus(0));
+    assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
+    assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
+    for key in super::parse::APP_KEYS {
+        let documented = EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
+        assert!(documented, "proxy.example.toml does not document `{key}`");
+    }
+}
+
+#[test]
+fn defaults() {
+    let config = parse("[[app]]\nname = \"a\"\ncommand = [\"node\"]\n").expect("valid");
+    let app = &config.apps[0];
+    assert_eq!(app.instances, Instances::Count(NonZeroUsize::MIN));
+    assert_eq!(app.listen, None);
+    assert_eq!(app.port_env, "PORT");
+    assert_eq!(app.listen_timeout, Duration::from_secs(10));
+    assert_eq!(app.kill_timeout, Duration::from_secs(5));
+    assert_eq!(app.kill_signal, Signal::SIGTERM);
+    assert_eq!(app.drain_timeout, Duration::from_secs(30));
+    assert_eq!(app.http, HttpLimits::default());
+    assert_eq!(app.cwd, repo_root());
+}
+
+#[test]
+fn every_problem_is_reported_with_its_line() {
+    let text = r#"[[app]]
+name = "web"
+command = ["node", "server.js"]
+listen_timout = "10s"
+kill_timeout = "10x"
+instances = 0
+listen = "nowhere"
+kill_signal = "SIGFOO"
+sticky = "cookie"
+"#;
+    let got = messages(text);
+    let want = [
+        "4: app \"web\": listen_timout: unknown key (did you mean `listen_timeout`?)",
+        "5: app \"web\": kill_timeout: expected a duration such as",
+        "6: app \"web\": instances: expected a positive integer, \"max\", or a negative integer (max - n), found 0",
+        "7: app \"web\": listen: expected an address such as",
+        "8: app \"web\": kill_signal: \"SIGFOO\" is not a signal name",
+        "9: app \"web\": sticky: not supported by this version of corral yet",
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (got, want) in got.iter().zip(want) {
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn wrong_types_and_missing_keys() {
+    let got = messages("[[app]]\ncommand = \"node server.js\"\ninstances = true\n[app.env]\nA = [1]\n");
+    assert!(got.iter().any(|m| m.starts_with("1: app #1: name: missing")), "{got:#?}");
+    assert!(got.iter().any(|m| m.starts_with("2: app #1: command: expected an array of strings")), "{got:#?}");
+    assert!(got.iter().any(|m| m.starts_with("3: app #1: instances: expected a positive integer")), "{got:#?}");
+    assert!(got.iter().any(|m| m.contains("env: A: expected a string, number or boolean")), "{got:#?}");
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let got = messages("[[app]]\nname = \"web\"\ncommand = [\"node\"\n");
+    assert_eq!(got.len(), 1);
+    assert!(got[0].contains("TOML syntax error"), "{got:?}");
+    assert!(got[0].starts_with("3: ") || got[0].starts_with("4: "), "{got:?}");
+}
+
+#[test]
+fn apps_must_be_distinct() {
+    let text = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4000\n\n[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = \"127.0.0.1:4000\"\n";
+    let got = messages(text);
+    assert!(got.iter().any(|m| m.contains("name: another app has this name")), "{got:#?}");
+    assert!(got.iter().any(|m| m.contains("is used by another app")), "{got:#?}");
+    assert!(messages("").iter().any(|m| m.contains("no [[app]] table")));
+    assert!(messages("[app]\nname = \"a\"\n").iter().any(|m| m.contains("write [[app]]")));
+}
+
+#[test]
+fn instances_forms() {
+    let instances = |v: &str| {
+        parse(&format!("[[app]]\nname = \"a\"\ncommand = [\"node\"]\ninstances = {v}\n")).map(|c| c.apps[0].instances)
+    };
+    assert_eq!(instances("4"), Ok(Instances::Count(NonZeroUsize::new(4).expect("4"))));
+    assert_eq!(instances("\"max\""), Ok(Instances::MaxMinus(0)));
+    assert_eq!(instances("-1"), Ok(Instances::MaxMinus(1)));
+    assert_eq!(instances("\"-2\""), Ok(Instances::MaxMinus(2)));
+    assert!(instances("\"many\"").is_err());
+    assert_eq!(Instances::MaxMinus(1).resolve(4), 3);
+    assert_eq!(Instances::MaxMinus(8).resolve(4), 1);
+    assert_eq!(Instances::MaxMinus(0).resolve(2), 2);
+}
+
+#[test]
+fn programs_and_folders_must_exist() {
+    let got = messages("[[app]]\nname = \"a\"\ncommand = [\"no-such-program-xyz\"]\n");
+    assert!(got[0].contains("`no-such-program-xyz` was not found on PATH"), "{got:?}");
+    let got = messages("[[app]]\nname = \"a\"\ncommand = [\"node\"]\ncwd = \"no/such/dir\"\n");
+    assert!(got[0].contains("is not a directory"), "{got:?}");
+}
+
+#[test]
+fn a_missing_file_is_a_read_error() {
+    let e = Config::load(Path::new("/no/such/proxy.toml")).expect_err("missing");
+    assert!(matches!(e, ConfigError::Read { .. }));
+    assert!(e.to_string().contains("/no/such/proxy.toml"));
+}

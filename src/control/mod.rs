@@ -1,0 +1,214 @@
+//! The control socket: how `corral status`, `corral stop` (and later `reload`) reach a running
+//! front process.
+//!
+//! A Unix domain socket, mode 0600 in a 0700 directory, whose path follows from the config
+//! file's absolute path ([`socket_path`]), so every CLI command given the same `-c` finds the
+//! same instance and two configs never collide. The protocol is newline-delimited JSON: the
+//! client sends one [`Request`] line; the server answers with [`Reply`] lines. For `stop`, the
+//! server acknowledges and keeps the connection open; the client sees EOF when the front process
+//! has exited, which is how `corral stop` knows the stop is complete.
+//!
+//! The server owns no state: it turns requests into calls on the supervisor's [`Handle`] and
+//! into a cancellation of the root shutdown token.
+
+pub mod client;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::supervisor::status::Status;
+use crate::supervisor::Handle;
+
+/// A request from the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Report every worker.
+    Status,
+    /// Graceful stop of the whole instance.
+    Stop,
+    /// Rolling reload (not available in this version).
+    Reload {
+        /// Only this app.
+        app: Option<String>,
+    },
+}
+
+/// A reply line from the front process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The status snapshot.
+    Status(Status),
+    /// Progress of a long command.
+    Progress {
+        /// What happened.
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another front process already runs this config.
+    #[error("corral is already running for this config (pid {pid}, control socket {})", path.display())]
+    AlreadyRunning {
+        /// Its pid, as it reported it.
+        pid: u32,
+        /// The socket.
+        path: PathBuf,
+    },
+    /// Filesystem or socket failure.
+    #[error("cannot create the control socket {}: {source}", path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Where the control socket of the instance running `config` lives.
+///
+/// `$CORRAL_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/corral`, else `/tmp/corral-UID`; the file name
+/// is the config's stem plus a hash of its absolute path (socket paths are limited to 107
+/// bytes, so the config path itself cannot be used).
+pub fn socket_path(config: &Path) -> PathBuf {
+    let absolute = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+    let dir = std::env::var_os("CORRAL_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("corral")))
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/corral-{}", nix::unistd::getuid())));
+    let stem: String = absolute
+        .file_stem()
+        .map(|s| s.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(32).collect())
+        .unwrap_or_default();
+    dir.join(format!("{stem}-{:016x}.sock", fnv1a(absolute.as_os_str().as_encoded_bytes())))
+}
+
+/// FNV-1a: stable across Rust versions and builds, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The bound control socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds the socket for `config`. Refuses if a live instance answers on it; removes a
+    /// stale file left by a dead one.
+    pub async fn bind(config: &Path) -> Result<ControlSocket, ControlError> {
+        let path = socket_path(config);
+        let io = |source| ControlError::Io { path: path.clone(), source };
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        if path.exists() {
+            match client::request(&path, &Request::Status).await {
+                Ok(mut replies) => {
+                    if let Ok(Some(Reply::Status(status))) = replies.next().await {
+                        return Err(ControlError::AlreadyRunning { pid: status.pid, path });
+                    }
+                    return Err(ControlError::AlreadyRunning { pid: 0, path });
+                }
+                Err(_) => {
+                    debug!(path = %path.display(), "removing stale control socket");
+                    std::fs::remove_file(&path).map_err(io)?;
+                }
+            }
+        }
+        let listener = UnixListener::bind(&path).map_err(io)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        Ok(ControlSocket { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests until the process exits. `stop` cancels `shutdown`.
+    pub async fn serve(self, supervisor: Handle, shutdown: CancellationToken) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(stream, supervisor.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            debug!(path = %self.path.display(), error = %e, "could not remove control socket");
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationToken) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(64 * 1024));
+    if let Err(e) = reader.read_line(&mut line).await {
+        debug!(error = %e, "control request unreadable");
+        return;
+    }
+    let replies = match serde_json::from_str::<Request>(&line) {
+        Err(e) => vec![Reply::Error { message: format!("bad control request: {e}") }],
+        Ok(Request::Status) => match supervisor.status().await {
+            Ok(status) => vec![Reply::Status(status)],
+            Err(e) => vec![Reply::Error { message: e.to_string() }],
+        },
+        Ok(Request::Stop) => {
+            info!("stop requested over the control socket");
+            shutdown.cancel();
+            vec![Reply::Progress { message: "stopping: draining connections, then stopping workers".into() }]
+        }
+        Ok(Request::Reload { .. }) => vec![Reply::Error {
+            message: "rolling reload is not available in this version of corral yet".into(),
+        }],
+    };
+    for reply in replies {
+        let mut text = match serde_json::to_string(&reply) {
+            Ok(text) => text,
+            Err(e) => {
+                warn!(error = %e, "cannot encode control reply");
+                return;
+            }
+        };
+        text.push('\n');
+        if write.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    // For `stop`, the connection stays open until the process exits: the client's EOF is the
+    // signal that the stop is complete. Other requests are done; the connection closes here.
+    if shutdown.is_cancelled() {
+        std::future::pending::<()>().await;
+    }
+}

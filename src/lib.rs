@@ -1,0 +1,47 @@
+//! corral: one binary that runs N copies of a web server behind one port.
+//!
+//! # Layout
+//!
+//! One front process, a few clear owners:
+//!
+//! - the **listener** ([`listener`]) owns each app's public socket: bound once with
+//!   `SO_REUSEPORT`, served by an accept loop, drained on stop;
+//! - the **proxy** ([`proxy`]) is the hyper service on every connection: it picks a worker from
+//!   the app's [`balancer`] (a lock-free read of an immutable pool snapshot), forwards the
+//!   request on a pooled connection, and streams the response back;
+//! - the **supervisor** ([`supervisor`]) is one task that owns the worker table: it spawns,
+//!   probes, restarts and stops workers, and publishes a new pool snapshot after each change.
+//!   Everything else talks to it through a cloneable [`supervisor::Handle`];
+//! - the **control socket** ([`control`]) lets the CLI ([`cli`]) reach a running instance;
+//! - [`run`] wires these together and owns the stop sequence; [`signals`] maps Unix signals to
+//!   intents; [`config`] turns `proxy.toml` into validated types; [`logs`] sets up tracing and
+//!   carries worker output.
+//!
+//! Per-worker in-flight counts are RAII guards ([`balancer::InFlight`]) carried inside response
+//! bodies, so draining a worker waits for exactly the responses still being sent.
+
+#![deny(rust_2018_idioms)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+/// Which worker gets the next request: pool snapshots, round robin, in-flight guards.
+pub mod balancer;
+/// The command line and its exit codes.
+pub mod cli;
+/// `proxy.toml` → validated [`config::Config`].
+pub mod config;
+/// The control socket between the CLI and a running instance.
+pub mod control;
+/// Public sockets: bind once, accept, drain.
+pub mod listener;
+/// tracing setup and worker output capture.
+pub mod logs;
+/// The HTTP proxy service.
+pub mod proxy;
+/// The front process's start and stop sequence.
+pub mod run;
+/// Unix signals mapped to intents.
+pub mod signals;
+/// The actor that owns every worker process.
+pub mod supervisor;

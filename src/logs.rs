@@ -1,0 +1,186 @@
+//! Logging: corral's own events through `tracing`, and the workers' output.
+//!
+//! corral's events go to stderr, human-readable (coloured on a terminal) or JSON lines
+//! (`--log-format json` or `CORRAL_LOG_FORMAT=json`); `RUST_LOG`/`CORRAL_LOG` filter them.
+//!
+//! Workers' stdout and stderr are read line by line and printed by `corral run` on its own
+//! stdout and stderr, each line prefixed with `app.slot | `. Printing goes through one writer
+//! thread fed by a bounded channel: a slow terminal or a full pipe back-pressures the worker
+//! that is writing (as if it wrote to the terminal itself), never the proxy, and lines from
+//! different workers are never interleaved mid-line. The last lines of each worker are also
+//! kept in memory ([`OutputTail`]) so a worker that fails can be reported with what it said.
+
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+use tracing_subscriber::EnvFilter;
+
+/// Lines kept per worker for error reports.
+const TAIL_LINES: usize = 20;
+/// Longer lines are split: a worker printing megabytes without a newline must not grow memory.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Format of corral's own log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global tracing subscriber.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("CORRAL_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests) is harmless: the first subscriber stays.
+    let result = match format {
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).with_target(false).try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("corral: logging was already set up: {e}");
+    }
+}
+
+/// Which of a worker's streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The worker's stdout.
+    Stdout,
+    /// The worker's stderr.
+    Stderr,
+}
+
+/// The last lines a worker printed.
+#[derive(Debug, Default)]
+pub struct OutputTail {
+    lines: Mutex<VecDeque<String>>,
+}
+
+impl OutputTail {
+    fn push(&self, line: &str) {
+        // Short critical section, no await inside: std Mutex is right here.
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_owned());
+    }
+
+    /// A copy of the kept lines, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// Where worker output goes: a handle to the writer thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct OutputSink {
+    tx: mpsc::Sender<(Stream, String)>,
+}
+
+impl OutputSink {
+    /// Starts the writer thread that prints worker lines on corral's stdout and stderr.
+    pub fn start() -> OutputSink {
+        let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
+        let spawned = std::thread::Builder::new().name("corral-output".into()).spawn(move || {
+            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+            while let Some((stream, line)) = rx.blocking_recv() {
+                // A closed stdout (corral piped into `head`) must not stop supervision.
+                let _ignored = match stream {
+                    Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
+                    Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
+                };
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the output thread; worker output is discarded");
+        }
+        OutputSink { tx }
+    }
+
+    /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
+    /// in `tail`.
+    pub async fn pump(self, reader: impl AsyncRead + Unpin, stream: Stream, prefix: String, tail: Arc<OutputTail>) {
+        let mut reader = BufReader::new(reader);
+        let mut line = Vec::with_capacity(256);
+        loop {
+            line.clear();
+            match read_line_capped(&mut reader, &mut line).await {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%prefix, error = %e, "worker output read failed");
+                    return;
+                }
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\n', '\r']);
+            tail.push(text);
+            if self.tx.send((stream, format!("{prefix} | {text}\n"))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads up to and including a newline, or `MAX_LINE` bytes, whichever comes first.
+async fn read_line_capped(reader: &mut (impl AsyncBufReadExt + Unpin), line: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(line.len());
+        }
+        let room = MAX_LINE - line.len();
+        let (take, done) = match available.iter().take(room).position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len().min(room), available.len() >= room),
+        };
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if done {
+            return Ok(line.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_split_and_the_tail_is_bounded() {
+        let mut input = Vec::new();
+        input.extend(std::iter::repeat(b'x').take(MAX_LINE + 10));
+        input.push(b'\n');
+        for i in 0..30 {
+            input.extend(format!("line {i}\r\n").bytes());
+        }
+        input.extend(b"no newline at the end");
+        let mut reader = BufReader::new(&input[..]);
+        let mut lines = Vec::new();
+        let mut line = Vec::new();
+        while read_line_capped(&mut reader, &mut line).await.expect("in-memory read") > 0 {
+            lines.push(String::from_utf8_lossy(&line).into_owned());
+            line.clear();
+        }
+        assert_eq!(lines[0].len(), MAX_LINE);
+        assert_eq!(lines[1], "xxxxxxxxxx\n");
+        assert_eq!(lines.last().map(String::as_str), Some("no newline at the end"));
+        assert_eq!(lines.len(), 2 + 30 + 1);
+
+        let tail = OutputTail::default();
+        for l in &lines {
+            tail.push(l);
+        }
+        let kept = tail.lines();
+        assert_eq!(kept.len(), TAIL_LINES);
+        assert_eq!(kept.last().map(String::as_str), Some("no newline at the end"));
+    }
+}

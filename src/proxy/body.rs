@@ -1,0 +1,63 @@
+//! The response body corral sends: a worker's body streamed through, or a short message of its own.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::balancer::InFlight;
+
+/// A response body: streamed from a worker, or a message from corral.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// The worker's body, frame by frame as it arrives. The guard keeps the request counted
+    /// in flight until the body ends or the client goes away (the body is dropped).
+    Upstream {
+        /// The worker's response body.
+        body: Incoming,
+        /// Counts this response against its worker.
+        guard: InFlight,
+    },
+    /// A complete body (error pages); `None` once sent.
+    Message(Option<Bytes>),
+}
+
+impl ProxyBody {
+    /// Streams `body` while holding `guard`.
+    pub fn upstream(body: Incoming, guard: InFlight) -> ProxyBody {
+        ProxyBody::Upstream { body, guard }
+    }
+
+    /// A body of corral's own.
+    pub fn message(text: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Message(Some(text.into()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Message(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Message(text) => text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Message(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The HTTP proxy: one hyper service per public connection, forwarding each request to a worker.
+//!
+//! For every request the service asks the app's [`Balancer`] for a worker (a lock-free read of
+//! the current pool snapshot), rewrites the head ([`forward`]), sends it on that worker's pooled
+//! HTTP/1.1 client, and returns the worker's response with its body streamed as it arrives
+//! ([`body`]). Bodies are never buffered, in either direction, so a 10 GB upload or an endless
+//! SSE stream costs the same memory as a tiny request. The in-flight guard rides inside the
+//! response body, so a worker counts as busy until the last byte of its response has left.
+//!
+//! Everything that goes wrong becomes a short 502/503/504 ([`error`]); the service itself never
+//! fails and never panics. Malformed requests never reach it: hyper answers them with 400/431
+//! under the limits set in [`crate::listener::serve`].
+//!
+//! The proxy owns no worker state. It learns about workers only through the pool snapshots the
+//! supervisor publishes.
+
+pub mod body;
+pub mod error;
+pub mod forward;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use tracing::{debug, warn};
+
+use crate::balancer::Balancer;
+use body::ProxyBody;
+use error::ProxyError;
+
+/// The proxy of one app.
+#[derive(Debug)]
+pub struct Proxy {
+    app: String,
+    balancer: Arc<Balancer>,
+    upstream_timeout: Duration,
+}
+
+impl Proxy {
+    /// A proxy for `app` over the workers `balancer` publishes.
+    pub fn new(app: String, balancer: Arc<Balancer>, upstream_timeout: Duration) -> Proxy {
+        Proxy { app, balancer, upstream_timeout }
+    }
+
+    /// The balancer this proxy routes through.
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+
+    /// The hyper service for one client connection from `peer`.
+    pub fn service(self: &Arc<Self>, peer: SocketAddr) -> ProxyService {
+        ProxyService { proxy: Arc::clone(self), peer }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        match self.forward(req, peer).await {
+            Ok(response) => response,
+            Err(e) => {
+                if e.is_upstream() {
+                    warn!(app = %self.app, error = %e, "request failed");
+                } else {
+                    debug!(app = %self.app, error = %e, "request refused");
+                }
+                e.into_response()
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut head, body) = req.into_parts();
+        forward::check_framing(&head.headers)?;
+        let guard = self.balancer.pick().ok_or(ProxyError::NoWorker)?;
+        let upstream = Arc::clone(guard.upstream());
+
+        forward::request_headers(&mut head.headers, peer.ip());
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(upstream.scheme.clone());
+        uri.authority = Some(upstream.authority.clone());
+        uri.path_and_query = head.uri.path_and_query().cloned().or_else(|| Some("/".parse().expect("UNWRAP: literal")));
+        head.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget)?;
+        head.version = Version::HTTP_11;
+
+        let sent = upstream.client.request(Request::from_parts(head, body));
+        let response = match tokio::time::timeout(self.upstream_timeout, sent).await {
+            Err(_) => return Err(ProxyError::Timeout { worker: upstream.addr, after: self.upstream_timeout }),
+            Ok(Err(e)) => return Err(ProxyError::from_client(upstream.addr, &e)),
+            Ok(Ok(response)) => response,
+        };
+        let (mut head, body) = response.into_parts();
+        forward::response_headers(&mut head.headers);
+        Ok(Response::from_parts(head, ProxyBody::upstream(body, guard)))
+    }
+}
+
+/// [`Proxy`] as a hyper service bound to one client connection.
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+}
+
+impl Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let proxy = Arc::clone(&self.proxy);
+        let peer = self.peer;
+        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+    }
+}

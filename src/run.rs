@@ -1,0 +1,143 @@
+//! The front process: wires the parts together and runs the stop sequence.
+//!
+//! Start: bind every public socket (so a taken address fails before any worker starts), bind
+//! the control socket (so a second `corral run` of the same config is refused), start the
+//! supervisor, then one accept loop per proxied app. Each accept loop waits for its app's first
+//! ready worker before accepting (up to `listen_timeout`), so clients that connect during boot
+//! queue in the kernel's backlog instead of getting 503s.
+//!
+//! Stop (SIGTERM, SIGINT or `corral stop`): one root [`CancellationToken`] is cancelled; the
+//! accept loops stop accepting, close their sockets and drain their open connections (in-flight
+//! requests finish, bounded by `drain_timeout`); then the supervisor stops the workers
+//! (`kill_signal`, `kill_timeout`, SIGKILL) and reaps them; then the process exits 0. A second
+//! SIGTERM/SIGINT during that sequence SIGKILLs the workers and exits at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::balancer::Balancer;
+use crate::config::Config;
+use crate::control::{ControlError, ControlSocket};
+use crate::listener::{self, ListenError};
+use crate::logs::OutputSink;
+use crate::proxy::Proxy;
+use crate::signals::{Intent, Signals};
+use crate::supervisor::Supervisor;
+
+/// Why `corral run` could not start or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A public address could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The control socket could not be set up (or another instance runs).
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// A second stop signal arrived; workers were killed without waiting.
+    #[error("stopped by a second {0}: workers were killed without draining")]
+    Forced(&'static str),
+}
+
+/// Runs `config` until stopped.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let mut signals = Signals::install().map_err(RunError::Signals)?;
+
+    let mut sockets = Vec::new();
+    for app in &config.apps {
+        sockets.push(app.listen.map(listener::bind).transpose()?);
+    }
+    let control = ControlSocket::bind(&config.path).await?;
+    info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
+
+    let balancers: Vec<Option<Arc<Balancer>>> = sockets.iter().map(|s| s.as_ref().map(|_| Arc::default())).collect();
+    let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
+    let supervisor = tokio::spawn(supervisor.run());
+
+    let shutdown = CancellationToken::new();
+    let mut accept_loops = JoinSet::new();
+    for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
+        let (Some(socket), Some(balancer)) = (socket, balancer) else { continue };
+        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, app.http.upstream_timeout));
+        let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
+        let stop = shutdown.child_token();
+        let name = app.name.clone();
+        accept_loops.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = proxy.balancer().wait_ready() => {}
+                _ = tokio::time::sleep(boot) => warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)"),
+            }
+            info!(app = %name, addr = %socket.addr, "accepting connections");
+            if let Err(e) = listener::serve(socket, proxy, limits, stop, drain).await {
+                error!(app = %name, error = %e, "accept loop failed");
+            }
+        });
+    }
+    let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
+
+    let reason = tokio::select! {
+        intent = wait_for_stop(&mut signals) => intent,
+        _ = shutdown.cancelled() => "corral stop",
+    };
+    info!("{reason}: stopping gracefully");
+    shutdown.cancel();
+
+    let graceful = async {
+        while let Some(result) = accept_loops.join_next().await {
+            if let Err(e) = result {
+                error!(error = %e, "accept loop panicked");
+            }
+        }
+        info!("connections drained");
+        if handle.shutdown().await.is_err() {
+            error!("the supervisor ended before the stop; workers may need a manual check");
+        }
+    };
+    let outcome = tokio::select! {
+        _ = graceful => Ok(()),
+        signal = wait_for_stop(&mut signals) => {
+            warn!("{signal} again: killing workers now");
+            if handle.kill().await.is_err() {
+                error!("the supervisor is gone; cannot kill workers");
+            }
+            Err(RunError::Forced(signal))
+        }
+    };
+    control_task.abort();
+    if outcome.is_ok() {
+        if let Err(e) = supervisor.await {
+            error!(error = %e, "supervisor task failed");
+        }
+        info!("stopped");
+    }
+    outcome
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP is answered in the log.
+async fn wait_for_stop(signals: &mut Signals) -> &'static str {
+    loop {
+        match signals.next().await {
+            Intent::Stop(name) => return name,
+            Intent::Reload => warn!("SIGHUP: rolling reload is not available in this version of corral yet; ignoring"),
+        }
+    }
+}
+
+/// How long `corral stop` waits for the instance to exit before giving up: the longest
+/// drain plus kill deadline of any app, plus a margin.
+pub fn stop_deadline(config: &Config) -> Duration {
+    config
+        .apps
+        .iter()
+        .map(|a| a.drain_timeout + a.kill_timeout)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(10)
+}

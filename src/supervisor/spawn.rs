@@ -1,0 +1,97 @@
+//! Starting and signalling worker processes: the one place with `unsafe` (the `pre_exec` hook).
+//!
+//! A worker runs in its own process group (so a stop reaches whatever it forked too), with
+//! `PR_SET_PDEATHSIG = SIGKILL` (so it dies with the front process even if that is SIGKILLed),
+//! stdin closed and stdout/stderr piped to corral. Its environment is corral's plus the app's
+//! `env`, plus `PORT` (or `port_env`), `HOST=127.0.0.1` and `NODE_APP_INSTANCE=<slot>`.
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process. Workers are
+//! spawned from the supervisor task, which runs on the runtime's worker threads; those live as
+//! long as the runtime, which is as long as corral. (Blocking-pool threads, which come and go,
+//! never spawn workers.)
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Stdio;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::config::AppConfig;
+
+/// A worker process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// No free loopback port.
+    #[error("cannot find a free loopback port: {0}")]
+    Port(std::io::Error),
+    /// fork/exec failed (program missing, not executable, cwd gone...).
+    #[error("cannot start `{program}` in {cwd}: {source}")]
+    Exec {
+        /// argv[0].
+        program: String,
+        /// The working directory.
+        cwd: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Starts one worker of `app` in `slot`, listening on `port` if the app is proxied.
+pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, SpawnError> {
+    let mut command = Command::new(&app.command[0]);
+    command
+        .args(&app.command[1..])
+        .current_dir(&app.cwd)
+        .envs(app.env.iter().map(|(k, v)| (k, v)))
+        .env("NODE_APP_INSTANCE", slot.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(port) = port {
+        command.env(&app.port_env, port.to_string()).env("HOST", "127.0.0.1");
+    }
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid); it allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // If corral died between fork and prctl, nobody would ever signal this child.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("corral exited while starting the worker"));
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|source| SpawnError::Exec {
+        program: app.command[0].clone(),
+        cwd: app.cwd.display().to_string(),
+        source,
+    })
+}
+
+/// A free loopback port not in `taken`. The kernel picks it; it is free when we look, and the
+/// worker binds it moments later (a race we report as a worker that failed to listen).
+pub fn free_port(taken: &HashSet<u16>) -> Result<u16, SpawnError> {
+    for _ in 0..16 {
+        let probe = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(SpawnError::Port)?;
+        let port = probe.local_addr().map_err(SpawnError::Port)?.port();
+        if !taken.contains(&port) {
+            return Ok(port);
+        }
+    }
+    Err(SpawnError::Port(std::io::Error::other("the kernel kept offering ports already in use")))
+}
+
+/// Sends `signal` to the process group led by `pid`. A group that is already gone is not an error.
+pub fn signal_group(pid: u32, signal: Signal) -> nix::Result<()> {
+    match killpg(Pid::from_raw(pid as i32), signal) {
+        Err(nix::errno::Errno::ESRCH) => Ok(()),
+        other => other,
+    }
+}

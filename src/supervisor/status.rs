@@ -1,0 +1,70 @@
+//! What `corral status` shows: a serialisable snapshot of the supervisor's table.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole running instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Front process id.
+    pub pid: u32,
+    /// The config file it runs.
+    pub config: String,
+    /// Milliseconds since the front process started.
+    pub uptime_ms: u64,
+    /// True once a stop has begun.
+    pub stopping: bool,
+    /// One entry per `[[app]]`.
+    pub apps: Vec<AppStatus>,
+}
+
+/// One app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// Its name.
+    pub name: String,
+    /// Public address, if proxied.
+    pub listen: Option<String>,
+    /// Configured worker count (resolved).
+    pub instances: usize,
+    /// Workers in rotation now.
+    pub ready: usize,
+    /// One entry per worker, or per empty slot waiting for a restart.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker (or an empty slot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its app.
+    pub app: String,
+    /// `NODE_APP_INSTANCE`.
+    pub slot: usize,
+    /// Supervisor id (unique in this run); absent for an empty slot.
+    pub id: Option<u64>,
+    /// Process id; absent for an empty slot.
+    pub pid: Option<u32>,
+    /// Loopback port.
+    pub port: Option<u16>,
+    /// `starting`, `online`, `stopping`, or `waiting` (empty slot, restart pending).
+    pub state: String,
+    /// Milliseconds since it was spawned.
+    pub uptime_ms: u64,
+    /// Restarts of this slot since corral started.
+    pub restarts: u32,
+    /// Requests routed to this worker.
+    pub requests: u64,
+    /// Requests in flight on it now.
+    pub in_flight: usize,
+    /// Resident memory of the process, bytes.
+    pub memory_bytes: Option<u64>,
+    /// How the slot's previous worker ended, if it did.
+    pub last_exit: Option<String>,
+}
+
+/// Resident set size of a process, from `/proc/PID/statm`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten()?;
+    Some(pages * page_size as u64)
+}

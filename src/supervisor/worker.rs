@@ -1,0 +1,165 @@
+//! One worker process as the supervisor tracks it, and the pure rules of its lifecycle.
+//!
+//! ```text
+//!   spawn ──► Starting ──(port accepts)──► Ready ──(stop)──► Stopping ──(exit)──► gone
+//!                │  └──(listen_timeout)──► Stopping(NeverReady) ──(exit)──► restart later
+//!                └──(exit)──► gone, restart later
+//! ```
+//!
+//! Only `Ready` workers are in the pool. The decisions (is this exit a failure, restart or not)
+//! are functions of the state, tested below; the supervisor carries out their side effects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::balancer::{Upstream, WorkerStats};
+use crate::logs::OutputTail;
+
+/// Why a worker is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// corral is stopping.
+    Shutdown,
+    /// It did not accept connections within `listen_timeout`.
+    NeverReady,
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Running, not yet accepting connections.
+    Starting,
+    /// Accepting connections; in the pool.
+    Ready,
+    /// Signalled to stop; waiting for it to exit (SIGKILL at the deadline).
+    Stopping(StopReason),
+}
+
+impl WorkerState {
+    /// The word `corral status` shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "online",
+            WorkerState::Stopping(_) => "stopping",
+        }
+    }
+}
+
+/// What to do once a worker has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Leave the slot empty: corral is stopping.
+    Forget,
+    /// Start a new worker in the slot after this delay.
+    Restart(Duration),
+}
+
+/// Decides what follows an exit. `failures` is the slot's consecutive-failure count and is
+/// updated in place.
+pub fn after_exit(
+    shutting_down: bool,
+    backoff: &super::backoff::Backoff,
+    failures: &mut u32,
+    uptime: Duration,
+    was_ready: bool,
+) -> AfterExit {
+    if shutting_down {
+        return AfterExit::Forget;
+    }
+    *failures = backoff.failures_after_exit(*failures, uptime, was_ready);
+    AfterExit::Restart(backoff.delay(*failures))
+}
+
+/// A running worker process.
+#[derive(Debug)]
+pub struct Worker {
+    /// Unique for the life of the front process.
+    pub id: u64,
+    /// Process id, also its process group id.
+    pub pid: u32,
+    /// Its loopback port (proxied apps only).
+    pub port: Option<u16>,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// When it was spawned.
+    pub started: Instant,
+    /// Whether it ever became ready.
+    pub was_ready: bool,
+    /// Request counters, shared with the proxy through `upstream`.
+    pub stats: Arc<WorkerStats>,
+    /// Its last output lines.
+    pub output: Arc<OutputTail>,
+    /// Cancels the readiness probe when the worker exits first.
+    pub probe: CancellationToken,
+    /// Its entry in the pool, while ready.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+impl Worker {
+    /// The last output lines, indented for a log message; empty when it printed nothing.
+    pub fn last_output(&self) -> String {
+        let lines = self.output.lines();
+        if lines.is_empty() {
+            return "(no output)".into();
+        }
+        lines.iter().map(|l| format!("\n    {l}")).collect()
+    }
+}
+
+/// Describes an exit status the way a user reads it.
+pub fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Err(e) => format!("could not be waited for: {e}"),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => {
+                let name = nix::sys::signal::Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+                format!("was killed by {name}")
+            }
+            (None, None) => "exited".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::backoff::Backoff;
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn exits_while_stopping_are_not_restarted() {
+        let mut failures = 3;
+        let decision = after_exit(true, &Backoff::default(), &mut failures, Duration::ZERO, false);
+        assert_eq!(decision, AfterExit::Forget);
+        assert_eq!(failures, 3);
+    }
+
+    #[test]
+    fn quick_failures_back_off_and_a_stable_run_restarts_at_once() {
+        let backoff = Backoff::default();
+        let mut failures = 0;
+        let table = [
+            (Duration::from_millis(30), false, AfterExit::Restart(Duration::from_millis(100))),
+            (Duration::from_millis(30), false, AfterExit::Restart(Duration::from_millis(200))),
+            (Duration::from_secs(2), true, AfterExit::Restart(Duration::from_millis(400))),
+            (Duration::from_secs(3600), true, AfterExit::Restart(Duration::ZERO)),
+        ];
+        for (uptime, ready, want) in table {
+            assert_eq!(after_exit(false, &backoff, &mut failures, uptime, ready), want);
+        }
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(1 << 8))), "exited with code 1");
+        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(9))), "was killed by SIGKILL");
+        assert_eq!(WorkerState::Ready.label(), "online");
+    }
+}
