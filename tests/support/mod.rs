@@ -1,0 +1,313 @@
+//! Test harness: runs the real `corral` binary with real Node workers on 127.0.0.1.
+//!
+//! - [`Corral`] writes a config into a temp dir, starts `corral run` on a port the OS picked,
+//!   and waits (by polling `corral status`) until every worker is online. On drop it kills
+//!   corral and every worker pid it has seen, and if the test is failing it prints corral's
+//!   stdout and stderr (which include the workers' output).
+//! - [`poll_until`] is the only way tests wait: it re-checks a condition until it holds or a
+//!   deadline passes.
+//! - [`http`] is a small blocking HTTP/1.1 client that can also send malformed bytes.
+
+#![allow(dead_code)]
+
+pub mod http;
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::error::Error;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub type TestResult = Result<(), Box<dyn Error>>;
+
+/// Generous: two cores run cargo, the tests and their Node workers at once.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Re-checks `check` until it returns `Some`, or fails after `deadline` naming `what`.
+pub fn poll_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, Box<dyn Error>> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            return Err(format!("timed out after {deadline:?} waiting for {what}").into());
+        }
+        // A short pause between checks; the deadline above bounds the wait.
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+/// True when `node` is on PATH. Tests that need it fail loudly without it: CI installs it.
+pub fn require_node() {
+    let found = Command::new("node").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(found, "these tests need Node.js (`node`) on PATH");
+}
+
+/// A free port on 127.0.0.1, held until [`PortHold::release`].
+///
+/// The socket is bound with SO_REUSEPORT but not listening, so corral (which binds with
+/// SO_REUSEPORT too) can bind the same port while nobody else can take it in between.
+pub struct PortHold {
+    socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl PortHold {
+    pub fn new() -> std::io::Result<PortHold> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        let addr = socket.local_addr()?.as_socket().ok_or("not an inet address").map_err(std::io::Error::other)?;
+        Ok(PortHold { socket, addr })
+    }
+
+    pub fn release(self) {
+        drop(self.socket);
+    }
+}
+
+/// How to run corral for a test.
+#[derive(Clone)]
+pub struct Options {
+    pub instances: usize,
+    /// Extra `key = value` lines for the `[[app]]` table.
+    pub app_keys: Vec<String>,
+    /// Extra `[app.env]` entries.
+    pub env: Vec<(String, String)>,
+    /// Wait until this many workers are online (defaults to `instances`).
+    pub wait_online: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { instances: 2, app_keys: Vec::new(), env: Vec::new(), wait_online: None }
+    }
+}
+
+impl Options {
+    pub fn instances(mut self, n: usize) -> Self {
+        self.instances = n;
+        self
+    }
+
+    pub fn key(mut self, line: &str) -> Self {
+        self.app_keys.push(line.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn config_text(&self, addr: SocketAddr) -> String {
+        let fixture = fixture("app.js");
+        let mut text = format!(
+            "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\nlisten = \"{addr}\"\ninstances = {}\nkill_timeout = \"3s\"\ndrain_timeout = \"10s\"\n",
+            fixture.display(),
+            self.instances
+        );
+        for line in &self.app_keys {
+            writeln!(text, "{line}").expect("UNWRAP: writing to a String");
+        }
+        if !self.env.is_empty() {
+            text.push_str("[app.env]\n");
+            for (k, v) in &self.env {
+                writeln!(text, "{k} = {v:?}").expect("UNWRAP: writing to a String");
+            }
+        }
+        text
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn corral_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_corral")
+}
+
+/// A running `corral run`, killed with everything it started when dropped.
+pub struct Corral {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+    seen_pids: RefCell<BTreeSet<u32>>,
+}
+
+impl Corral {
+    /// Starts corral and waits until the workers are online.
+    pub fn start(options: Options) -> Result<Corral, Box<dyn Error>> {
+        require_node();
+        let hold = PortHold::new()?;
+        let addr = hold.addr;
+        let corral = Corral::spawn_with_config(&options.config_text(addr), addr)?;
+        let online = options.wait_online.unwrap_or(options.instances);
+        corral.wait_online(online)?;
+        hold.release();
+        Ok(corral)
+    }
+
+    /// Writes `config` and runs `corral run` on it, without waiting for anything.
+    pub fn spawn_with_config(config: &str, addr: SocketAddr) -> Result<Corral, Box<dyn Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config)?;
+        std::fs::create_dir(dir.path().join("run"))?;
+        let mut corral = Corral { child: None, dir, config: path, addr, seen_pids: RefCell::default() };
+        let child = corral
+            .command(&["run"])
+            .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
+            .stderr(std::fs::File::create(corral.dir.path().join("stderr.log"))?)
+            .stdin(Stdio::null())
+            .spawn()?;
+        corral.child = Some(child);
+        Ok(corral)
+    }
+
+    /// A `corral` command for this instance's config and control-socket dir.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(corral_bin());
+        command
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .env("CORRAL_RUNTIME_DIR", self.dir.path().join("run"))
+            .env("CORRAL_LOG", "info,corral=debug");
+        command
+    }
+
+    /// Runs a CLI command (status, stop, ...) to completion.
+    pub fn cli(&self, args: &[&str]) -> std::io::Result<Output> {
+        self.command(args).stdin(Stdio::null()).output()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `corral status --json`, parsed; `None` while the control socket is not up yet.
+    pub fn status(&self) -> Option<Value> {
+        let output = self.cli(&["status", "--json"]).ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let status: Value = serde_json::from_slice(&output.stdout).ok()?;
+        for pid in pids_in(&status) {
+            self.seen_pids.borrow_mut().insert(pid);
+        }
+        Some(status)
+    }
+
+    /// The workers of the first app, as JSON objects.
+    pub fn workers(&self) -> Result<Vec<Value>, Box<dyn Error>> {
+        let status = self.status().ok_or("corral status failed")?;
+        Ok(status["apps"][0]["workers"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `n` workers are online.
+    pub fn wait_online(&self, n: usize) -> Result<Vec<Value>, Box<dyn Error>> {
+        poll_until(DEADLINE, &format!("{n} workers online"), || {
+            self.assert_running();
+            let status = self.status()?;
+            let workers = status["apps"][0]["workers"].as_array()?.clone();
+            let online: Vec<Value> = workers.into_iter().filter(|w| w["state"] == "online").collect();
+            (online.len() == n).then_some(online)
+        })
+        .map_err(|e| self.explain(e))
+    }
+
+    /// Pids of the online workers.
+    pub fn online_pids(&self) -> Result<BTreeSet<u32>, Box<dyn Error>> {
+        Ok(self
+            .workers()?
+            .iter()
+            .filter(|w| w["state"] == "online")
+            .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+            .collect())
+    }
+
+    pub fn signal(&self, signal: Signal) -> nix::Result<()> {
+        kill(Pid::from_raw(self.pid() as i32), signal)
+    }
+
+    /// Waits for corral to exit.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus, Box<dyn Error>> {
+        let child = self.child.as_mut().ok_or("corral was not started")?;
+        let status = poll_until(deadline, "corral to exit", || child.try_wait().ok().flatten());
+        status.map_err(|e| self.explain(e))
+    }
+
+    /// Every worker pid seen in any status so far.
+    pub fn seen_pids(&self) -> BTreeSet<u32> {
+        self.seen_pids.borrow().clone()
+    }
+
+    /// corral's stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("--- corral stderr ---\n{}--- corral stdout ---\n{}", read("stderr.log"), read("stdout.log"))
+    }
+
+    /// Adds corral's output to an error.
+    pub fn explain(&self, e: Box<dyn Error>) -> Box<dyn Error> {
+        format!("{e}\n{}", self.logs()).into()
+    }
+
+    fn assert_running(&self) {
+        // Can't take &mut here; a dead corral shows up as a failing status, which the
+        // deadline turns into an error with the logs.
+    }
+}
+
+impl Drop for Corral {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _already_gone = child.kill();
+                let _reaped = child.wait();
+            }
+        }
+        for pid in self.seen_pids.borrow().iter() {
+            let _already_gone = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn pids_in(status: &Value) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for app in status["apps"].as_array().into_iter().flatten() {
+        for worker in app["workers"].as_array().into_iter().flatten() {
+            if let Some(pid) = worker["pid"].as_u64() {
+                pids.push(pid as u32);
+            }
+        }
+    }
+    pids
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            // The state letter follows the parenthesised command name.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+    }
+}
