@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
+use crate::proxy::framing::FramingGuard;
 use crate::proxy::Proxy;
 
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
@@ -136,6 +137,7 @@ pub async fn serve(
             debug!(%peer, error = %e, "TCP_NODELAY failed");
         }
         let service = proxy.service(peer);
+        let stream = FramingGuard::new(stream, limits.max_header_size);
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -17,6 +17,7 @@
 pub mod body;
 pub mod error;
 pub mod forward;
+pub mod framing;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -112,10 +112,17 @@ impl Options {
     pub fn config_text(&self, addr: SocketAddr) -> String {
         let fixture = fixture("app.js");
         let mut text = format!(
-            "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\nlisten = \"{addr}\"\ninstances = {}\nkill_timeout = \"3s\"\ndrain_timeout = \"10s\"\n",
+            "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\nlisten = \"{addr}\"\ninstances = {}\n",
             fixture.display(),
             self.instances
         );
+        // Test defaults, unless the test sets the key itself.
+        for default in ["kill_timeout = \"3s\"", "drain_timeout = \"10s\""] {
+            let key = default.split(' ').next().unwrap_or_default();
+            if !self.app_keys.iter().any(|line| line.starts_with(key)) {
+                writeln!(text, "{default}").expect("UNWRAP: writing to a String");
+            }
+        }
         for line in &self.app_keys {
             writeln!(text, "{line}").expect("UNWRAP: writing to a String");
         }
@@ -139,7 +146,7 @@ pub fn corral_bin() -> &'static str {
 
 /// A running `corral run`, killed with everything it started when dropped.
 pub struct Corral {
-    child: Option<Child>,
+    child: RefCell<Option<Child>>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub addr: SocketAddr,
@@ -165,14 +172,14 @@ impl Corral {
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config)?;
         std::fs::create_dir(dir.path().join("run"))?;
-        let mut corral = Corral { child: None, dir, config: path, addr, seen_pids: RefCell::default() };
+        let corral = Corral { child: RefCell::new(None), dir, config: path, addr, seen_pids: RefCell::default() };
         let child = corral
             .command(&["run"])
             .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
             .stderr(std::fs::File::create(corral.dir.path().join("stderr.log"))?)
             .stdin(Stdio::null())
             .spawn()?;
-        corral.child = Some(child);
+        corral.child.replace(Some(child));
         Ok(corral)
     }
 
@@ -194,7 +201,7 @@ impl Corral {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.borrow().as_ref().map_or(0, Child::id)
     }
 
     /// `corral status --json`, parsed; `None` while the control socket is not up yet.
@@ -219,7 +226,9 @@ impl Corral {
     /// Waits until `n` workers are online.
     pub fn wait_online(&self, n: usize) -> Result<Vec<Value>, Box<dyn Error>> {
         poll_until(DEADLINE, &format!("{n} workers online"), || {
-            self.assert_running();
+            if let Some(exit) = self.exited() {
+                panic!("corral exited early ({exit})\n{}", self.logs());
+            }
             let status = self.status()?;
             let workers = status["apps"][0]["workers"].as_array()?.clone();
             let online: Vec<Value> = workers.into_iter().filter(|w| w["state"] == "online").collect();
@@ -244,9 +253,13 @@ impl Corral {
 
     /// Waits for corral to exit.
     pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus, Box<dyn Error>> {
-        let child = self.child.as_mut().ok_or("corral was not started")?;
-        let status = poll_until(deadline, "corral to exit", || child.try_wait().ok().flatten());
+        let status = poll_until(deadline, "corral to exit", || self.exited());
         status.map_err(|e| self.explain(e))
+    }
+
+    /// corral's exit status, once it has exited.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.child.borrow_mut().as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Every worker pid seen in any status so far.
@@ -264,16 +277,11 @@ impl Corral {
     pub fn explain(&self, e: Box<dyn Error>) -> Box<dyn Error> {
         format!("{e}\n{}", self.logs()).into()
     }
-
-    fn assert_running(&self) {
-        // Can't take &mut here; a dead corral shows up as a failing status, which the
-        // deadline turns into an error with the logs.
-    }
 }
 
 impl Drop for Corral {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
+        if let Some(child) = self.child.get_mut().as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
                 let _already_gone = child.kill();
                 let _reaped = child.wait();

@@ -1,0 +1,332 @@
+//! A guard in front of hyper's HTTP/1 parser that refuses requests with ambiguous framing.
+//!
+//! A request that carries both `Content-Length` and `Transfer-Encoding` is the classic request
+//! smuggling vector. hyper resolves it the lenient way RFC 9112 §6.3 allows (the
+//! Transfer-Encoding wins, Content-Length is dropped, the connection closes after the
+//! response), and the request still reaches the app. corral refuses it outright with 400, as
+//! Node's own parser does, so no app ever sees such a request.
+//!
+//! [`FramingGuard`] wraps the client's socket and follows the byte stream the way the parser
+//! will: it holds each request head back until it is complete, checks it, and then lets the
+//! body pass (counted for Content-Length, followed chunk by chunk for chunked) so it knows where
+//! the next pipelined head starts. For a conflicting head it rewrites the Transfer-Encoding
+//! value to a coding that is not `chunked`, which hyper answers with 400 and a closed
+//! connection. Whatever the guard does not understand (an oversized head, a bad chunk size, an
+//! upgrade) it passes through untouched and stops looking: hyper then applies its own rules.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Where the guard is in the client's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Collecting a request head.
+    Head,
+    /// Passing this many bytes of a Content-Length body.
+    Fixed(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Passing this many bytes of chunk data plus its CRLF.
+    ChunkData(u64),
+    /// Reading trailer lines after the last chunk.
+    Trailers,
+    /// No longer looking (upgrade, or something hyper will judge itself).
+    Off,
+}
+
+/// A client connection whose request heads are checked before hyper parses them.
+#[derive(Debug)]
+pub struct FramingGuard<IO> {
+    io: IO,
+    scan: Scan,
+    /// Bytes of the current head, or the current chunk-size/trailer line.
+    line: Vec<u8>,
+    /// Checked bytes waiting for hyper to read them.
+    ready: BytesMut,
+    /// A head longer than this is hyper's to refuse (431); we stop holding it back.
+    max_head: usize,
+}
+
+impl<IO> FramingGuard<IO> {
+    /// Guards `io`; `max_head` is the largest head hyper accepts.
+    pub fn new(io: IO, max_head: usize) -> FramingGuard<IO> {
+        FramingGuard { io, scan: Scan::Head, line: Vec::new(), ready: BytesMut::new(), max_head }
+    }
+
+    /// Runs the scanner over bytes read from the client, moving them to `ready`.
+    fn feed(&mut self, mut input: &[u8]) {
+        while !input.is_empty() {
+            match self.scan {
+                Scan::Off => {
+                    self.ready.extend_from_slice(input);
+                    return;
+                }
+                Scan::Fixed(n) | Scan::ChunkData(n) => {
+                    let take = input.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    self.ready.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    let left = n - take as u64;
+                    self.scan = match (self.scan, left) {
+                        (Scan::Fixed(_), 0) => Scan::Head,
+                        (Scan::Fixed(_), _) => Scan::Fixed(left),
+                        (_, 0) => Scan::ChunkSize,
+                        (_, _) => Scan::ChunkData(left),
+                    };
+                }
+                Scan::Head => {
+                    // Blank lines before a request line are allowed (RFC 9112 §2.2).
+                    if self.line.is_empty() {
+                        let skip = input.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                        self.ready.extend_from_slice(&input[..skip]);
+                        input = &input[skip..];
+                        if input.is_empty() {
+                            return;
+                        }
+                    }
+                    let searched_from = self.line.len().saturating_sub(3);
+                    self.line.extend_from_slice(input);
+                    input = &[];
+                    match find_head_end(&self.line[searched_from..]) {
+                        Some(end) => {
+                            let end = searched_from + end;
+                            let rest = self.line.split_off(end);
+                            let mut head = std::mem::take(&mut self.line);
+                            self.scan = check_head(&mut head);
+                            self.ready.extend_from_slice(&head);
+                            self.feed_owned(rest);
+                        }
+                        None if self.line.len() > self.max_head => self.give_up(),
+                        None => {}
+                    }
+                }
+                Scan::ChunkSize | Scan::Trailers => {
+                    let Some(newline) = input.iter().position(|&b| b == b'\n') else {
+                        self.line.extend_from_slice(input);
+                        self.ready.extend_from_slice(input);
+                        if self.line.len() > 4096 {
+                            self.scan = Scan::Off;
+                        }
+                        return;
+                    };
+                    self.line.extend_from_slice(&input[..=newline]);
+                    self.ready.extend_from_slice(&input[..=newline]);
+                    input = &input[newline + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let text = trim_line(&line);
+                    self.scan = match self.scan {
+                        Scan::Trailers if text.is_empty() => Scan::Head,
+                        Scan::Trailers => Scan::Trailers,
+                        _ => match chunk_size(text) {
+                            Some(0) => Scan::Trailers,
+                            Some(size) => Scan::ChunkData(size.saturating_add(2)),
+                            None => Scan::Off,
+                        },
+                    };
+                }
+            }
+        }
+    }
+
+    fn feed_owned(&mut self, rest: Vec<u8>) {
+        if !rest.is_empty() {
+            self.feed(&rest);
+        }
+    }
+
+    /// Stops scanning; everything held back goes to hyper as it is.
+    fn give_up(&mut self) {
+        self.ready.extend_from_slice(&self.line);
+        self.line.clear();
+        self.scan = Scan::Off;
+    }
+}
+
+/// Index just past the blank line ending a head, if present.
+fn find_head_end(bytes: &[u8]) -> Option<usize> {
+    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let end = line.iter().rposition(|b| !b" \t\r\n".contains(b)).map_or(0, |i| i + 1);
+    &line[..end]
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|&b| b == b';').next()?;
+    let digits = std::str::from_utf8(digits).ok()?.trim();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// Checks a complete head and returns how its body is framed. A head with both framings gets
+/// its Transfer-Encoding value overwritten (same length) so the parser rejects it.
+fn check_head(head: &mut [u8]) -> Scan {
+    let mut content_length: Option<u64> = None;
+    let mut te_value: Option<(usize, usize)> = None;
+    let mut chunked = false;
+    let mut upgrade = head.starts_with(b"CONNECT ");
+    let mut offset = 0;
+    for (index, line) in head.split(|&b| b == b'\n').enumerate() {
+        let start = offset;
+        offset += line.len() + 1;
+        if index == 0 {
+            continue;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let name = &line[..colon];
+        let leading = line[colon + 1..].iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+        let value_start = start + colon + 1 + leading;
+        let value = trim_line(&line[colon + 1 + leading..]);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            content_length = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).or(content_length);
+            if content_length.is_none() {
+                return Scan::Off; // invalid: hyper answers 400 itself
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te_value = Some((value_start, value_start + value.len()));
+            chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        }
+    }
+    if let (Some(_), Some((from, to))) = (content_length, te_value) {
+        // "x" is not a coding anyone accepts; the parser answers 400 and closes.
+        head[from..to].fill(b'x');
+        return Scan::Off;
+    }
+    match (upgrade, te_value, content_length) {
+        (true, _, _) => Scan::Off,
+        (_, Some(_), _) if chunked => Scan::ChunkSize,
+        (_, Some(_), _) => Scan::Off,
+        (_, None, Some(0)) | (_, None, None) => Scan::Head,
+        (_, None, Some(n)) => Scan::Fixed(n),
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            // Body bytes and unguarded streams go straight into hyper's buffer.
+            match this.scan {
+                Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
+                Scan::Fixed(n) => {
+                    let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());
+                    let mut limited = ReadBuf::new(buf.initialize_unfilled_to(limit));
+                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+                    let read = limited.filled().len();
+                    buf.advance(read);
+                    if read > 0 {
+                        this.scan = if n == read as u64 { Scan::Head } else { Scan::Fixed(n - read as u64) };
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+            let mut scratch = [0u8; 8192];
+            let mut chunk = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
+            if chunk.filled().is_empty() {
+                // EOF: release a partial head so the parser reports it as it sees fit.
+                this.give_up();
+                if this.ready.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let filled = chunk.filled().to_vec();
+            this.feed(&filled);
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes and returns what hyper would read.
+    fn run(input: &[u8], step: usize) -> (Vec<u8>, Scan) {
+        let mut guard = FramingGuard::new((), 64 * 1024);
+        for piece in input.chunks(step) {
+            guard.feed(piece);
+        }
+        (guard.ready.to_vec(), guard.scan)
+    }
+
+    const PIPELINE: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nworld\r\n0\r\nX-Trailer: 1\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn well_framed_pipelines_pass_unchanged_however_they_are_split() {
+        for step in [1, 2, 3, 7, 64, PIPELINE.len()] {
+            let (out, scan) = run(PIPELINE, step);
+            assert_eq!(out, PIPELINE, "step {step}");
+            assert_eq!(scan, Scan::Head, "step {step}");
+        }
+    }
+
+    #[test]
+    fn both_framings_make_the_transfer_encoding_unacceptable() {
+        for input in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\ntransfer-encoding:  chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\n"[..],
+        ] {
+            for step in [1, 5, input.len()] {
+                let (out, scan) = run(input, step);
+                let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+                assert!(text.contains("transfer-encoding: xxxxxxx\r\n") || text.contains("transfer-encoding:  xxxxxxx\r\n"), "{text}");
+                assert_eq!(out.len(), input.len());
+                assert_eq!(scan, Scan::Off);
+            }
+        }
+    }
+
+    #[test]
+    fn upgrades_and_oversized_heads_are_left_to_hyper() {
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+        assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));
+        let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat(b'a').take(70 * 1024));
+        let (out, scan) = run(&big, 4096);
+        assert_eq!(out, big);
+        assert_eq!(scan, Scan::Off);
+    }
+}
