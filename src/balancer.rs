@@ -105,7 +105,15 @@ impl Upstream {
             .build(connector);
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("UNWRAP: a socket address is a valid authority");
-        Upstream { id, slot, addr, authority, scheme: Scheme::HTTP, client, stats }
+        Upstream {
+            id,
+            slot,
+            addr,
+            authority,
+            scheme: Scheme::HTTP,
+            client,
+            stats,
+        }
     }
 }
 
@@ -221,7 +229,11 @@ mod tests {
     async fn round_robin_visits_every_worker_evenly() {
         let balancer = Balancer::default();
         assert!(balancer.pick().is_none());
-        balancer.publish(Pool::new(vec![upstream(1, 0), upstream(2, 1), upstream(3, 2)]));
+        balancer.publish(Pool::new(vec![
+            upstream(1, 0),
+            upstream(2, 1),
+            upstream(3, 2),
+        ]));
         let mut counts = [0; 3];
         for _ in 0..30 {
             let guard = balancer.pick().expect("pool is not empty");

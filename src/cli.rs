@@ -28,7 +28,13 @@ pub struct Cli {
     #[arg(short, long, global = true, default_value = crate::config::DEFAULT_PATH)]
     config: PathBuf,
     /// Format of corral's own log (stderr). Also CORRAL_LOG_FORMAT.
-    #[arg(long, global = true, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CORRAL_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -87,7 +93,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => control(&cli.config, Request::Status, |reply| match reply {
             Reply::Status(status) => {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
                 } else {
                     print!("{}", table(&status));
                 }
@@ -95,7 +104,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             other => print_reply(other),
         }),
         Command::Stop => {
-            let deadline = Config::load(&cli.config).map(|c| crate::run::stop_deadline(&c)).unwrap_or(Duration::from_secs(120));
+            let deadline = Config::load(&cli.config)
+                .map(|c| crate::run::stop_deadline(&c))
+                .unwrap_or(Duration::from_secs(120));
             let code = control_with_deadline(&cli.config, Request::Stop, deadline, print_reply)?;
             if code == ExitCode::SUCCESS {
                 println!("stopped");
@@ -111,10 +122,17 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => config_error(&e),
         Ok(config) => {
             let cpus = crate::config::usable_cpus();
-            println!("{}: OK ({} app{})", path.display(), config.apps.len(), if config.apps.len() == 1 { "" } else { "s" });
+            println!(
+                "{}: OK ({} app{})",
+                path.display(),
+                config.apps.len(),
+                if config.apps.len() == 1 { "" } else { "s" }
+            );
             for app in &config.apps {
                 let n = app.instances.resolve(cpus);
-                let listen = app.listen.map_or_else(|| "no proxy".to_owned(), |a| format!("listening on {a}"));
+                let listen = app
+                    .listen
+                    .map_or_else(|| "no proxy".to_owned(), |a| format!("listening on {a}"));
                 println!(
                     "  {}: {n} worker{} of `{}`, {listen}, listen_timeout {}, kill_timeout {}",
                     app.name,
@@ -145,7 +163,11 @@ fn print_reply(reply: Reply) {
     }
 }
 
-fn control(config: &std::path::Path, request: Request, on_reply: impl FnMut(Reply)) -> anyhow::Result<ExitCode> {
+fn control(
+    config: &std::path::Path,
+    request: Request,
+    on_reply: impl FnMut(Reply),
+) -> anyhow::Result<ExitCode> {
     control_with_deadline(config, request, Duration::from_secs(30), on_reply)
 }
 
@@ -157,7 +179,10 @@ fn control_with_deadline(
     deadline: Duration,
     mut on_reply: impl FnMut(Reply),
 ) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     let socket = socket_path(config);
     runtime.block_on(async {
         let conversation = async {
@@ -172,7 +197,10 @@ fn control_with_deadline(
         match tokio::time::timeout(deadline, conversation).await {
             Err(_) => anyhow::bail!("no answer from the running instance within {deadline:?}"),
             Ok(Err(ClientError::NotRunning { path })) => {
-                eprintln!("corral: not running for {} (no control socket at {path})", config.display());
+                eprintln!(
+                    "corral: not running for {} (no control socket at {path})",
+                    config.display()
+                );
                 Ok(ExitCode::from(EXIT_NOT_RUNNING))
             }
             Ok(Err(e)) => Err(e.into()),
@@ -184,7 +212,18 @@ fn control_with_deadline(
 
 /// The `corral status` table.
 fn table(status: &Status) -> String {
-    let header = ["APP", "SLOT", "PID", "PORT", "STATE", "UPTIME", "RESTARTS", "MEMORY", "REQUESTS", "IN FLIGHT"];
+    let header = [
+        "APP",
+        "SLOT",
+        "PID",
+        "PORT",
+        "STATE",
+        "UPTIME",
+        "RESTARTS",
+        "MEMORY",
+        "REQUESTS",
+        "IN FLIGHT",
+    ];
     let mut rows = vec![header.map(String::from).to_vec()];
     for app in &status.apps {
         for w in &app.workers {
@@ -195,7 +234,11 @@ fn table(status: &Status) -> String {
                 w.pid.map_or_else(dash, |p| p.to_string()),
                 w.port.map_or_else(dash, |p| p.to_string()),
                 w.state.clone(),
-                if w.pid.is_some() { uptime(w.uptime_ms) } else { dash() },
+                if w.pid.is_some() {
+                    uptime(w.uptime_ms)
+                } else {
+                    dash()
+                },
                 w.restarts.to_string(),
                 w.memory_bytes.map_or_else(dash, units::format_size),
                 w.requests.to_string(),
@@ -203,10 +246,16 @@ fn table(status: &Status) -> String {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -218,7 +267,12 @@ fn table(status: &Status) -> String {
             None => format!("{}: {}/{} running", a.name, a.ready, a.instances),
         })
         .collect();
-    out.push_str(&format!("corral pid {}, up {}; {}\n", status.pid, uptime(status.uptime_ms), apps.join("; ")));
+    out.push_str(&format!(
+        "corral pid {}, up {}; {}\n",
+        status.pid,
+        uptime(status.uptime_ms),
+        apps.join("; ")
+    ));
     out
 }
 

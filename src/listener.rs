@@ -58,7 +58,9 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
                 format!("the address is already in use by another process ({e})")
             }
             std::io::ErrorKind::PermissionDenied => {
-                format!("permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE ({e})")
+                format!(
+                    "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE ({e})"
+                )
             }
             std::io::ErrorKind::AddrNotAvailable => {
                 format!("no local interface has this address ({e})")
@@ -67,12 +69,16 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
         };
         ListenError::Bind { addr, reason }
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
     // SO_REUSEPORT lets a new corral binary bind beside this one during an upgrade. It also
     // lets an unrelated process bind the same port, so refuse to share with a live listener:
     // probe first, the way a plain bind would have failed.
-    if addr.port() != 0 && std::net::TcpStream::connect_timeout(&probe_addr(addr), Duration::from_millis(200)).is_ok() {
+    if addr.port() != 0
+        && std::net::TcpStream::connect_timeout(&probe_addr(addr), Duration::from_millis(200))
+            .is_ok()
+    {
         return Err(fail(std::io::Error::from(std::io::ErrorKind::AddrInUse)));
     }
     socket.set_reuse_port(true).map_err(fail)?;
@@ -150,7 +156,10 @@ pub async fn serve(
     drop(listener);
     let open = graceful.count();
     info!(%addr, open_connections = open, "stopped accepting; draining connections");
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!(%addr, ?drain, "drain deadline passed; closing the remaining connections");
     }
     Ok(())

@@ -37,11 +37,16 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CORRAL_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests) is harmless: the first subscriber stays.
     let result = match format {
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).with_target(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .try_init(),
     };
     if let Err(e) = result {
         eprintln!("corral: logging was already set up: {e}");
@@ -75,7 +80,12 @@ impl OutputTail {
 
     /// A copy of the kept lines, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -89,16 +99,18 @@ impl OutputSink {
     /// Starts the writer thread that prints worker lines on corral's stdout and stderr.
     pub fn start() -> OutputSink {
         let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
-        let spawned = std::thread::Builder::new().name("corral-output".into()).spawn(move || {
-            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-            while let Some((stream, line)) = rx.blocking_recv() {
-                // A closed stdout (corral piped into `head`) must not stop supervision.
-                let _ignored = match stream {
-                    Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
-                    Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
-                };
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("corral-output".into())
+            .spawn(move || {
+                let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+                while let Some((stream, line)) = rx.blocking_recv() {
+                    // A closed stdout (corral piped into `head`) must not stop supervision.
+                    let _ignored = match stream {
+                        Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
+                        Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
+                    };
+                }
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the output thread; worker output is discarded");
         }
@@ -107,7 +119,13 @@ impl OutputSink {
 
     /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
     /// in `tail`.
-    pub async fn pump(self, reader: impl AsyncRead + Unpin, stream: Stream, prefix: String, tail: Arc<OutputTail>) {
+    pub async fn pump(
+        self,
+        reader: impl AsyncRead + Unpin,
+        stream: Stream,
+        prefix: String,
+        tail: Arc<OutputTail>,
+    ) {
         let mut reader = BufReader::new(reader);
         let mut line = Vec::with_capacity(256);
         loop {
@@ -123,7 +141,12 @@ impl OutputSink {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             tail.push(text);
-            if self.tx.send((stream, format!("{prefix} | {text}\n"))).await.is_err() {
+            if self
+                .tx
+                .send((stream, format!("{prefix} | {text}\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -131,7 +154,10 @@ impl OutputSink {
 }
 
 /// Reads up to and including a newline, or `MAX_LINE` bytes, whichever comes first.
-async fn read_line_capped(reader: &mut (impl AsyncBufReadExt + Unpin), line: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_line_capped(
+    reader: &mut (impl AsyncBufReadExt + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<usize> {
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
@@ -166,13 +192,20 @@ mod tests {
         let mut reader = BufReader::new(&input[..]);
         let mut lines = Vec::new();
         let mut line = Vec::new();
-        while read_line_capped(&mut reader, &mut line).await.expect("in-memory read") > 0 {
+        while read_line_capped(&mut reader, &mut line)
+            .await
+            .expect("in-memory read")
+            > 0
+        {
             lines.push(String::from_utf8_lossy(&line).into_owned());
             line.clear();
         }
         assert_eq!(lines[0].len(), MAX_LINE);
         assert_eq!(lines[1], "xxxxxxxxxx\n");
-        assert_eq!(lines.last().map(String::as_str), Some("no newline at the end"));
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("no newline at the end")
+        );
         assert_eq!(lines.len(), 2 + 30 + 1);
 
         let tail = OutputTail::default();
@@ -181,6 +214,9 @@ mod tests {
         }
         let kept = tail.lines();
         assert_eq!(kept.len(), TAIL_LINES);
-        assert_eq!(kept.last().map(String::as_str), Some("no newline at the end"));
+        assert_eq!(
+            kept.last().map(String::as_str),
+            Some("no newline at the end")
+        );
     }
 }

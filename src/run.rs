@@ -56,15 +56,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let control = ControlSocket::bind(&config.path).await?;
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
-    let balancers: Vec<Option<Arc<Balancer>>> = sockets.iter().map(|s| s.as_ref().map(|_| Arc::default())).collect();
+    let balancers: Vec<Option<Arc<Balancer>>> = sockets
+        .iter()
+        .map(|s| s.as_ref().map(|_| Arc::default()))
+        .collect();
     let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
     let supervisor = tokio::spawn(supervisor.run());
 
     let shutdown = CancellationToken::new();
     let mut accept_loops = JoinSet::new();
     for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
-        let (Some(socket), Some(balancer)) = (socket, balancer) else { continue };
-        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, app.http.upstream_timeout));
+        let (Some(socket), Some(balancer)) = (socket, balancer) else {
+            continue;
+        };
+        let proxy = Arc::new(Proxy::new(
+            app.name.clone(),
+            balancer,
+            app.http.upstream_timeout,
+        ));
         let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
         let stop = shutdown.child_token();
         let name = app.name.clone();
@@ -125,7 +134,9 @@ async fn wait_for_stop(signals: &mut Signals) -> &'static str {
     loop {
         match signals.next().await {
             Intent::Stop(name) => return name,
-            Intent::Reload => warn!("SIGHUP: rolling reload is not available in this version of corral yet; ignoring"),
+            Intent::Reload => warn!(
+                "SIGHUP: rolling reload is not available in this version of corral yet; ignoring"
+            ),
         }
     }
 }

@@ -32,8 +32,17 @@ fn a_killed_worker_is_replaced_and_the_front_keeps_answering() -> TestResult {
     }
     assert_eq!(answered, after);
     let workers = corral.workers()?;
-    let restarted = workers.iter().find(|w| w["restarts"] == 1).ok_or("no slot shows a restart")?;
-    assert!(restarted["last_exit"].as_str().unwrap_or("").contains("SIGKILL"), "{restarted}");
+    let restarted = workers
+        .iter()
+        .find(|w| w["restarts"] == 1)
+        .ok_or("no slot shows a restart")?;
+    assert!(
+        restarted["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SIGKILL"),
+        "{restarted}"
+    );
     Ok(())
 }
 
@@ -44,7 +53,12 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0_leaving_no_worker() -> Te
     let addr = corral.addr;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=2000"));
     poll_until(DEADLINE, "the slow request to be in flight", || {
-        let busy: u64 = corral.workers().ok()?.iter().filter_map(|w| w["in_flight"].as_u64()).sum();
+        let busy: u64 = corral
+            .workers()
+            .ok()?
+            .iter()
+            .filter_map(|w| w["in_flight"].as_u64())
+            .sum();
         (busy == 1).then_some(())
     })?;
 
@@ -71,12 +85,22 @@ fn new_connections_are_refused_while_stopping_but_open_ones_finish() -> TestResu
     let addr = corral.addr;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=1500"));
     poll_until(DEADLINE, "the slow request to be in flight", || {
-        let busy: u64 = corral.workers().ok()?.iter().filter_map(|w| w["in_flight"].as_u64()).sum();
+        let busy: u64 = corral
+            .workers()
+            .ok()?
+            .iter()
+            .filter_map(|w| w["in_flight"].as_u64())
+            .sum();
         (busy == 1).then_some(())
     })?;
     corral.signal(Signal::SIGINT)?;
-    poll_until(DEADLINE, "the public socket to close", || std::net::TcpStream::connect(addr).is_err().then_some(()))?;
-    assert_eq!(slow.join().map_err(|_| "client thread panicked")??.text(), "slow done");
+    poll_until(DEADLINE, "the public socket to close", || {
+        std::net::TcpStream::connect(addr).is_err().then_some(())
+    })?;
+    assert_eq!(
+        slow.join().map_err(|_| "client thread panicked")??.text(),
+        "slow done"
+    );
     assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
     Ok(())
 }
@@ -90,7 +114,11 @@ fn corral_stop_waits_for_a_clean_exit() -> TestResult {
     assert_eq!(idle.get("/whoami")?.status, 200);
 
     let stop = corral.cli(&["stop"])?;
-    assert!(stop.status.success(), "corral stop failed: {}", String::from_utf8_lossy(&stop.stderr));
+    assert!(
+        stop.status.success(),
+        "corral stop failed: {}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
     assert!(String::from_utf8_lossy(&stop.stdout).contains("stopped"));
     assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
     for pid in workers {
@@ -99,7 +127,10 @@ fn corral_stop_waits_for_a_clean_exit() -> TestResult {
     // With nothing running, the CLI says so plainly.
     let status = corral.cli(&["status"])?;
     assert_eq!(status.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&status.stderr).contains("not running"), "{status:?}");
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("not running"),
+        "{status:?}"
+    );
     Ok(())
 }
 
@@ -109,15 +140,22 @@ fn sigkill_of_the_front_takes_every_worker_with_it() -> TestResult {
     let workers = corral.online_pids()?;
     corral.signal(Signal::SIGKILL)?;
     corral.wait_exit(DEADLINE)?;
-    poll_until(Duration::from_secs(2), "workers to die with the front process", || {
-        workers.iter().all(|&pid| !alive(pid)).then_some(())
-    })?;
+    poll_until(
+        Duration::from_secs(2),
+        "workers to die with the front process",
+        || workers.iter().all(|&pid| !alive(pid)).then_some(()),
+    )?;
     Ok(())
 }
 
 #[test]
 fn a_worker_that_ignores_the_stop_signal_is_killed_after_kill_timeout() -> TestResult {
-    let mut corral = Corral::start(Options::default().instances(1).key("kill_timeout = \"1s\"").env("FIXTURE_IGNORE_TERM", "1"))?;
+    let mut corral = Corral::start(
+        Options::default()
+            .instances(1)
+            .key("kill_timeout = \"1s\"")
+            .env("FIXTURE_IGNORE_TERM", "1"),
+    )?;
     let workers = corral.online_pids()?;
     corral.signal(Signal::SIGTERM)?;
     assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
@@ -132,20 +170,36 @@ fn a_worker_that_ignores_the_stop_signal_is_killed_after_kill_timeout() -> TestR
 
 #[test]
 fn a_worker_that_crashes_at_boot_is_reported_and_retried_with_backoff() -> TestResult {
-    let corral = Corral::start(Options { wait_online: Some(0), ..Options::default().instances(1).env("FIXTURE_BOOT", "crash") })?;
+    let corral = Corral::start(Options {
+        wait_online: Some(0),
+        ..Options::default().instances(1).env("FIXTURE_BOOT", "crash")
+    })?;
     let worker = poll_until(DEADLINE, "a few restarts", || {
         let workers = corral.workers().ok()?;
         let w = workers.into_iter().next()?;
         (w["restarts"].as_u64()? >= 3).then_some(w)
     })?;
-    assert!(worker["last_exit"].as_str().unwrap_or("").contains("exited with code 1"), "{worker}");
+    assert!(
+        worker["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited with code 1"),
+        "{worker}"
+    );
     let logs = corral.logs();
     assert!(logs.contains("before it was ready"), "{logs}");
-    assert!(logs.contains("fixture: crashing at boot as asked"), "the worker's last output is reported: {logs}");
+    assert!(
+        logs.contains("fixture: crashing at boot as asked"),
+        "the worker's last output is reported: {logs}"
+    );
     // Clients get a clear 503 while no worker is ready.
     let response = get(corral.addr, "/")?;
     assert_eq!(response.status, 503);
-    assert!(response.text().contains("no worker is ready"), "{}", response.text());
+    assert!(
+        response.text().contains("no worker is ready"),
+        "{}",
+        response.text()
+    );
     Ok(())
 }
 
@@ -153,9 +207,17 @@ fn a_worker_that_crashes_at_boot_is_reported_and_retried_with_backoff() -> TestR
 fn a_worker_that_never_listens_is_reported_at_listen_timeout() -> TestResult {
     let corral = Corral::start(Options {
         wait_online: Some(0),
-        ..Options::default().instances(1).key("listen_timeout = \"1s\"").env("FIXTURE_BOOT", "never-listen")
+        ..Options::default()
+            .instances(1)
+            .key("listen_timeout = \"1s\"")
+            .env("FIXTURE_BOOT", "never-listen")
     })?;
-    poll_until(DEADLINE, "the listen_timeout report", || corral.logs().contains("within listen_timeout").then_some(()))?;
+    poll_until(DEADLINE, "the listen_timeout report", || {
+        corral
+            .logs()
+            .contains("within listen_timeout")
+            .then_some(())
+    })?;
     let logs = corral.logs();
     assert!(logs.contains("fixture: not listening, as asked"), "{logs}");
     poll_until(DEADLINE, "a restart of the slot", || {

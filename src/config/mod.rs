@@ -163,7 +163,14 @@ impl fmt::Display for Problems<'_> {
         let noun = if count == 1 { "problem" } else { "problems" };
         write!(f, "{count} {noun} in {}:", self.path.display())?;
         for p in self.list {
-            write!(f, "\n  {}:{}:{}: {}", self.path.display(), p.line, p.column, p.message)?;
+            write!(
+                f,
+                "\n  {}:{}:{}: {}",
+                self.path.display(),
+                p.line,
+                p.column,
+                p.message
+            )?;
         }
         Ok(())
     }

@@ -72,16 +72,26 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
             let at = e.span().map_or(0, |s| s.start);
             let (line, column) = lines.position(at);
             let message = format!("TOML syntax error: {}", e.message().trim_end());
-            return Err(vec![Problem { line, column, message }]);
+            return Err(vec![Problem {
+                line,
+                column,
+                message,
+            }]);
         }
     };
-    let mut report = Report { lines: &lines, problems: &mut problems };
+    let mut report = Report {
+        lines: &lines,
+        problems: &mut problems,
+    };
     let root_span = root.span();
     let mut top = Table::new(root.into_inner(), root_span, String::new());
 
     let mut apps = Vec::new();
     match top.take("app") {
-        None => report.at(0..0, "no [[app]] table: the file must define at least one app"),
+        None => report.at(
+            0..0,
+            "no [[app]] table: the file must define at least one app",
+        ),
         Some((_, value)) => {
             let span = value.span();
             match value.into_inner() {
@@ -90,7 +100,11 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
                         let span = item.span();
                         match item.get_ref() {
                             DeValue::Table(t) => {
-                                let table = Table::new(t.clone(), span.clone(), format!("app #{}: ", index + 1));
+                                let table = Table::new(
+                                    t.clone(),
+                                    span.clone(),
+                                    format!("app #{}: ", index + 1),
+                                );
                                 if let Some(app) = parse_app(table, base, &mut report) {
                                     apps.push((app, span));
                                 }
@@ -128,11 +142,21 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .optional("instances", r, read_instances)
         .unwrap_or(Instances::Count(NonZeroUsize::MIN));
     let env = t.optional("env", r, read_env).unwrap_or_default();
-    let port_env = t.optional("port_env", r, read_env_name).unwrap_or_else(|| "PORT".into());
-    let listen_timeout = t.optional("listen_timeout", r, read_duration).unwrap_or(Duration::from_secs(10));
-    let kill_timeout = t.optional("kill_timeout", r, read_duration).unwrap_or(Duration::from_secs(5));
-    let kill_signal = t.optional("kill_signal", r, read_signal).unwrap_or(Signal::SIGTERM);
-    let drain_timeout = t.optional("drain_timeout", r, read_duration).unwrap_or(Duration::from_secs(30));
+    let port_env = t
+        .optional("port_env", r, read_env_name)
+        .unwrap_or_else(|| "PORT".into());
+    let listen_timeout = t
+        .optional("listen_timeout", r, read_duration)
+        .unwrap_or(Duration::from_secs(10));
+    let kill_timeout = t
+        .optional("kill_timeout", r, read_duration)
+        .unwrap_or(Duration::from_secs(5));
+    let kill_signal = t
+        .optional("kill_signal", r, read_signal)
+        .unwrap_or(Signal::SIGTERM);
+    let drain_timeout = t
+        .optional("drain_timeout", r, read_duration)
+        .unwrap_or(Duration::from_secs(30));
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -152,7 +176,10 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     t.finish(r, NOT_YET);
 
     if !cwd.is_dir() {
-        r.at(table_span.clone(), format!("{}cwd: {} is not a directory", ctx(&name), cwd.display()));
+        r.at(
+            table_span.clone(),
+            format!("{}cwd: {} is not a directory", ctx(&name), cwd.display()),
+        );
     } else if let Some(command) = &command {
         if let Err(message) = find_program(&command[0], &cwd) {
             r.at(table_span, format!("{}command: {message}", ctx(&name)));
@@ -175,18 +202,32 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
 }
 
 fn ctx(name: &Option<String>) -> String {
-    name.as_ref().map(|n| format!("app \"{n}\": ")).unwrap_or_default()
+    name.as_ref()
+        .map(|n| format!("app \"{n}\": "))
+        .unwrap_or_default()
 }
 
 fn check_across_apps(apps: &[(AppConfig, Range<usize>)], r: &mut Report<'_>) {
     for (i, (app, span)) in apps.iter().enumerate() {
         let earlier = &apps[..i];
         if earlier.iter().any(|(a, _)| a.name == app.name) {
-            r.at(span.clone(), format!("app \"{}\": name: another app has this name", app.name));
+            r.at(
+                span.clone(),
+                format!("app \"{}\": name: another app has this name", app.name),
+            );
         }
         if let Some(addr) = app.listen {
-            if earlier.iter().any(|(a, _)| a.listen.is_some_and(|b| overlaps(addr, b))) {
-                r.at(span.clone(), format!("app \"{}\": listen: {addr} is used by another app", app.name));
+            if earlier
+                .iter()
+                .any(|(a, _)| a.listen.is_some_and(|b| overlaps(addr, b)))
+            {
+                r.at(
+                    span.clone(),
+                    format!(
+                        "app \"{}\": listen: {addr} is used by another app",
+                        app.name
+                    ),
+                );
             }
         }
     }
@@ -241,7 +282,11 @@ struct Report<'a> {
 impl Report<'_> {
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = self.lines.position(span.start);
-        self.problems.push(Problem { line, column, message: message.into() });
+        self.problems.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
     }
 }
 
@@ -257,11 +302,18 @@ struct Table<'i> {
 
 impl<'i> Table<'i> {
     fn new(table: DeTable<'i>, span: Range<usize>, context: String) -> Table<'i> {
-        Table { entries: table.into_iter().collect(), span, context }
+        Table {
+            entries: table.into_iter().collect(),
+            span,
+            context,
+        }
     }
 
     fn take(&mut self, key: &str) -> Option<(Range<usize>, Spanned<DeValue<'i>>)> {
-        let index = self.entries.iter().position(|(k, _)| k.get_ref().as_ref() == key)?;
+        let index = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.get_ref().as_ref() == key)?;
         let (k, v) = self.entries.swap_remove(index);
         Some((k.span(), v))
     }
@@ -288,8 +340,15 @@ impl<'i> Table<'i> {
         r: &mut Report<'_>,
         read: impl FnOnce(&DeValue<'_>) -> Result<T, String>,
     ) -> Option<T> {
-        if !self.entries.iter().any(|(k, _)| k.get_ref().as_ref() == key) {
-            r.at(self.span.clone(), format!("{}{key}: missing (it is required)", self.context));
+        if !self
+            .entries
+            .iter()
+            .any(|(k, _)| k.get_ref().as_ref() == key)
+        {
+            r.at(
+                self.span.clone(),
+                format!("{}{key}: missing (it is required)", self.context),
+            );
             return None;
         }
         self.optional(key, r, read)
@@ -300,7 +359,10 @@ impl<'i> Table<'i> {
         for (key, _) in self.entries {
             let name = key.get_ref().as_ref();
             let message = if not_yet.contains(&name) {
-                format!("{}{name}: not supported by this version of corral yet", self.context)
+                format!(
+                    "{}{name}: not supported by this version of corral yet",
+                    self.context
+                )
             } else {
                 let hint = closest(name, APP_KEYS)
                     .map(|k| format!(" (did you mean `{k}`?)"))
@@ -364,11 +426,15 @@ fn read_name(v: &DeValue<'_>) -> Result<String, String> {
     let name = read_string(v)?;
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if valid {
         Ok(name)
     } else {
-        Err(format!("{name:?} is not a valid name (1-64 of letters, digits, '-', '_', '.')"))
+        Err(format!(
+            "{name:?} is not a valid name (1-64 of letters, digits, '-', '_', '.')"
+        ))
     }
 }
 
@@ -408,7 +474,9 @@ fn read_listen(v: &DeValue<'_>) -> Result<SocketAddr, String> {
             .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
             .map_err(|_| format!("{port} is not a port number"));
     }
-    let text = v.as_str().ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?;
+    let text = v
+        .as_str()
+        .ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?;
     if let Some(port) = text.strip_prefix("localhost:") {
         if let Ok(port) = port.parse::<u16>() {
             return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
@@ -421,13 +489,17 @@ fn read_instances(v: &DeValue<'_>) -> Result<Instances, String> {
     const HINT: &str = r#"expected a positive integer, "max", or a negative integer (max - n)"#;
     let number = match v {
         DeValue::String(s) if s.as_ref() == "max" => return Ok(Instances::MaxMinus(0)),
-        DeValue::String(s) => s.parse::<i64>().map_err(|_| format!("{HINT}, found {s:?}"))?,
+        DeValue::String(s) => s
+            .parse::<i64>()
+            .map_err(|_| format!("{HINT}, found {s:?}"))?,
         _ => integer(v).ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?,
     };
     match number {
         0 => Err(format!("{HINT}, found 0")),
         n if n > 1024 => Err(format!("{n} workers is more than the limit of 1024")),
-        n if n > 0 => Ok(Instances::Count(NonZeroUsize::new(n as usize).expect("UNWRAP: n > 0"))),
+        n if n > 0 => Ok(Instances::Count(
+            NonZeroUsize::new(n as usize).expect("UNWRAP: n > 0"),
+        )),
         n => Ok(Instances::MaxMinus(n.unsigned_abs().min(1024) as usize)),
     }
 }
@@ -438,7 +510,9 @@ fn read_duration(v: &DeValue<'_>) -> Result<Duration, String> {
             .map(Duration::from_millis)
             .map_err(|_| format!("expected {DURATION_HINT}, found {ms}"));
     }
-    let text = v.as_str().ok_or_else(|| format!("expected {DURATION_HINT}, found {}", type_name(v)))?;
+    let text = v
+        .as_str()
+        .ok_or_else(|| format!("expected {DURATION_HINT}, found {}", type_name(v)))?;
     parse_duration(text).ok_or_else(|| format!("expected {DURATION_HINT}, found {text:?}"))
 }
 
@@ -453,7 +527,9 @@ fn read_size(v: &DeValue<'_>) -> Result<u64, String> {
     if let Some(bytes) = integer(v) {
         return u64::try_from(bytes).map_err(|_| format!("expected {SIZE_HINT}, found {bytes}"));
     }
-    let text = v.as_str().ok_or_else(|| format!("expected {SIZE_HINT}, found {}", type_name(v)))?;
+    let text = v
+        .as_str()
+        .ok_or_else(|| format!("expected {SIZE_HINT}, found {}", type_name(v)))?;
     parse_size(text).ok_or_else(|| format!("expected {SIZE_HINT}, found {text:?}"))
 }
 
@@ -476,13 +552,21 @@ fn read_count(v: &DeValue<'_>, min: i64, max: i64) -> Result<usize, String> {
 fn read_signal(v: &DeValue<'_>) -> Result<Signal, String> {
     let text = read_string(v)?;
     let upper = text.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    Signal::from_str(&full).map_err(|_| format!("{text:?} is not a signal name such as \"SIGTERM\" or \"SIGINT\""))
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&full)
+        .map_err(|_| format!("{text:?} is not a signal name such as \"SIGTERM\" or \"SIGINT\""))
 }
 
 fn read_env(v: &DeValue<'_>) -> Result<Vec<(String, String)>, String> {
     let DeValue::Table(table) = v else {
-        return Err(format!("expected a table ([app.env]), found {}", type_name(v)));
+        return Err(format!(
+            "expected a table ([app.env]), found {}",
+            type_name(v)
+        ));
     };
     let mut env = Vec::new();
     for (key, value) in table.iter() {
@@ -492,7 +576,12 @@ fn read_env(v: &DeValue<'_>) -> Result<Vec<(String, String)>, String> {
             integer @ DeValue::Integer(_) => integer_text(integer),
             DeValue::Float(f) => f.as_str().to_owned(),
             DeValue::Boolean(b) => b.to_string(),
-            other => return Err(format!("{key}: expected a string, number or boolean, found {}", type_name(other))),
+            other => {
+                return Err(format!(
+                    "{key}: expected a string, number or boolean, found {}",
+                    type_name(other)
+                ))
+            }
         };
         if key.is_empty() || key.contains('=') || key.contains('\0') || text.contains('\0') {
             return Err(format!("{key:?} is not a valid environment variable"));

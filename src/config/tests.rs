@@ -13,7 +13,10 @@ fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 fn messages(text: &str) -> Vec<String> {
     match parse(text) {
         Ok(_) => panic!("expected problems in:\n{text}"),
-        Err(problems) => problems.iter().map(|p| format!("{}: {}", p.line, p.message)).collect(),
+        Err(problems) => problems
+            .iter()
+            .map(|p| format!("{}: {}", p.line, p.message))
+            .collect(),
     }
 }
 
@@ -24,9 +27,13 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.name, "web");
     assert_eq!(app.instances, Instances::MaxMinus(0));
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
-    assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
+    assert_eq!(
+        app.env,
+        vec![("NODE_ENV".to_owned(), "production".to_owned())]
+    );
     for key in super::parse::APP_KEYS {
-        let documented = EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
+        let documented =
+            EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
         assert!(documented, "proxy.example.toml does not document `{key}`");
     }
 }
@@ -75,11 +82,28 @@ sticky = "cookie"
 
 #[test]
 fn wrong_types_and_missing_keys() {
-    let got = messages("[[app]]\ncommand = \"node server.js\"\ninstances = true\n[app.env]\nA = [1]\n");
-    assert!(got.iter().any(|m| m.starts_with("1: app #1: name: missing")), "{got:#?}");
-    assert!(got.iter().any(|m| m.starts_with("2: app #1: command: expected an array of strings")), "{got:#?}");
-    assert!(got.iter().any(|m| m.starts_with("3: app #1: instances: expected a positive integer")), "{got:#?}");
-    assert!(got.iter().any(|m| m.contains("env: A: expected a string, number or boolean")), "{got:#?}");
+    let got =
+        messages("[[app]]\ncommand = \"node server.js\"\ninstances = true\n[app.env]\nA = [1]\n");
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("1: app #1: name: missing")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("2: app #1: command: expected an array of strings")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("3: app #1: instances: expected a positive integer")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.contains("env: A: expected a string, number or boolean")),
+        "{got:#?}"
+    );
 }
 
 #[test]
@@ -87,25 +111,43 @@ fn syntax_errors_name_the_line() {
     let got = messages("[[app]]\nname = \"web\"\ncommand = [\"node\"\n");
     assert_eq!(got.len(), 1);
     assert!(got[0].contains("TOML syntax error"), "{got:?}");
-    assert!(got[0].starts_with("3: ") || got[0].starts_with("4: "), "{got:?}");
+    assert!(
+        got[0].starts_with("3: ") || got[0].starts_with("4: "),
+        "{got:?}"
+    );
 }
 
 #[test]
 fn apps_must_be_distinct() {
     let text = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4000\n\n[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = \"127.0.0.1:4000\"\n";
     let got = messages(text);
-    assert!(got.iter().any(|m| m.contains("name: another app has this name")), "{got:#?}");
-    assert!(got.iter().any(|m| m.contains("is used by another app")), "{got:#?}");
+    assert!(
+        got.iter()
+            .any(|m| m.contains("name: another app has this name")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter().any(|m| m.contains("is used by another app")),
+        "{got:#?}"
+    );
     assert!(messages("").iter().any(|m| m.contains("no [[app]] table")));
-    assert!(messages("[app]\nname = \"a\"\n").iter().any(|m| m.contains("write [[app]]")));
+    assert!(messages("[app]\nname = \"a\"\n")
+        .iter()
+        .any(|m| m.contains("write [[app]]")));
 }
 
 #[test]
 fn instances_forms() {
     let instances = |v: &str| {
-        parse(&format!("[[app]]\nname = \"a\"\ncommand = [\"node\"]\ninstances = {v}\n")).map(|c| c.apps[0].instances)
+        parse(&format!(
+            "[[app]]\nname = \"a\"\ncommand = [\"node\"]\ninstances = {v}\n"
+        ))
+        .map(|c| c.apps[0].instances)
     };
-    assert_eq!(instances("4"), Ok(Instances::Count(NonZeroUsize::new(4).expect("4"))));
+    assert_eq!(
+        instances("4"),
+        Ok(Instances::Count(NonZeroUsize::new(4).expect("4")))
+    );
     assert_eq!(instances("\"max\""), Ok(Instances::MaxMinus(0)));
     assert_eq!(instances("-1"), Ok(Instances::MaxMinus(1)));
     assert_eq!(instances("\"-2\""), Ok(Instances::MaxMinus(2)));
@@ -118,7 +160,10 @@ fn instances_forms() {
 #[test]
 fn programs_and_folders_must_exist() {
     let got = messages("[[app]]\nname = \"a\"\ncommand = [\"no-such-program-xyz\"]\n");
-    assert!(got[0].contains("`no-such-program-xyz` was not found on PATH"), "{got:?}");
+    assert!(
+        got[0].contains("`no-such-program-xyz` was not found on PATH"),
+        "{got:?}"
+    );
     let got = messages("[[app]]\nname = \"a\"\ncommand = [\"node\"]\ncwd = \"no/such/dir\"\n");
     assert!(got[0].contains("is not a directory"), "{got:?}");
 }

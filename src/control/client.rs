@@ -44,10 +44,15 @@ impl Replies {
             .lines
             .next_line()
             .await
-            .map_err(|source| ClientError::Io { path: self.path.clone(), source })?;
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         match line {
             None => Ok(None),
-            Some(line) => serde_json::from_str(&line).map(Some).map_err(|e| ClientError::Protocol(format!("{e}: {line}"))),
+            Some(line) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(format!("{e}: {line}"))),
         }
     }
 }
@@ -55,16 +60,30 @@ impl Replies {
 /// Sends `request` to the instance listening on `socket`.
 pub async fn request(socket: &Path, request: &Request) -> Result<Replies, ClientError> {
     let path = socket.display().to_string();
-    let stream = UnixStream::connect(socket).await.map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ClientError::NotRunning { path: path.clone() },
-        _ => ClientError::Io { path: path.clone(), source },
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning { path: path.clone() }
+            }
+            _ => ClientError::Io {
+                path: path.clone(),
+                source,
+            },
+        })?;
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut line =
+        serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
     write
         .write_all(line.as_bytes())
         .await
-        .map_err(|source| ClientError::Io { path: path.clone(), source })?;
-    Ok(Replies { lines: BufReader::new(read).lines(), path })
+        .map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(Replies {
+        lines: BufReader::new(read).lines(),
+        path,
+    })
 }

@@ -91,14 +91,25 @@ pub fn socket_path(config: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/corral-{}", nix::unistd::getuid())));
     let stem: String = absolute
         .file_stem()
-        .map(|s| s.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(32).collect())
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+                .take(32)
+                .collect()
+        })
         .unwrap_or_default();
-    dir.join(format!("{stem}-{:016x}.sock", fnv1a(absolute.as_os_str().as_encoded_bytes())))
+    dir.join(format!(
+        "{stem}-{:016x}.sock",
+        fnv1a(absolute.as_os_str().as_encoded_bytes())
+    ))
 }
 
 /// FNV-1a: stable across Rust versions and builds, unlike `DefaultHasher`.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The bound control socket; the file is removed when this is dropped.
@@ -113,17 +124,27 @@ impl ControlSocket {
     /// stale file left by a dead one.
     pub async fn bind(config: &Path) -> Result<ControlSocket, ControlError> {
         let path = socket_path(config);
-        let io = |source| ControlError::Io { path: path.clone(), source };
+        let io = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
         if path.exists() {
             match client::request(&path, &Request::Status).await {
                 Ok(mut replies) => {
                     if let Ok(Some(Reply::Status(status))) = replies.next().await {
-                        return Err(ControlError::AlreadyRunning { pid: status.pid, path });
+                        return Err(ControlError::AlreadyRunning {
+                            pid: status.pid,
+                            path,
+                        });
                     }
                     return Err(ControlError::AlreadyRunning { pid: 0, path });
                 }
@@ -179,15 +200,21 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
         return;
     }
     let replies = match serde_json::from_str::<Request>(&line) {
-        Err(e) => vec![Reply::Error { message: format!("bad control request: {e}") }],
+        Err(e) => vec![Reply::Error {
+            message: format!("bad control request: {e}"),
+        }],
         Ok(Request::Status) => match supervisor.status().await {
             Ok(status) => vec![Reply::Status(status)],
-            Err(e) => vec![Reply::Error { message: e.to_string() }],
+            Err(e) => vec![Reply::Error {
+                message: e.to_string(),
+            }],
         },
         Ok(Request::Stop) => {
             info!("stop requested over the control socket");
             shutdown.cancel();
-            vec![Reply::Progress { message: "stopping: draining connections, then stopping workers".into() }]
+            vec![Reply::Progress {
+                message: "stopping: draining connections, then stopping workers".into(),
+            }]
         }
         Ok(Request::Reload { .. }) => vec![Reply::Error {
             message: "rolling reload is not available in this version of corral yet".into(),

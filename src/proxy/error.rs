@@ -74,7 +74,10 @@ impl ProxyError {
     /// True when the worker side failed (worth a warning), false for client-side problems and
     /// an empty pool.
     pub fn is_upstream(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Timeout { .. })
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Timeout { .. }
+        )
     }
 
     /// The status this error is answered with.
@@ -95,7 +98,10 @@ impl ProxyError {
         let mut response = Response::new(ProxyBody::message(text));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -117,9 +123,27 @@ mod tests {
         let worker = SocketAddr::from(([127, 0, 0, 1], 1));
         let cases = [
             (ProxyError::NoWorker, 503),
-            (ProxyError::Connect { worker, reason: "refused".into() }, 502),
-            (ProxyError::Upstream { worker, reason: "closed".into() }, 502),
-            (ProxyError::Timeout { worker, after: Duration::from_secs(1) }, 504),
+            (
+                ProxyError::Connect {
+                    worker,
+                    reason: "refused".into(),
+                },
+                502,
+            ),
+            (
+                ProxyError::Upstream {
+                    worker,
+                    reason: "closed".into(),
+                },
+                502,
+            ),
+            (
+                ProxyError::Timeout {
+                    worker,
+                    after: Duration::from_secs(1),
+                },
+                504,
+            ),
             (ProxyError::AmbiguousFraming, 400),
         ];
         for (error, code) in cases {

@@ -22,7 +22,9 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Content-Length + Transfer-Encoding case by dropping Content-Length and closing the connection
 /// after the response; this check keeps that guarantee here should a parser ever pass both.
 pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    if headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH) {
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
         return Err(ProxyError::AmbiguousFraming);
     }
     Ok(())
@@ -92,7 +94,10 @@ fn connection_tokens(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     for value in headers.get_all(header::CONNECTION) {
         let Ok(text) = value.to_str() else { continue };
         for token in text.split(',').map(str::trim) {
-            if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+            {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -110,7 +115,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         m
     }
@@ -128,7 +136,14 @@ mod tests {
             ("accept", "*/*"),
         ]);
         request_headers(&mut h, "10.0.0.9".parse().expect("ip"));
-        for gone in ["connection", "keep-alive", "x-secret", "te", "upgrade", "proxy-authorization"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "upgrade",
+            "proxy-authorization",
+        ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
         assert_eq!(h["host"], "example.com");
@@ -140,7 +155,10 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_appended_to_every_earlier_value() {
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+        ]);
         request_headers(&mut h, "::ffff:127.0.0.1".parse().expect("ip"));
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");

@@ -54,7 +54,13 @@ pub struct FramingGuard<IO> {
 impl<IO> FramingGuard<IO> {
     /// Guards `io`; `max_head` is the largest head hyper accepts.
     pub fn new(io: IO, max_head: usize) -> FramingGuard<IO> {
-        FramingGuard { io, scan: Scan::Head, line: Vec::new(), ready: BytesMut::new(), max_head }
+        FramingGuard {
+            io,
+            scan: Scan::Head,
+            line: Vec::new(),
+            ready: BytesMut::new(),
+            max_head,
+        }
     }
 
     /// Runs the scanner over bytes read from the client, moving them to `ready`.
@@ -80,7 +86,10 @@ impl<IO> FramingGuard<IO> {
                 Scan::Head => {
                     // Blank lines before a request line are allowed (RFC 9112 §2.2).
                     if self.line.is_empty() {
-                        let skip = input.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                        let skip = input
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
                         self.ready.extend_from_slice(&input[..skip]);
                         input = &input[skip..];
                         if input.is_empty() {
@@ -147,7 +156,10 @@ impl<IO> FramingGuard<IO> {
 
 /// Index just past the blank line ending a head, if present.
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let crlf = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
     let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
     match (crlf, lf) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -156,7 +168,10 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
-    let end = line.iter().rposition(|b| !b" \t\r\n".contains(b)).map_or(0, |i| i + 1);
+    let end = line
+        .iter()
+        .rposition(|b| !b" \t\r\n".contains(b))
+        .map_or(0, |i| i + 1);
     &line[..end]
 }
 
@@ -183,13 +198,21 @@ fn check_head(head: &mut [u8]) -> Scan {
         if index == 0 {
             continue;
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let name = &line[..colon];
-        let leading = line[colon + 1..].iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+        let leading = line[colon + 1..]
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
         let value_start = start + colon + 1 + leading;
         let value = trim_line(&line[colon + 1 + leading..]);
         if name.eq_ignore_ascii_case(b"content-length") {
-            content_length = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).or(content_length);
+            content_length = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .or(content_length);
             if content_length.is_none() {
                 return Scan::Off; // invalid: hyper answers 400 itself
             }
@@ -215,7 +238,11 @@ fn check_head(head: &mut [u8]) -> Scan {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.ready.is_empty() {
@@ -228,13 +255,19 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
             match this.scan {
                 Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
                 Scan::Fixed(n) => {
-                    let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());
+                    let limit = usize::try_from(n)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.remaining());
                     let mut limited = ReadBuf::new(buf.initialize_unfilled_to(limit));
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
                     let read = limited.filled().len();
                     buf.advance(read);
                     if read > 0 {
-                        this.scan = if n == read as u64 { Scan::Head } else { Scan::Fixed(n - read as u64) };
+                        this.scan = if n == read as u64 {
+                            Scan::Head
+                        } else {
+                            Scan::Fixed(n - read as u64)
+                        };
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -258,11 +291,19 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -321,7 +362,8 @@ mod tests {
 
     #[test]
     fn upgrades_and_oversized_heads_are_left_to_hyper() {
-        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
         assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));
         let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
         big.extend(std::iter::repeat(b'a').take(70 * 1024));

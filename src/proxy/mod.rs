@@ -45,7 +45,11 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy for `app` over the workers `balancer` publishes.
     pub fn new(app: String, balancer: Arc<Balancer>, upstream_timeout: Duration) -> Proxy {
-        Proxy { app, balancer, upstream_timeout }
+        Proxy {
+            app,
+            balancer,
+            upstream_timeout,
+        }
     }
 
     /// The balancer this proxy routes through.
@@ -55,10 +59,17 @@ impl Proxy {
 
     /// The hyper service for one client connection from `peer`.
     pub fn service(self: &Arc<Self>, peer: SocketAddr) -> ProxyService {
-        ProxyService { proxy: Arc::clone(self), peer }
+        ProxyService {
+            proxy: Arc::clone(self),
+            peer,
+        }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         match self.forward(req, peer).await {
             Ok(response) => response,
             Err(e) => {
@@ -72,7 +83,11 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut head, body) = req.into_parts();
         forward::check_framing(&head.headers)?;
         let guard = self.balancer.pick().ok_or(ProxyError::NoWorker)?;
@@ -82,13 +97,22 @@ impl Proxy {
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(upstream.scheme.clone());
         uri.authority = Some(upstream.authority.clone());
-        uri.path_and_query = head.uri.path_and_query().cloned().or_else(|| Some("/".parse().expect("UNWRAP: literal")));
+        uri.path_and_query = head
+            .uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some("/".parse().expect("UNWRAP: literal")));
         head.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget)?;
         head.version = Version::HTTP_11;
 
         let sent = upstream.client.request(Request::from_parts(head, body));
         let response = match tokio::time::timeout(self.upstream_timeout, sent).await {
-            Err(_) => return Err(ProxyError::Timeout { worker: upstream.addr, after: self.upstream_timeout }),
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    worker: upstream.addr,
+                    after: self.upstream_timeout,
+                })
+            }
             Ok(Err(e)) => return Err(ProxyError::from_client(upstream.addr, &e)),
             Ok(Ok(response)) => response,
         };
@@ -108,7 +132,8 @@ pub struct ProxyService {
 impl Service<Request<Incoming>> for ProxyService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let proxy = Arc::clone(&self.proxy);

@@ -67,9 +67,15 @@ impl Handle {
         self.ask(Command::Kill).await
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SupervisorGone)?;
         answer.await.map_err(|_| SupervisorGone)
     }
 }
@@ -88,11 +94,23 @@ pub enum Command {
 /// What the per-worker tasks report.
 #[derive(Debug)]
 enum Event {
-    Ready { id: u64 },
-    NeverReady { id: u64 },
-    Exited { id: u64, status: std::io::Result<std::process::ExitStatus> },
-    KillDeadline { id: u64 },
-    RestartDue { app: usize, slot: usize },
+    Ready {
+        id: u64,
+    },
+    NeverReady {
+        id: u64,
+    },
+    Exited {
+        id: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    KillDeadline {
+        id: u64,
+    },
+    RestartDue {
+        app: usize,
+        slot: usize,
+    },
 }
 
 struct App {
@@ -128,7 +146,11 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor for `config`. `balancers` has one entry per app, `Some` for proxied apps.
-    pub fn new(config: &Config, balancers: Vec<Option<Arc<Balancer>>>, output: OutputSink) -> (Supervisor, Handle) {
+    pub fn new(
+        config: &Config,
+        balancers: Vec<Option<Arc<Balancer>>>,
+        output: OutputSink,
+    ) -> (Supervisor, Handle) {
         let cpus = crate::config::usable_cpus();
         let apps = config
             .apps
@@ -210,9 +232,13 @@ impl Supervisor {
         match event {
             Event::Ready { id } => self.on_ready(id),
             Event::NeverReady { id } => {
-                let Some((app, slot)) = self.find(id) else { return };
+                let Some((app, slot)) = self.find(id) else {
+                    return;
+                };
                 let config = &self.apps[app].config;
-                let Some(worker) = self.apps[app].slots[slot].worker.as_ref() else { return };
+                let Some(worker) = self.apps[app].slots[slot].worker.as_ref() else {
+                    return;
+                };
                 if worker.state != WorkerState::Starting {
                     return;
                 }
@@ -226,10 +252,15 @@ impl Supervisor {
             }
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::KillDeadline { id } => {
-                let Some((app, slot)) = self.find(id) else { return };
+                let Some((app, slot)) = self.find(id) else {
+                    return;
+                };
                 let timeout = self.apps[app].config.kill_timeout;
                 let worker = self.worker_mut(app, slot);
-                warn!(pid = worker.pid, "worker did not exit within kill_timeout ({timeout:?}); sending SIGKILL");
+                warn!(
+                    pid = worker.pid,
+                    "worker did not exit within kill_timeout ({timeout:?}); sending SIGKILL"
+                );
                 kill_group(worker.pid, Signal::SIGKILL);
             }
             Event::RestartDue { app, slot } => {
@@ -241,7 +272,9 @@ impl Supervisor {
     }
 
     fn on_ready(&mut self, id: u64) {
-        let Some((app, slot)) = self.find(id) else { return };
+        let Some((app, slot)) = self.find(id) else {
+            return;
+        };
         let worker = self.worker_mut(app, slot);
         if worker.state != WorkerState::Starting {
             return;
@@ -251,27 +284,46 @@ impl Supervisor {
         let (pid, port, boot) = (worker.pid, worker.port, worker.started.elapsed());
         if let Some(port) = port {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            worker.upstream = Some(Arc::new(Upstream::new(id, slot, addr, Arc::clone(&worker.stats))));
+            worker.upstream = Some(Arc::new(Upstream::new(
+                id,
+                slot,
+                addr,
+                Arc::clone(&worker.stats),
+            )));
         }
         info!(app = %self.apps[app].config.name, slot, pid, ?port, boot_ms = boot.as_millis() as u64, "worker ready");
         self.publish(app);
         let app = &mut self.apps[app];
-        let ready = app.slots.iter().filter(|s| s.worker.as_ref().is_some_and(|w| w.state == WorkerState::Ready)).count();
+        let ready = app
+            .slots
+            .iter()
+            .filter(|s| {
+                s.worker
+                    .as_ref()
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count();
         if !app.announced && ready == app.instances {
             app.announced = true;
             match app.config.listen {
-                Some(listen) => info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}"),
+                Some(listen) => {
+                    info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}")
+                }
                 None => info!(app = %app.config.name, "all {ready} workers running"),
             }
         }
     }
 
     fn on_exit(&mut self, id: u64, status: std::io::Result<std::process::ExitStatus>) {
-        let Some((app_index, slot_index)) = self.find(id) else { return };
+        let Some((app_index, slot_index)) = self.find(id) else {
+            return;
+        };
         let shutting_down = self.stopping.is_some();
         let app = &mut self.apps[app_index];
         let slot = &mut app.slots[slot_index];
-        let Some(worker) = slot.worker.take() else { return };
+        let Some(worker) = slot.worker.take() else {
+            return;
+        };
         worker.probe.cancel();
         // Whatever the worker forked dies with it: nothing is left behind in its group.
         kill_group(worker.pid, Signal::SIGKILL);
@@ -288,8 +340,16 @@ impl Supervisor {
             return;
         }
         slot.last_exit = Some(how.clone());
-        match after_exit(shutting_down, &self.backoff, &mut slot.failures, uptime, worker.was_ready) {
-            AfterExit::Forget => info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}"),
+        match after_exit(
+            shutting_down,
+            &self.backoff,
+            &mut slot.failures,
+            uptime,
+            worker.was_ready,
+        ) {
+            AfterExit::Forget => {
+                info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}")
+            }
             AfterExit::Restart(delay) => {
                 slot.restarts += 1;
                 let hint = if !worker.was_ready && how == "exited with code 0" {
@@ -306,7 +366,10 @@ impl Supervisor {
                 let events = self.events.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let _supervisor_gone = events.send(Event::RestartDue { app: app_index, slot: slot_index });
+                    let _supervisor_gone = events.send(Event::RestartDue {
+                        app: app_index,
+                        slot: slot_index,
+                    });
                 });
             }
         }
@@ -333,7 +396,12 @@ impl Supervisor {
         let taken: HashSet<u16> = self.workers().filter_map(|w| w.port).collect();
         let app = &self.apps[app_index];
         let config = &app.config;
-        let port = match app.balancer.is_some().then(|| spawn::free_port(&taken)).transpose() {
+        let port = match app
+            .balancer
+            .is_some()
+            .then(|| spawn::free_port(&taken))
+            .transpose()
+        {
             Ok(port) => port,
             Err(e) => return self.start_failed(app_index, slot_index, e.to_string()),
         };
@@ -349,11 +417,28 @@ impl Supervisor {
         let output = Arc::new(OutputTail::default());
         let prefix = format!("{}.{slot_index}", config.name);
         for (pipe, stream) in [
-            (child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), Stream::Stdout),
-            (child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), Stream::Stderr),
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+                Stream::Stdout,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+                Stream::Stderr,
+            ),
         ] {
             if let Some(pipe) = pipe {
-                tokio::spawn(self.output.clone().pump(pipe, stream, prefix.clone(), Arc::clone(&output)));
+                tokio::spawn(self.output.clone().pump(
+                    pipe,
+                    stream,
+                    prefix.clone(),
+                    Arc::clone(&output),
+                ));
             }
         }
         let events = self.events.clone();
@@ -365,7 +450,13 @@ impl Supervisor {
         match port {
             Some(port) => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                tokio::spawn(probe_port(id, addr, config.listen_timeout, probe.clone(), self.events.clone()));
+                tokio::spawn(probe_port(
+                    id,
+                    addr,
+                    config.listen_timeout,
+                    probe.clone(),
+                    self.events.clone(),
+                ));
             }
             None => {
                 let _supervisor_gone = self.events.send(Event::Ready { id });
@@ -398,7 +489,10 @@ impl Supervisor {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _supervisor_gone = events.send(Event::RestartDue { app: app_index, slot: slot_index });
+            let _supervisor_gone = events.send(Event::RestartDue {
+                app: app_index,
+                slot: slot_index,
+            });
         });
     }
 
@@ -488,7 +582,10 @@ impl Supervisor {
     }
 
     fn workers(&self) -> impl Iterator<Item = &Worker> {
-        self.apps.iter().flat_map(|a| a.slots.iter()).filter_map(|s| s.worker.as_ref())
+        self.apps
+            .iter()
+            .flat_map(|a| a.slots.iter())
+            .filter_map(|s| s.worker.as_ref())
     }
 
     fn worker_count(&self) -> usize {
@@ -519,7 +616,13 @@ fn kill_group(pid: u32, signal: Signal) {
 }
 
 /// Reports `Ready` once `addr` accepts a connection, or `NeverReady` at the deadline.
-async fn probe_port(id: u64, addr: SocketAddr, timeout: Duration, cancel: CancellationToken, events: mpsc::UnboundedSender<Event>) {
+async fn probe_port(
+    id: u64,
+    addr: SocketAddr,
+    timeout: Duration,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {

@@ -118,7 +118,8 @@ pub fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> Stri
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("exited with code {code}"),
             (None, Some(signal)) => {
-                let name = nix::sys::signal::Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
                 format!("was killed by {name}")
             }
             (None, None) => "exited".into(),
@@ -136,7 +137,13 @@ mod tests {
     #[test]
     fn exits_while_stopping_are_not_restarted() {
         let mut failures = 3;
-        let decision = after_exit(true, &Backoff::default(), &mut failures, Duration::ZERO, false);
+        let decision = after_exit(
+            true,
+            &Backoff::default(),
+            &mut failures,
+            Duration::ZERO,
+            false,
+        );
         assert_eq!(decision, AfterExit::Forget);
         assert_eq!(failures, 3);
     }
@@ -146,20 +153,45 @@ mod tests {
         let backoff = Backoff::default();
         let mut failures = 0;
         let table = [
-            (Duration::from_millis(30), false, AfterExit::Restart(Duration::from_millis(100))),
-            (Duration::from_millis(30), false, AfterExit::Restart(Duration::from_millis(200))),
-            (Duration::from_secs(2), true, AfterExit::Restart(Duration::from_millis(400))),
-            (Duration::from_secs(3600), true, AfterExit::Restart(Duration::ZERO)),
+            (
+                Duration::from_millis(30),
+                false,
+                AfterExit::Restart(Duration::from_millis(100)),
+            ),
+            (
+                Duration::from_millis(30),
+                false,
+                AfterExit::Restart(Duration::from_millis(200)),
+            ),
+            (
+                Duration::from_secs(2),
+                true,
+                AfterExit::Restart(Duration::from_millis(400)),
+            ),
+            (
+                Duration::from_secs(3600),
+                true,
+                AfterExit::Restart(Duration::ZERO),
+            ),
         ];
         for (uptime, ready, want) in table {
-            assert_eq!(after_exit(false, &backoff, &mut failures, uptime, ready), want);
+            assert_eq!(
+                after_exit(false, &backoff, &mut failures, uptime, ready),
+                want
+            );
         }
     }
 
     #[test]
     fn exit_descriptions() {
-        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(1 << 8))), "exited with code 1");
-        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(9))), "was killed by SIGKILL");
+        assert_eq!(
+            describe_exit(&Ok(ExitStatus::from_raw(1 << 8))),
+            "exited with code 1"
+        );
+        assert_eq!(
+            describe_exit(&Ok(ExitStatus::from_raw(9))),
+            "was killed by SIGKILL"
+        );
         assert_eq!(WorkerState::Ready.label(), "online");
     }
 }

@@ -16,7 +16,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -38,7 +41,9 @@ impl Conn {
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
         stream.set_write_timeout(Some(READ_TIMEOUT))?;
-        Ok(Conn { reader: BufReader::new(stream) })
+        Ok(Conn {
+            reader: BufReader::new(stream),
+        })
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -46,7 +51,13 @@ impl Conn {
     }
 
     /// Sends a request with a Content-Length body (none when empty and not a POST).
-    pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<()> {
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<()> {
         let mut head = format!("{method} {path} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             head.push_str("Host: test.local\r\n");
@@ -63,7 +74,13 @@ impl Conn {
         stream.write_all(body)
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
         self.send(method, path, headers, body)?;
         self.read_response()
     }
@@ -75,7 +92,10 @@ impl Conn {
     fn line(&mut self) -> std::io::Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
     }
@@ -118,12 +138,19 @@ impl Conn {
 
     pub fn read_response(&mut self) -> std::io::Result<Response> {
         let (status, headers) = self.read_head()?;
-        let mut response = Response { status, headers, body: Vec::new() };
+        let mut response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
         if let Some(len) = response.header("content-length") {
             let len: usize = len.parse().map_err(std::io::Error::other)?;
             response.body = vec![0; len];
             self.reader.read_exact(&mut response.body)?;
-        } else if response.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        } else if response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
             while let Some(chunk) = self.read_chunk()? {
                 response.body.extend(chunk);
             }

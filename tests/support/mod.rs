@@ -31,7 +31,11 @@ pub type TestResult = Result<(), Box<dyn Error>>;
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Re-checks `check` until it returns `Some`, or fails after `deadline` naming `what`.
-pub fn poll_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, Box<dyn Error>> {
+pub fn poll_until<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T, Box<dyn Error>> {
     let start = Instant::now();
     loop {
         if let Some(value) = check() {
@@ -47,7 +51,11 @@ pub fn poll_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> 
 
 /// True when `node` is on PATH. Tests that need it fail loudly without it: CI installs it.
 pub fn require_node() {
-    let found = Command::new("node").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(found, "these tests need Node.js (`node`) on PATH");
 }
 
@@ -66,7 +74,11 @@ impl PortHold {
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-        let addr = socket.local_addr()?.as_socket().ok_or("not an inet address").map_err(std::io::Error::other)?;
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or("not an inet address")
+            .map_err(std::io::Error::other)?;
         Ok(PortHold { socket, addr })
     }
 
@@ -89,7 +101,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { instances: 2, app_keys: Vec::new(), env: Vec::new(), wait_online: None }
+        Options {
+            instances: 2,
+            app_keys: Vec::new(),
+            env: Vec::new(),
+            wait_online: None,
+        }
     }
 }
 
@@ -137,7 +154,9 @@ impl Options {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn corral_bin() -> &'static str {
@@ -172,7 +191,13 @@ impl Corral {
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config)?;
         std::fs::create_dir(dir.path().join("run"))?;
-        let corral = Corral { child: RefCell::new(None), dir, config: path, addr, seen_pids: RefCell::default() };
+        let corral = Corral {
+            child: RefCell::new(None),
+            dir,
+            config: path,
+            addr,
+            seen_pids: RefCell::default(),
+        };
         let child = corral
             .command(&["run"])
             .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
@@ -220,7 +245,10 @@ impl Corral {
     /// The workers of the first app, as JSON objects.
     pub fn workers(&self) -> Result<Vec<Value>, Box<dyn Error>> {
         let status = self.status().ok_or("corral status failed")?;
-        Ok(status["apps"][0]["workers"].as_array().cloned().unwrap_or_default())
+        Ok(status["apps"][0]["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Waits until `n` workers are online.
@@ -231,7 +259,10 @@ impl Corral {
             }
             let status = self.status()?;
             let workers = status["apps"][0]["workers"].as_array()?.clone();
-            let online: Vec<Value> = workers.into_iter().filter(|w| w["state"] == "online").collect();
+            let online: Vec<Value> = workers
+                .into_iter()
+                .filter(|w| w["state"] == "online")
+                .collect();
             (online.len() == n).then_some(online)
         })
         .map_err(|e| self.explain(e))
@@ -259,7 +290,10 @@ impl Corral {
 
     /// corral's exit status, once it has exited.
     pub fn exited(&self) -> Option<ExitStatus> {
-        self.child.borrow_mut().as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .borrow_mut()
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Every worker pid seen in any status so far.
@@ -269,8 +303,13 @@ impl Corral {
 
     /// corral's stdout and stderr so far.
     pub fn logs(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("--- corral stderr ---\n{}--- corral stdout ---\n{}", read("stderr.log"), read("stdout.log"))
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!(
+            "--- corral stderr ---\n{}--- corral stdout ---\n{}",
+            read("stderr.log"),
+            read("stdout.log")
+        )
     }
 
     /// Adds corral's output to an error.
@@ -314,7 +353,9 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
         Ok(stat) => {
             // The state letter follows the parenthesised command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
     }

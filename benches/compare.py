@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: corral vs nginx vs PM2 cluster mode vs one worker direct.
+
+Every target fronts the same Node hello-world worker (benches/hello.js). Targets are measured
+interleaved, round after round, on 127.0.0.1 only, and the report gives medians over the rounds
+and ratios against corral. Every load run is bounded (wrk -d), every process started is stopped.
+
+  python3 benches/compare.py                      # 3 rounds x 10 s, 64 connections, 2 workers
+  python3 benches/compare.py --rounds 5 --targets direct,corral,nginx
+
+Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
+benches/.tools). Build corral first: cargo build --release.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "benches" / "hello.js"
+CORRAL = ROOT / "target" / "release" / "corral"
+TOOLS = ROOT / "benches" / ".tools"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, check, deadline=30.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid):
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError):
+        return 0.0
+
+
+def rss_bytes(pid):
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError):
+        return 0
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    except OSError:
+        return []
+
+
+def start_worker(port):
+    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1")
+    return subprocess.Popen(["node", str(HELLO)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Target:
+    """A proxy (or none) in front of hello workers, listening on self.port."""
+
+    name = "?"
+
+    def proxy_pids(self):
+        return []
+
+    def stop(self):
+        pass
+
+
+class Direct(Target):
+    name = "direct (1 worker)"
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.proc = start_worker(self.port)
+        wait_for("the worker", lambda: answers(self.port))
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Corral(Target):
+    name = "corral"
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="corral-bench-")
+        config = Path(self.dir) / "proxy.toml"
+        config.write_text(
+            f'[[app]]\nname = "hello"\ncommand = ["node", "{HELLO}"]\nlisten = "127.0.0.1:{self.port}"\n'
+            f"instances = {workers}\n"
+        )
+        env = dict(os.environ, CORRAL_RUNTIME_DIR=self.dir, CORRAL_LOG="warn")
+        self.proc = subprocess.Popen([str(CORRAL), "run", "-c", str(config)], env=env, stdout=subprocess.DEVNULL)
+        self.env, self.config = env, config
+
+        def all_online():
+            out = subprocess.run([str(CORRAL), "status", "--json", "-c", str(config)], env=env, capture_output=True)
+            if out.returncode != 0:
+                return False
+            app = json.loads(out.stdout)["apps"][0]
+            return app["ready"] == workers
+
+        wait_for("corral's workers", all_online)
+        wait_for("corral", lambda: answers(self.port))
+
+    def proxy_pids(self):
+        return [self.proc.pid]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nginx(Target):
+    name = "nginx"
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="nginx-bench-")
+        ports = [free_port() for _ in range(workers)]
+        self.workers = [start_worker(p) for p in ports]
+        for p in ports:
+            wait_for("a worker", lambda p=p: answers(p))
+        servers = "".join(f"    server 127.0.0.1:{p};\n" for p in ports)
+        conf = Path(self.dir) / "nginx.conf"
+        conf.write_text(f"""daemon off;
+worker_processes auto;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream hello {{
+{servers}    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{self.port} reuseport;
+    location / {{
+      proxy_pass http://hello;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("nginx", lambda: answers(self.port))
+
+    def proxy_pids(self):
+        return [self.proc.pid] + children(self.proc.pid)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(30)
+        for w in self.workers:
+            w.terminate()
+            w.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Pm2(Target):
+    name = "pm2 cluster"
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.home = tempfile.mkdtemp(prefix="pm2-bench-")
+        self.env = dict(os.environ, PM2_HOME=self.home, PORT=str(self.port), HOST="127.0.0.1")
+        self.pm2 = str(pm2_binary())
+        subprocess.run([self.pm2, "start", str(HELLO), "-i", str(workers), "--name", "hello"], env=self.env, check=True, capture_output=True)
+        wait_for("pm2", lambda: answers(self.port))
+
+    def proxy_pids(self):
+        try:
+            return [int((Path(self.home) / "pm2.pid").read_text().strip())]
+        except (OSError, ValueError):
+            return []
+
+    def stop(self):
+        subprocess.run([self.pm2, "kill"], env=self.env, capture_output=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def pm2_binary():
+    return TOOLS / "node_modules" / ".bin" / "pm2"
+
+
+TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "pm2": Pm2}
+
+
+def run_wrk(port, duration, connections, sample_pids):
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.25):
+            peak[0] = max(peak[0], sum(rss_bytes(p) for p in sample_pids()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, timeout=duration + 60,
+    ).stdout
+    done.set()
+    sampler.join()
+
+    def latency(pct):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(m.group(1)) if m else 0
+    return {"rps": rps, "p50": latency(50), "p99": latency(99), "errors": errors, "requests": total, "peak_rss": peak[0]}
+
+
+def measure(cls, args):
+    target = cls(args.workers)
+    try:
+        time.sleep(0.5)
+        idle = sum(rss_bytes(p) for p in target.proxy_pids())
+        run_wrk(target.port, 2, args.connections, lambda: [])  # warm-up: JIT, pools
+        cpu_before = sum(cpu_seconds(p) for p in target.proxy_pids())
+        result = run_wrk(target.port, args.duration, args.connections, target.proxy_pids)
+        cpu = sum(cpu_seconds(p) for p in target.proxy_pids()) - cpu_before
+        result["idle_rss"] = idle
+        result["cpu_us_per_req"] = (cpu / result["requests"] * 1e6) if target.proxy_pids() and result["requests"] else float("nan")
+        return result
+    finally:
+        target.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--targets", default="direct,corral,nginx,pm2")
+    ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
+    args = ap.parse_args()
+
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed (apt-get install wrk)")
+    if not CORRAL.exists():
+        sys.exit("build corral first: cargo build --release")
+    if args.install and not pm2_binary().exists():
+        subprocess.run(["npm", "install", "--silent", "--prefix", str(TOOLS), "pm2@latest"], check=True)
+    names = []
+    for name in args.targets.split(","):
+        if name == "nginx" and not shutil.which("nginx"):
+            print("skipping nginx: not installed", file=sys.stderr)
+        elif name == "pm2" and not pm2_binary().exists():
+            print("skipping pm2: not installed (use --install)", file=sys.stderr)
+        else:
+            names.append(name)
+
+    results = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            result = measure(TARGETS[name], args)
+            results[name].append(result)
+            print(f"round {r + 1} {name:>7}: {result['rps']:9.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
+                  f"  errors {result['errors']}  cpu {result['cpu_us_per_req']:.1f} us/req  rss idle {result['idle_rss'] / 2**20:.1f} MB"
+                  f"  peak {result['peak_rss'] / 2**20:.1f} MB", file=sys.stderr, flush=True)
+
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    print(f"\n{args.rounds} rounds x {args.duration} s, wrk -c{args.connections}, {args.workers} Node hello workers, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
+    print("| target | req/s | p50 ms | p99 ms | errors | proxy CPU us/req | proxy RSS idle MB | proxy RSS peak MB | req/s vs corral |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = med("corral", "rps") if "corral" in results else None
+    for name in names:
+        ratio = f"{med(name, 'rps') / base:.2f}" if base else "-"
+        cls = TARGETS[name]
+        print(f"| {cls.name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
+              f"{int(med(name, 'errors'))} | {med(name, 'cpu_us_per_req'):.1f} | {med(name, 'idle_rss') / 2**20:.1f} | "
+              f"{med(name, 'peak_rss') / 2**20:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
