@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -85,8 +85,6 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// `127.0.0.1:PORT`, ready for request URIs.
     pub authority: Authority,
-    /// Scheme of request URIs (plain HTTP on loopback).
-    pub scheme: Scheme,
     /// Pooled HTTP/1.1 client to this worker.
     pub client: Client<HttpConnector, Incoming>,
     /// Counters shared with the supervisor.
@@ -110,7 +108,6 @@ impl Upstream {
             slot,
             addr,
             authority,
-            scheme: Scheme::HTTP,
             client,
             stats,
         }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -142,7 +143,8 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "TCP_NODELAY failed");
         }
-        let service = proxy.service(peer);
+        let proxy = Arc::clone(&proxy);
+        let service = service_fn(move |req| Arc::clone(&proxy).serve(req, peer));
         let stream = FramingGuard::new(stream, limits.max_header_size);
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);

@@ -172,7 +172,10 @@ fn a_worker_that_ignores_the_stop_signal_is_killed_after_kill_timeout() -> TestR
 fn a_worker_that_crashes_at_boot_is_reported_and_retried_with_backoff() -> TestResult {
     let corral = Corral::start(Options {
         wait_online: Some(0),
-        ..Options::default().instances(1).env("FIXTURE_BOOT", "crash")
+        ..Options::default()
+            .instances(1)
+            .key("listen_timeout = \"1s\"")
+            .env("FIXTURE_BOOT", "crash")
     })?;
     let worker = poll_until(DEADLINE, "a few restarts", || {
         let workers = corral.workers().ok()?;
@@ -223,5 +226,49 @@ fn a_worker_that_never_listens_is_reported_at_listen_timeout() -> TestResult {
     poll_until(DEADLINE, "a restart of the slot", || {
         (corral.workers().ok()?.first()?["restarts"].as_u64()? >= 1).then_some(())
     })?;
+    Ok(())
+}
+
+#[test]
+fn a_proxied_app_and_a_plain_process_run_side_by_side() -> TestResult {
+    support::require_node();
+    let hold = support::PortHold::new()?;
+    let config = format!(
+        "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\nlisten = \"{}\"\n\n[[app]]\nname = \"jobs\"\ncommand = [\"node\", {:?}]\ninstances = 2\n",
+        support::fixture("app.js").display(),
+        hold.addr,
+        support::fixture("plain.js").display()
+    );
+    let mut corral = Corral::spawn_with_config(&config, hold.addr)?;
+    let status = poll_until(DEADLINE, "both apps running", || {
+        let status = corral.status()?;
+        let ready = |i: usize| status["apps"][i]["ready"].as_u64();
+        (ready(0)? == 1 && ready(1)? == 2).then_some(status)
+    })
+    .map_err(|e| corral.explain(e))?;
+    hold.release();
+    assert_eq!(status["apps"][1]["name"], "jobs");
+    assert!(status["apps"][1]["listen"].is_null());
+    for worker in status["apps"][1]["workers"].as_array().ok_or("workers")? {
+        assert!(
+            worker["port"].is_null(),
+            "a plain process gets no port: {worker}"
+        );
+    }
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200);
+    poll_until(DEADLINE, "the plain workers' output", || {
+        let logs = corral.logs();
+        (logs.contains("jobs.0 | plain worker 0 running, PORT=unset")
+            && logs.contains("jobs.1 | plain worker 1 running"))
+        .then_some(())
+    })?;
+
+    let pids = corral.seen_pids();
+    assert_eq!(pids.len(), 3);
+    corral.signal(Signal::SIGTERM)?;
+    assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived corral");
+    }
     Ok(())
 }

@@ -44,9 +44,6 @@ pub enum ProxyError {
     /// The request target cannot be forwarded.
     #[error("the request target cannot be forwarded")]
     BadTarget,
-    /// Both Content-Length and Transfer-Encoding: ambiguous framing, refused (smuggling guard).
-    #[error("the request has both Content-Length and Transfer-Encoding")]
-    AmbiguousFraming,
 }
 
 impl ProxyError {
@@ -86,7 +83,7 @@ impl ProxyError {
             ProxyError::NoWorker => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadTarget | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::BadTarget => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -144,7 +141,7 @@ mod tests {
                 },
                 504,
             ),
-            (ProxyError::AmbiguousFraming, 400),
+            (ProxyError::BadTarget, 400),
         ];
         for (error, code) in cases {
             let text = error.to_string();

@@ -10,25 +10,11 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::error::ProxyError;
-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Refuses a request whose body framing is ambiguous. hyper already resolves the
-/// Content-Length + Transfer-Encoding case by dropping Content-Length and closing the connection
-/// after the response; this check keeps that guarantee here should a parser ever pass both.
-pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(ProxyError::AmbiguousFraming);
-    }
-    Ok(())
-}
 
 /// Rewrites a client's request headers for the worker.
 pub fn request_headers(headers: &mut HeaderMap, peer: IpAddr) {
@@ -162,12 +148,5 @@ mod tests {
         request_headers(&mut h, "::ffff:127.0.0.1".parse().expect("ip"));
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
-    }
-
-    #[test]
-    fn ambiguous_framing_is_refused() {
-        let h = map(&[("content-length", "4"), ("transfer-encoding", "chunked")]);
-        assert!(check_framing(&h).is_err());
-        assert!(check_framing(&map(&[("content-length", "4")])).is_ok());
     }
 }

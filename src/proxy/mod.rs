@@ -20,14 +20,13 @@ pub mod forward;
 pub mod framing;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Scheme;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::service::Service;
 use tracing::{debug, warn};
 
 use crate::balancer::Balancer;
@@ -57,12 +56,13 @@ impl Proxy {
         &self.balancer
     }
 
-    /// The hyper service for one client connection from `peer`.
-    pub fn service(self: &Arc<Self>, peer: SocketAddr) -> ProxyService {
-        ProxyService {
-            proxy: Arc::clone(self),
-            peer,
-        }
+    /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        Ok(self.handle(req, peer).await)
     }
 
     async fn handle(
@@ -89,13 +89,12 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut head, body) = req.into_parts();
-        forward::check_framing(&head.headers)?;
         let guard = self.balancer.pick().ok_or(ProxyError::NoWorker)?;
         let upstream = Arc::clone(guard.upstream());
 
         forward::request_headers(&mut head.headers, peer.ip());
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(upstream.scheme.clone());
+        uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(upstream.authority.clone());
         uri.path_and_query = head
             .uri
@@ -119,25 +118,5 @@ impl Proxy {
         let (mut head, body) = response.into_parts();
         forward::response_headers(&mut head.headers);
         Ok(Response::from_parts(head, ProxyBody::upstream(body, guard)))
-    }
-}
-
-/// [`Proxy`] as a hyper service bound to one client connection.
-#[derive(Debug, Clone)]
-pub struct ProxyService {
-    proxy: Arc<Proxy>,
-    peer: SocketAddr,
-}
-
-impl Service<Request<Incoming>> for ProxyService {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let proxy = Arc::clone(&self.proxy);
-        let peer = self.peer;
-        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
     }
 }
