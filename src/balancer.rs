@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// How long an idle pooled connection to a worker is kept. Below Node's default 5 s
 /// `keepAliveTimeout`, so we close idle connections before the worker does and never send a
@@ -53,6 +54,11 @@ impl WorkerStats {
     /// Requests routed so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Forgets an earlier drain (the worker was put back into rotation).
+    pub fn reset_draining(&self) {
+        self.draining.store(false, Ordering::SeqCst);
     }
 
     /// Waits until no request is in flight. Call after the worker left the pool.
@@ -89,6 +95,9 @@ pub struct Upstream {
     pub client: Client<HttpConnector, Incoming>,
     /// Counters shared with the supervisor.
     pub stats: Arc<WorkerStats>,
+    /// Cancelled at the drain deadline: responses still streaming from this worker (SSE) end
+    /// cleanly, so clients reconnect to a worker in rotation.
+    pub cut: CancellationToken,
 }
 
 impl Upstream {
@@ -110,6 +119,7 @@ impl Upstream {
             authority,
             client,
             stats,
+            cut: CancellationToken::new(),
         }
     }
 }

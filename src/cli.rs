@@ -54,7 +54,8 @@ enum Command {
     },
     /// Stop the running instance gracefully and wait until it has exited.
     Stop,
-    /// Rolling reload of the running instance (not available in this version yet).
+    /// Rolling reload of the running instance: re-read the config, replace every worker (or
+    /// only APP's) without dropping a request; roll back if the new workers do not come up.
     Reload {
         /// Only this app.
         app: Option<String>,
@@ -113,7 +114,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
-        Command::Reload { app } => control(&cli.config, Request::Reload { app }, print_reply),
+        Command::Reload { app } => control_with_deadline(&cli.config, Request::Reload { app }, Duration::from_secs(3600), print_reply),
     }
 }
 
@@ -158,6 +159,7 @@ fn config_error(e: &ConfigError) -> ExitCode {
 fn print_reply(reply: Reply) {
     match reply {
         Reply::Progress { message } => println!("{message}"),
+        Reply::Done { message } => println!("{message}"),
         Reply::Error { message } => eprintln!("corral: {message}"),
         Reply::Status(_) => {}
     }

@@ -26,7 +26,7 @@ use crate::listener::{self, ListenError};
 use crate::logs::OutputSink;
 use crate::proxy::Proxy;
 use crate::signals::{Intent, Signals};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Handle, Supervisor};
 
 /// Why `corral run` could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
 
     let reason = tokio::select! {
-        intent = wait_for_stop(&mut signals) => intent,
+        intent = wait_for_stop(&mut signals, &handle) => intent,
         _ = shutdown.cancelled() => "corral stop",
     };
     info!("{reason}: stopping gracefully");
@@ -111,7 +111,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let outcome = tokio::select! {
         _ = graceful => Ok(()),
-        signal = wait_for_stop(&mut signals) => {
+        signal = wait_for_stop(&mut signals, &handle) => {
             warn!("{signal} again: killing workers now");
             if handle.kill().await.is_err() {
                 error!("the supervisor is gone; cannot kill workers");
@@ -129,14 +129,25 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     outcome
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP is answered in the log.
-async fn wait_for_stop(signals: &mut Signals) -> &'static str {
+/// Waits for SIGTERM or SIGINT; SIGHUP starts a rolling reload in the background (its
+/// progress and outcome go to the log).
+async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static str {
     loop {
         match signals.next().await {
             Intent::Stop(name) => return name,
-            Intent::Reload => warn!(
-                "SIGHUP: rolling reload is not available in this version of corral yet; ignoring"
-            ),
+            Intent::Reload => {
+                info!("SIGHUP: rolling reload");
+                let supervisor = supervisor.clone();
+                tokio::spawn(async move {
+                    // Progress lines are logged by the supervisor itself.
+                    let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
+                    match supervisor.reload(None, progress).await {
+                        Ok(Ok(summary)) => info!("SIGHUP: {summary}"),
+                        Ok(Err(why)) => error!("SIGHUP: {why}"),
+                        Err(e) => error!("SIGHUP: {e}"),
+                    }
+                });
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! | signal            | meaning                                                   |
 //! |-------------------|-----------------------------------------------------------|
 //! | SIGTERM, SIGINT   | graceful stop; a second one while stopping kills at once  |
-//! | SIGHUP            | rolling reload (reported as not available in this version)|
+//! | SIGHUP            | rolling reload of every app (progress in the log)         |
 
 use tokio::signal::unix::{signal, Signal as Stream, SignalKind};
 

@@ -69,8 +69,14 @@ pub struct AppConfig {
     pub kill_timeout: Duration,
     /// Signal that asks a worker to stop. Default: SIGTERM.
     pub kill_signal: Signal,
-    /// On stop, how long in-flight requests may take to finish. Default: 30 s.
+    /// How long a worker leaving rotation (stop, reload) may take to finish its in-flight
+    /// requests; long-lived responses (SSE) are ended cleanly at this deadline. Default: 30 s.
     pub drain_timeout: Duration,
+    /// Readiness by HTTP: a new worker is ready when `GET <ready_path>` answers 2xx (instead of
+    /// when its port accepts TCP). Default: none (TCP).
+    pub ready_path: Option<String>,
+    /// Workers replaced at once during a rolling reload. Default: 1.
+    pub reload_batch: usize,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
 }

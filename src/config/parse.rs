@@ -39,7 +39,6 @@ const NOT_YET: &[&str] = &[
     "wait_ready",
     "health_check",
     "ready",
-    "reload_batch",
     "trusted_proxies",
     "tls",
 ];
@@ -56,6 +55,8 @@ pub(super) const APP_KEYS: &[&str] = &[
     "kill_timeout",
     "kill_signal",
     "drain_timeout",
+    "ready_path",
+    "reload_batch",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -157,6 +158,10 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let drain_timeout = t
         .optional("drain_timeout", r, read_duration)
         .unwrap_or(Duration::from_secs(30));
+    let ready_path = t.optional("ready_path", r, read_path);
+    let reload_batch = t
+        .optional("reload_batch", r, |v| read_count(v, 1, 1024))
+        .unwrap_or(1);
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -197,6 +202,8 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         kill_timeout,
         kill_signal,
         drain_timeout,
+        ready_path,
+        reload_batch,
         http,
     })
 }
@@ -435,6 +442,16 @@ fn read_name(v: &DeValue<'_>) -> Result<String, String> {
         Err(format!(
             "{name:?} is not a valid name (1-64 of letters, digits, '-', '_', '.')"
         ))
+    }
+}
+
+fn read_path(v: &DeValue<'_>) -> Result<String, String> {
+    let path = read_string(v)?;
+    let valid = path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        Ok(path)
+    } else {
+        Err(format!("{path:?} is not a request path such as \"/health\""))
     }
 }
 

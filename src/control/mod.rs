@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -32,7 +33,7 @@ pub enum Request {
     Status,
     /// Graceful stop of the whole instance.
     Stop,
-    /// Rolling reload (not available in this version).
+    /// Rolling reload, re-reading the config file.
     Reload {
         /// Only this app.
         app: Option<String>,
@@ -48,6 +49,11 @@ pub enum Reply {
     /// Progress of a long command.
     Progress {
         /// What happened.
+        message: String,
+    },
+    /// The request succeeded; the summary.
+    Done {
+        /// What was done.
         message: String,
     },
     /// The request failed.
@@ -199,43 +205,63 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
         debug!(error = %e, "control request unreadable");
         return;
     }
-    let replies = match serde_json::from_str::<Request>(&line) {
-        Err(e) => vec![Reply::Error {
-            message: format!("bad control request: {e}"),
-        }],
-        Ok(Request::Status) => match supervisor.status().await {
-            Ok(status) => vec![Reply::Status(status)],
-            Err(e) => vec![Reply::Error {
-                message: e.to_string(),
-            }],
-        },
-        Ok(Request::Stop) => {
-            info!("stop requested over the control socket");
-            shutdown.cancel();
-            vec![Reply::Progress {
-                message: "stopping: draining connections, then stopping workers".into(),
-            }]
-        }
-        Ok(Request::Reload { .. }) => vec![Reply::Error {
-            message: "rolling reload is not available in this version of corral yet".into(),
-        }],
-    };
-    for reply in replies {
-        let mut text = match serde_json::to_string(&reply) {
-            Ok(text) => text,
-            Err(e) => {
-                warn!(error = %e, "cannot encode control reply");
-                return;
-            }
-        };
-        text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() {
+    let request = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => request,
+        Err(e) => {
+            send(&mut write, &Reply::Error { message: format!("bad control request: {e}") }).await;
             return;
         }
+    };
+    match request {
+        Request::Status => {
+            let reply = match supervisor.status().await {
+                Ok(status) => Reply::Status(status),
+                Err(e) => Reply::Error { message: e.to_string() },
+            };
+            send(&mut write, &reply).await;
+        }
+        Request::Stop => {
+            info!("stop requested over the control socket");
+            shutdown.cancel();
+            send(&mut write, &Reply::Progress { message: "stopping: draining connections, then stopping workers".into() }).await;
+            // The connection stays open until the process exits: the client's EOF tells it
+            // that the stop is complete.
+            std::future::pending::<()>().await;
+        }
+        Request::Reload { app } => {
+            info!(app = app.as_deref().unwrap_or("(all)"), "reload requested over the control socket");
+            let (progress, mut lines) = mpsc::unbounded_channel();
+            let outcome = supervisor.reload(app, progress);
+            tokio::pin!(outcome);
+            let reply = loop {
+                tokio::select! {
+                    Some(message) = lines.recv() => send(&mut write, &Reply::Progress { message }).await,
+                    result = &mut outcome => break match result {
+                        Ok(Ok(message)) => Reply::Done { message },
+                        Ok(Err(message)) => Reply::Error { message },
+                        Err(e) => Reply::Error { message: e.to_string() },
+                    },
+                }
+            };
+            while let Ok(message) = lines.try_recv() {
+                send(&mut write, &Reply::Progress { message }).await;
+            }
+            send(&mut write, &reply).await;
+        }
     }
-    // For `stop`, the connection stays open until the process exits: the client's EOF is the
-    // signal that the stop is complete. Other requests are done; the connection closes here.
-    if shutdown.is_cancelled() {
-        std::future::pending::<()>().await;
+}
+
+/// Writes one reply line; a client that went away is not an error worth more than a debug line.
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) {
+    let mut text = match serde_json::to_string(reply) {
+        Ok(text) => text,
+        Err(e) => {
+            warn!(error = %e, "cannot encode control reply");
+            return;
+        }
+    };
+    text.push('\n');
+    if let Err(e) = write.write_all(text.as_bytes()).await {
+        debug!(error = %e, "control client went away");
     }
 }

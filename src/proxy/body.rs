@@ -1,11 +1,14 @@
 //! The response body corral sends: a worker's body streamed through, or a short message of its own.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::balancer::InFlight;
 
@@ -19,6 +22,9 @@ pub enum ProxyBody {
         body: Incoming,
         /// Counts this response against its worker.
         guard: InFlight,
+        /// Resolves when the worker's drain deadline passes; set up the first time the body
+        /// has to wait for data, so quick responses never pay for it.
+        cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     },
     /// A complete body (error pages); `None` once sent.
     Message(Option<Bytes>),
@@ -27,7 +33,7 @@ pub enum ProxyBody {
 impl ProxyBody {
     /// Streams `body` while holding `guard`.
     pub fn upstream(body: Incoming, guard: InFlight) -> ProxyBody {
-        ProxyBody::Upstream { body, guard }
+        ProxyBody::Upstream { body, guard, cut: None }
     }
 
     /// A body of corral's own.
@@ -45,7 +51,19 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream { body, guard, cut } => {
+                if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
+                    return Poll::Ready(frame);
+                }
+                let cut = cut.get_or_insert_with(|| Box::pin(guard.upstream().cut.clone().cancelled_owned()));
+                match cut.as_mut().poll(cx) {
+                    // The worker is being retired and its drain time is up: end the body here.
+                    // A chunked stream (SSE) ends cleanly; a body with a Content-Length is cut
+                    // short, which the client sees as an error, as it should.
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
             ProxyBody::Message(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
         }
     }

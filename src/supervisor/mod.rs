@@ -2,28 +2,34 @@
 //!
 //! # Theory of operation
 //!
-//! [`Supervisor::run`] is an actor. It alone owns the worker table (apps → slots → workers) and
-//! mutates it in response to two inputs: [`Command`]s from [`Handle`]s (the control socket, the
-//! signal handler, the front process's stop sequence) and [`Event`]s from the small tasks it
-//! spawns per worker (one waits for the process to exit, one probes its port, one sleeps until
-//! a kill or restart deadline). Nothing else touches the table, so there is no lock around it.
+//! [`Supervisor::run`] is an actor. It alone owns the worker table (per app: its workers and
+//! per-slot counters) and mutates it in response to two inputs: [`Command`]s from [`Handle`]s
+//! (the control socket, the signal handler, the front process's stop sequence) and `Event`s
+//! from the small tasks it spawns per worker (one waits for the process to exit, one probes its
+//! readiness, one sleeps until a deadline). Nothing else touches the table, so there is no lock
+//! around it.
 //!
 //! After every change that affects routing, the supervisor builds a fresh immutable pool of the
 //! app's ready workers and publishes it to the app's [`Balancer`]; the proxy reads only that.
 //!
-//! A worker is *ready* when its port accepts a TCP connection (apps without `listen` are ready
-//! once spawned). One that exits, or is not ready within `listen_timeout`, is reported with its
-//! exit status and last output lines and its slot is restarted after a backoff ([`backoff`]).
-//! A stop sends `kill_signal` to the worker's process group, then SIGKILL after `kill_timeout`;
-//! the exit is always reaped.
+//! A worker is *ready* when its port accepts a TCP connection, or, with `ready_path`, when that
+//! path answers 2xx (apps without `listen` are ready once spawned). One that exits, or is not
+//! ready within `listen_timeout`, is reported with its exit status and last output lines and its
+//! slot is restarted after a backoff ([`backoff`]). Stopping sends `kill_signal` to the
+//! worker's process group, then SIGKILL after `kill_timeout`; the exit is always reaped.
+//!
+//! Rolling reloads ([`reload`]) run inside the same actor as a state machine driven by the
+//! same events, so a reload, a crash and a status request never race each other.
 
 mod backoff;
+mod reload;
 mod spawn;
 pub mod status;
 mod worker;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +43,8 @@ use crate::balancer::{Balancer, Pool, Upstream, WorkerStats};
 use crate::config::{AppConfig, Config};
 use crate::logs::{OutputSink, OutputTail, Stream};
 use backoff::Backoff;
-use status::{AppStatus, Status, WorkerStatus};
+use reload::ReloadRun;
+use status::{AppStatus, ReloadOutcome, Status, WorkerStatus};
 use worker::{after_exit, describe_exit, AfterExit, StopReason, Worker, WorkerState};
 
 /// The supervisor task has ended; nothing more can be asked of it.
@@ -67,15 +74,16 @@ impl Handle {
         self.ask(Command::Kill).await
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, SupervisorGone> {
+    /// Re-reads the config file and replaces the workers of `app` (or of every app), slot by
+    /// slot. Progress lines go to `progress`; the answer is the summary, or why nothing (or
+    /// not everything) changed.
+    pub async fn reload(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::Reload { app, progress, reply }).await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| SupervisorGone)?;
+        self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
         answer.await.map_err(|_| SupervisorGone)
     }
 }
@@ -89,41 +97,40 @@ pub enum Command {
     Shutdown(oneshot::Sender<()>),
     /// SIGKILL all workers; reply at once.
     Kill(oneshot::Sender<()>),
+    /// Rolling reload; reply when it succeeded or was rolled back.
+    Reload {
+        /// Only this app.
+        app: Option<String>,
+        /// Progress lines.
+        progress: mpsc::UnboundedSender<String>,
+        /// The outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What the per-worker tasks report.
 #[derive(Debug)]
 enum Event {
-    Ready {
-        id: u64,
-    },
-    NeverReady {
-        id: u64,
-    },
-    Exited {
-        id: u64,
-        status: std::io::Result<std::process::ExitStatus>,
-    },
-    KillDeadline {
-        id: u64,
-    },
-    RestartDue {
-        app: usize,
-        slot: usize,
-    },
+    Ready { id: u64 },
+    NeverReady { id: u64 },
+    Exited { id: u64, status: std::io::Result<std::process::ExitStatus> },
+    KillDeadline { id: u64 },
+    Drained { id: u64 },
+    RestartDue { app: usize, slot: usize },
 }
 
 struct App {
-    config: AppConfig,
+    config: Arc<AppConfig>,
     instances: usize,
+    generation: u64,
     balancer: Option<Arc<Balancer>>,
     slots: Vec<Slot>,
+    workers: Vec<Worker>,
     announced: bool,
 }
 
 #[derive(Default)]
 struct Slot {
-    worker: Option<Worker>,
     restarts: u32,
     failures: u32,
     last_exit: Option<String>,
@@ -131,7 +138,7 @@ struct Slot {
 
 /// The actor. Build it with [`Supervisor::new`], run it with [`Supervisor::run`].
 pub struct Supervisor {
-    config_path: String,
+    config_path: PathBuf,
     apps: Vec<App>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::UnboundedSender<Event>,
@@ -142,15 +149,14 @@ pub struct Supervisor {
     started: Instant,
     /// Set once a shutdown began; holds whoever waits for its end.
     stopping: Option<Vec<oneshot::Sender<()>>>,
+    /// The rolling reload in progress, if any.
+    reload: Option<ReloadRun>,
+    last_reload: Option<ReloadOutcome>,
 }
 
 impl Supervisor {
     /// A supervisor for `config`. `balancers` has one entry per app, `Some` for proxied apps.
-    pub fn new(
-        config: &Config,
-        balancers: Vec<Option<Arc<Balancer>>>,
-        output: OutputSink,
-    ) -> (Supervisor, Handle) {
+    pub fn new(config: &Config, balancers: Vec<Option<Arc<Balancer>>>, output: OutputSink) -> (Supervisor, Handle) {
         let cpus = crate::config::usable_cpus();
         let apps = config
             .apps
@@ -159,10 +165,12 @@ impl Supervisor {
             .map(|(app, balancer)| {
                 let instances = app.instances.resolve(cpus);
                 App {
-                    config: app.clone(),
+                    config: Arc::new(app.clone()),
                     instances,
+                    generation: 1,
                     balancer,
                     slots: (0..instances).map(|_| Slot::default()).collect(),
+                    workers: Vec::new(),
                     announced: false,
                 }
             })
@@ -170,7 +178,7 @@ impl Supervisor {
         let (tx, commands) = mpsc::channel(64);
         let (events, event_rx) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
-            config_path: config.path.display().to_string(),
+            config_path: config.path.clone(),
             apps,
             commands,
             events,
@@ -180,6 +188,8 @@ impl Supervisor {
             next_id: 1,
             started: Instant::now(),
             stopping: None,
+            reload: None,
+            last_reload: None,
         };
         (supervisor, Handle { tx })
     }
@@ -187,10 +197,10 @@ impl Supervisor {
     /// Starts every worker, then serves commands and events until a shutdown completes.
     pub async fn run(mut self) {
         for app in 0..self.apps.len() {
-            let config = &self.apps[app].config;
+            let config = Arc::clone(&self.apps[app].config);
             info!(app = %config.name, instances = self.apps[app].instances, command = ?config.command, "starting workers");
             for slot in 0..self.apps[app].instances {
-                self.start(app, slot);
+                self.start(app, slot, Arc::clone(&config), 1);
             }
         }
         loop {
@@ -202,7 +212,7 @@ impl Supervisor {
                 },
                 Some(event) = self.event_rx.recv() => self.on_event(event),
             }
-            if self.stopping.is_some() && self.worker_count() == 0 {
+            if self.stopping.is_some() && self.apps.iter().all(|a| a.workers.is_empty()) {
                 break;
             }
         }
@@ -219,137 +229,136 @@ impl Supervisor {
             }
             Command::Shutdown(reply) => self.begin_shutdown(Some(reply)),
             Command::Kill(reply) => {
-                for worker in self.workers() {
+                for worker in self.apps.iter().flat_map(|a| a.workers.iter()) {
                     warn!(pid = worker.pid, "killing worker now");
                     kill_group(worker.pid, Signal::SIGKILL);
                 }
                 let _receiver_gone = reply.send(());
             }
+            Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
         }
     }
 
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Ready { id } => self.on_ready(id),
-            Event::NeverReady { id } => {
-                let Some((app, slot)) = self.find(id) else {
-                    return;
-                };
-                let config = &self.apps[app].config;
-                let Some(worker) = self.apps[app].slots[slot].worker.as_ref() else {
-                    return;
-                };
-                if worker.state != WorkerState::Starting {
-                    return;
-                }
-                let timeout = config.listen_timeout;
-                error!(
-                    app = %config.name, slot, pid = worker.pid, port = ?worker.port,
-                    "worker did not accept connections on its port within listen_timeout ({timeout:?}); stopping it. Last output:{}",
-                    worker.last_output()
-                );
-                self.stop(app, slot, StopReason::NeverReady);
-            }
+            Event::NeverReady { id } => self.on_never_ready(id),
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::KillDeadline { id } => {
-                let Some((app, slot)) = self.find(id) else {
-                    return;
-                };
-                let timeout = self.apps[app].config.kill_timeout;
-                let worker = self.worker_mut(app, slot);
-                warn!(
-                    pid = worker.pid,
-                    "worker did not exit within kill_timeout ({timeout:?}); sending SIGKILL"
-                );
+                let Some((app, index)) = self.find(id) else { return };
+                let worker = &self.apps[app].workers[index];
+                warn!(pid = worker.pid, "worker did not exit within kill_timeout ({:?}); sending SIGKILL", worker.spec.kill_timeout);
                 kill_group(worker.pid, Signal::SIGKILL);
             }
+            Event::Drained { id } => self.on_drained(id),
             Event::RestartDue { app, slot } => {
-                if self.stopping.is_none() && self.apps[app].slots[slot].worker.is_none() {
-                    self.start(app, slot);
+                let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live());
+                if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
+                    let config = Arc::clone(&self.apps[app].config);
+                    let generation = self.apps[app].generation;
+                    self.start(app, slot, config, generation);
                 }
             }
         }
     }
 
     fn on_ready(&mut self, id: u64) {
-        let Some((app, slot)) = self.find(id) else {
-            return;
-        };
-        let worker = self.worker_mut(app, slot);
-        if worker.state != WorkerState::Starting {
+        let Some((app, index)) = self.find(id) else { return };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Starting || worker.was_ready {
             return;
         }
-        worker.state = WorkerState::Ready;
         worker.was_ready = true;
-        let (pid, port, boot) = (worker.pid, worker.port, worker.started.elapsed());
+        let (pid, port, slot, boot) = (worker.pid, worker.port, worker.slot, worker.started.elapsed());
         if let Some(port) = port {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            worker.upstream = Some(Arc::new(Upstream::new(
-                id,
-                slot,
-                addr,
-                Arc::clone(&worker.stats),
-            )));
+            worker.upstream = Some(Arc::new(Upstream::new(id, slot, addr, Arc::clone(&worker.stats))));
         }
-        info!(app = %self.apps[app].config.name, slot, pid, ?port, boot_ms = boot.as_millis() as u64, "worker ready");
+        if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
+            // A reload's new worker waits out of rotation until its batch is ready.
+            self.reload_candidate_ready(id, boot);
+            return;
+        }
+        self.apps[app].workers[index].state = WorkerState::Ready;
+        let name = &self.apps[app].config.name;
+        info!(app = %name, slot, pid, port = port.unwrap_or(0), boot_ms = boot.as_millis() as u64, "worker ready");
         self.publish(app);
+        self.announce(app);
+    }
+
+    fn announce(&mut self, app: usize) {
         let app = &mut self.apps[app];
-        let ready = app
-            .slots
-            .iter()
-            .filter(|s| {
-                s.worker
-                    .as_ref()
-                    .is_some_and(|w| w.state == WorkerState::Ready)
-            })
-            .count();
+        let ready = app.workers.iter().filter(|w| w.state == WorkerState::Ready).count();
         if !app.announced && ready == app.instances {
             app.announced = true;
             match app.config.listen {
-                Some(listen) => {
-                    info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}")
-                }
+                Some(listen) => info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}"),
                 None => info!(app = %app.config.name, "all {ready} workers running"),
             }
         }
     }
 
+    fn on_never_ready(&mut self, id: u64) {
+        let Some((app, index)) = self.find(id) else { return };
+        let worker = &self.apps[app].workers[index];
+        if worker.state != WorkerState::Starting {
+            return;
+        }
+        let what = match &worker.spec.ready_path {
+            Some(path) => format!("did not answer 2xx on {path}"),
+            None => "did not accept connections on its port".to_owned(),
+        };
+        let message = format!(
+            "worker pid {} (slot {}) {what} within listen_timeout ({:?}). Last output:{}",
+            worker.pid,
+            worker.slot,
+            worker.spec.listen_timeout,
+            worker.last_output()
+        );
+        error!(app = %self.apps[app].config.name, "{message}");
+        if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
+            self.reload_failed(message);
+        } else {
+            self.stop(app, index, StopReason::NeverReady);
+        }
+    }
+
     fn on_exit(&mut self, id: u64, status: std::io::Result<std::process::ExitStatus>) {
-        let Some((app_index, slot_index)) = self.find(id) else {
-            return;
-        };
-        let shutting_down = self.stopping.is_some();
+        let Some((app_index, index)) = self.find(id) else { return };
         let app = &mut self.apps[app_index];
-        let slot = &mut app.slots[slot_index];
-        let Some(worker) = slot.worker.take() else {
-            return;
-        };
+        let worker = app.workers.swap_remove(index);
         worker.probe.cancel();
+        if let Some(drain) = &worker.drain {
+            drain.cancel();
+        }
         // Whatever the worker forked dies with it: nothing is left behind in its group.
         kill_group(worker.pid, Signal::SIGKILL);
         let how = describe_exit(&status);
         let name = app.config.name.clone();
-        if worker.upstream.is_some() {
+        let slot_index = worker.slot;
+        if worker.state == WorkerState::Ready {
             self.publish(app_index);
         }
-        let app = &mut self.apps[app_index];
-        let slot = &mut app.slots[slot_index];
-        let uptime = worker.started.elapsed();
-        if worker.state == WorkerState::Stopping(StopReason::Shutdown) {
-            info!(app = %name, slot = slot_index, pid = worker.pid, "worker stopped ({how})");
+        match worker.state {
+            WorkerState::Stopping(StopReason::Shutdown | StopReason::Replaced | StopReason::RolledBack) | WorkerState::Draining => {
+                info!(app = %name, slot = slot_index, pid = worker.pid, generation = worker.generation, "worker stopped ({how})");
+                self.reload_worker_gone(id);
+                return;
+            }
+            _ => {}
+        }
+        if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
+            let message = format!("new worker pid {} (slot {slot_index}) {how} before it was ready. Last output:{}", worker.pid, worker.last_output());
+            error!(app = %name, "{message}");
+            self.reload_failed(message);
             return;
         }
+        let shutting_down = self.stopping.is_some();
+        let Some(slot) = self.apps[app_index].slots.get_mut(slot_index) else { return };
         slot.last_exit = Some(how.clone());
-        match after_exit(
-            shutting_down,
-            &self.backoff,
-            &mut slot.failures,
-            uptime,
-            worker.was_ready,
-        ) {
-            AfterExit::Forget => {
-                info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}")
-            }
+        let uptime = worker.started.elapsed();
+        match after_exit(shutting_down, &self.backoff, &mut slot.failures, uptime, worker.was_ready) {
+            AfterExit::Forget => info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}"),
             AfterExit::Restart(delay) => {
                 slot.restarts += 1;
                 let hint = if !worker.was_ready && how == "exited with code 0" {
@@ -363,15 +372,23 @@ impl Supervisor {
                 } else {
                     error!(app = %name, slot = slot_index, pid = worker.pid, "worker {how} before it was ready{hint}; restarting in {delay:?}. Last output:{last}");
                 }
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _supervisor_gone = events.send(Event::RestartDue {
-                        app: app_index,
-                        slot: slot_index,
-                    });
-                });
+                self.after(delay, Event::RestartDue { app: app_index, slot: slot_index });
             }
+        }
+    }
+
+    fn on_drained(&mut self, id: u64) {
+        let Some((app, index)) = self.find(id) else { return };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Draining {
+            return;
+        }
+        worker.drained = true;
+        debug!(pid = worker.pid, "worker drained");
+        // The old workers of a reload still in progress stay until it commits (they are the
+        // rollback); any other drained worker stops now.
+        if !self.reload.as_ref().is_some_and(|r| r.holds(id)) {
+            self.stop(app, index, StopReason::Replaced);
         }
     }
 
@@ -381,65 +398,33 @@ impl Supervisor {
         if !first {
             return;
         }
-        info!(workers = self.worker_count(), "stopping all workers");
+        self.reload_aborted("corral is stopping");
+        let count: usize = self.apps.iter().map(|a| a.workers.len()).sum();
+        info!(workers = count, "stopping all workers");
         for app in 0..self.apps.len() {
-            for slot in 0..self.apps[app].slots.len() {
-                if self.apps[app].slots[slot].worker.is_some() {
-                    self.stop(app, slot, StopReason::Shutdown);
-                }
+            for index in 0..self.apps[app].workers.len() {
+                self.stop(app, index, StopReason::Shutdown);
             }
         }
     }
 
-    /// Spawns a worker into an empty slot, with its exit watcher, output pumps and probe.
-    fn start(&mut self, app_index: usize, slot_index: usize) {
-        let taken: HashSet<u16> = self.workers().filter_map(|w| w.port).collect();
-        let app = &self.apps[app_index];
-        let config = &app.config;
-        let port = match app
-            .balancer
-            .is_some()
-            .then(|| spawn::free_port(&taken))
-            .transpose()
-        {
-            Ok(port) => port,
-            Err(e) => return self.start_failed(app_index, slot_index, e.to_string()),
-        };
-        let mut child = match spawn::spawn(config, slot_index, port) {
-            Ok(child) => child,
-            Err(e) => return self.start_failed(app_index, slot_index, e.to_string()),
-        };
-        let Some(pid) = child.id() else {
-            return self.start_failed(app_index, slot_index, "the process exited at once".into());
-        };
+    /// Spawns a worker for `slot` from `spec`, with its exit watcher, output pumps and probe.
+    /// Returns its id, or the reason it could not be started.
+    fn spawn_worker(&mut self, app_index: usize, slot: usize, spec: Arc<AppConfig>, generation: u64) -> Result<u64, String> {
+        let taken: HashSet<u16> = self.apps.iter().flat_map(|a| a.workers.iter()).filter_map(|w| w.port).collect();
+        let proxied = self.apps[app_index].balancer.is_some();
+        let port = proxied.then(|| spawn::free_port(&taken)).transpose().map_err(|e| e.to_string())?;
+        let mut child = spawn::spawn(&spec, slot, port).map_err(|e| e.to_string())?;
+        let pid = child.id().ok_or("the process exited at once")?;
         let id = self.next_id;
         self.next_id += 1;
         let output = Arc::new(OutputTail::default());
-        let prefix = format!("{}.{slot_index}", config.name);
-        for (pipe, stream) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                Stream::Stdout,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-                Stream::Stderr,
-            ),
-        ] {
-            if let Some(pipe) = pipe {
-                tokio::spawn(self.output.clone().pump(
-                    pipe,
-                    stream,
-                    prefix.clone(),
-                    Arc::clone(&output),
-                ));
-            }
+        let prefix = format!("{}.{slot}", spec.name);
+        if let Some(pipe) = child.stdout.take() {
+            tokio::spawn(self.output.clone().pump(pipe, Stream::Stdout, prefix.clone(), Arc::clone(&output)));
+        }
+        if let Some(pipe) = child.stderr.take() {
+            tokio::spawn(self.output.clone().pump(pipe, Stream::Stderr, prefix, Arc::clone(&output)));
         }
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -450,21 +435,19 @@ impl Supervisor {
         match port {
             Some(port) => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                tokio::spawn(probe_port(
-                    id,
-                    addr,
-                    config.listen_timeout,
-                    probe.clone(),
-                    self.events.clone(),
-                ));
+                let check = Readiness { addr, path: spec.ready_path.clone(), timeout: spec.listen_timeout };
+                tokio::spawn(check.run(id, probe.clone(), self.events.clone()));
             }
             None => {
                 let _supervisor_gone = self.events.send(Event::Ready { id });
             }
         }
-        debug!(app = %config.name, slot = slot_index, pid, ?port, "worker spawned");
-        self.apps[app_index].slots[slot_index].worker = Some(Worker {
+        debug!(app = %spec.name, slot, pid, port = port.unwrap_or(0), generation, "worker spawned");
+        self.apps[app_index].workers.push(Worker {
             id,
+            slot,
+            generation,
+            spec,
             pid,
             port,
             state: WorkerState::Starting,
@@ -474,51 +457,88 @@ impl Supervisor {
             output,
             probe,
             upstream: None,
+            drain: None,
+            drained: false,
         });
+        Ok(id)
     }
 
-    /// A worker could not even be spawned: report, and retry with the same backoff as a crash.
-    fn start_failed(&mut self, app_index: usize, slot_index: usize, reason: String) {
-        let app = &mut self.apps[app_index];
-        let slot = &mut app.slots[slot_index];
-        slot.failures = slot.failures.saturating_add(1);
-        slot.restarts += 1;
-        let delay = self.backoff.delay(slot.failures);
-        error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
-        slot.last_exit = Some(reason);
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _supervisor_gone = events.send(Event::RestartDue {
-                app: app_index,
-                slot: slot_index,
-            });
-        });
+    /// Starts a worker into a slot outside any reload; a failure to spawn is retried with the
+    /// same backoff as a crash.
+    fn start(&mut self, app_index: usize, slot_index: usize, spec: Arc<AppConfig>, generation: u64) {
+        if let Err(reason) = self.spawn_worker(app_index, slot_index, spec, generation) {
+            let app = &mut self.apps[app_index];
+            let slot = &mut app.slots[slot_index];
+            slot.failures = slot.failures.saturating_add(1);
+            slot.restarts += 1;
+            let delay = self.backoff.delay(slot.failures);
+            error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
+            slot.last_exit = Some(reason);
+            self.after(delay, Event::RestartDue { app: app_index, slot: slot_index });
+        }
     }
 
     /// Takes a worker out of rotation and asks it to stop; SIGKILL follows at `kill_timeout`.
-    fn stop(&mut self, app_index: usize, slot_index: usize, reason: StopReason) {
-        let config = &self.apps[app_index].config;
-        let (signal, timeout) = (config.kill_signal, config.kill_timeout);
-        let worker = self.worker_mut(app_index, slot_index);
-        if matches!(worker.state, WorkerState::Stopping(_)) {
+    fn stop(&mut self, app_index: usize, index: usize, reason: StopReason) {
+        let worker = &mut self.apps[app_index].workers[index];
+        if let WorkerState::Stopping(_) = worker.state {
             worker.state = WorkerState::Stopping(reason);
             return;
         }
+        let was_ready = worker.state == WorkerState::Ready;
         worker.state = WorkerState::Stopping(reason);
         worker.probe.cancel();
-        let had_upstream = worker.upstream.take().is_some();
-        let (id, pid) = (worker.id, worker.pid);
-        debug!(pid, %signal, "stopping worker");
+        if let Some(drain) = worker.drain.take() {
+            drain.cancel();
+        }
+        worker.upstream = None;
+        let (id, pid, signal, timeout) = (worker.id, worker.pid, worker.spec.kill_signal, worker.spec.kill_timeout);
+        debug!(pid, %signal, ?reason, "stopping worker");
         kill_group(pid, signal);
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let _supervisor_gone = events.send(Event::KillDeadline { id });
-        });
-        if had_upstream {
+        self.after(timeout, Event::KillDeadline { id });
+        if was_ready {
             self.publish(app_index);
         }
+    }
+
+    /// Takes a ready worker out of rotation (the caller publishes) and starts its drain: when
+    /// its in-flight requests are done, or at `drain_timeout` (which also ends its open
+    /// streams), `Drained` follows.
+    fn begin_drain(&mut self, app_index: usize, index: usize) {
+        let worker = &mut self.apps[app_index].workers[index];
+        if !worker.is_live() {
+            return;
+        }
+        worker.state = WorkerState::Draining;
+        worker.probe.cancel();
+        let upstream = worker.upstream.take();
+        let token = CancellationToken::new();
+        worker.drain = Some(token.clone());
+        let (id, stats, timeout) = (worker.id, Arc::clone(&worker.stats), worker.spec.drain_timeout);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                idle = tokio::time::timeout(timeout, stats.wait_idle()) => {
+                    if idle.is_err() {
+                        if let Some(upstream) = upstream {
+                            warn!(worker = id, in_flight = stats.in_flight(), "drain_timeout passed; ending the worker's open responses");
+                            upstream.cut.cancel();
+                        }
+                    }
+                }
+            }
+            let _supervisor_gone = events.send(Event::Drained { id });
+        });
+    }
+
+    /// Sends `event` to the actor after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _supervisor_gone = events.send(event);
+        });
     }
 
     /// Publishes the app's ready workers as its new pool.
@@ -526,9 +546,8 @@ impl Supervisor {
         let app = &self.apps[app_index];
         if let Some(balancer) = &app.balancer {
             let members = app
-                .slots
+                .workers
                 .iter()
-                .filter_map(|s| s.worker.as_ref())
                 .filter(|w| w.state == WorkerState::Ready)
                 .filter_map(|w| w.upstream.clone())
                 .collect();
@@ -541,28 +560,48 @@ impl Supervisor {
             .apps
             .iter()
             .map(|app| {
-                let workers: Vec<WorkerStatus> = app
-                    .slots
+                let mut workers: Vec<WorkerStatus> = app
+                    .workers
                     .iter()
-                    .enumerate()
-                    .map(|(slot_index, slot)| {
-                        let w = slot.worker.as_ref();
+                    .map(|w| {
+                        let slot = app.slots.get(w.slot);
                         WorkerStatus {
                             app: app.config.name.clone(),
-                            slot: slot_index,
-                            id: w.map(|w| w.id),
-                            pid: w.map(|w| w.pid),
-                            port: w.and_then(|w| w.port),
-                            state: w.map_or("waiting", |w| w.state.label()).to_owned(),
-                            uptime_ms: w.map_or(0, |w| w.started.elapsed().as_millis() as u64),
-                            restarts: slot.restarts,
-                            requests: w.map_or(0, |w| w.stats.requests()),
-                            in_flight: w.map_or(0, |w| w.stats.in_flight()),
-                            memory_bytes: w.and_then(|w| status::rss_bytes(w.pid)),
-                            last_exit: slot.last_exit.clone(),
+                            slot: w.slot,
+                            id: Some(w.id),
+                            generation: Some(w.generation),
+                            pid: Some(w.pid),
+                            port: w.port,
+                            state: w.state.label().to_owned(),
+                            uptime_ms: w.started.elapsed().as_millis() as u64,
+                            restarts: slot.map_or(0, |s| s.restarts),
+                            requests: w.stats.requests(),
+                            in_flight: w.stats.in_flight(),
+                            memory_bytes: status::rss_bytes(w.pid),
+                            last_exit: slot.and_then(|s| s.last_exit.clone()),
                         }
                     })
                     .collect();
+                for (index, slot) in app.slots.iter().enumerate().take(app.instances) {
+                    if !app.workers.iter().any(|w| w.slot == index && w.is_live()) {
+                        workers.push(WorkerStatus {
+                            app: app.config.name.clone(),
+                            slot: index,
+                            id: None,
+                            generation: None,
+                            pid: None,
+                            port: None,
+                            state: "waiting".into(),
+                            uptime_ms: 0,
+                            restarts: slot.restarts,
+                            requests: 0,
+                            in_flight: 0,
+                            memory_bytes: None,
+                            last_exit: slot.last_exit.clone(),
+                        });
+                    }
+                }
+                workers.sort_by_key(|w| (w.slot, w.generation, w.id));
                 AppStatus {
                     name: app.config.name.clone(),
                     listen: app.config.listen.map(|a| a.to_string()),
@@ -574,38 +613,20 @@ impl Supervisor {
             .collect();
         Status {
             pid: std::process::id(),
-            config: self.config_path.clone(),
+            config: self.config_path.display().to_string(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             stopping: self.stopping.is_some(),
+            reloading: self.reload.is_some(),
+            last_reload: self.last_reload.clone(),
             apps,
         }
     }
 
-    fn workers(&self) -> impl Iterator<Item = &Worker> {
+    fn find(&self, id: u64) -> Option<(usize, usize)> {
         self.apps
             .iter()
-            .flat_map(|a| a.slots.iter())
-            .filter_map(|s| s.worker.as_ref())
-    }
-
-    fn worker_count(&self) -> usize {
-        self.workers().count()
-    }
-
-    fn find(&self, id: u64) -> Option<(usize, usize)> {
-        self.apps.iter().enumerate().find_map(|(a, app)| {
-            app.slots
-                .iter()
-                .position(|s| s.worker.as_ref().is_some_and(|w| w.id == id))
-                .map(|s| (a, s))
-        })
-    }
-
-    fn worker_mut(&mut self, app: usize, slot: usize) -> &mut Worker {
-        self.apps[app].slots[slot]
-            .worker
-            .as_mut()
-            .expect("UNWRAP: callers locate the worker with find() first")
+            .enumerate()
+            .find_map(|(a, app)| app.workers.iter().position(|w| w.id == id).map(|i| (a, i)))
     }
 }
 
@@ -615,33 +636,48 @@ fn kill_group(pid: u32, signal: Signal) {
     }
 }
 
-/// Reports `Ready` once `addr` accepts a connection, or `NeverReady` at the deadline.
-async fn probe_port(
-    id: u64,
+/// How to tell that a new worker is ready.
+struct Readiness {
     addr: SocketAddr,
+    /// `GET` this and expect 2xx; `None` means a TCP connect is enough.
+    path: Option<String>,
     timeout: Duration,
-    cancel: CancellationToken,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let attempt = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr));
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            result = attempt => if let Ok(Ok(_connection)) = result {
-                let _supervisor_gone = events.send(Event::Ready { id });
+}
+
+impl Readiness {
+    /// Reports `Ready` once the check passes, or `NeverReady` at the deadline.
+    async fn run(self, id: u64, cancel: CancellationToken, events: mpsc::UnboundedSender<Event>) {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                passed = tokio::time::timeout_at(deadline, self.check()) => if passed == Ok(true) {
+                    let _supervisor_gone = events.send(Event::Ready { id });
+                    return;
+                },
+            }
+            if Instant::now() >= deadline {
+                let _supervisor_gone = events.send(Event::NeverReady { id });
                 return;
-            },
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until((Instant::now() + pause).min(deadline)) => {}
+            }
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
-        if Instant::now() >= deadline {
-            let _supervisor_gone = events.send(Event::NeverReady { id });
-            return;
+    }
+
+    async fn check(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else { return false };
+        let Some(path) = &self.path else { return true };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-readiness\r\nConnection: close\r\n\r\n", self.addr);
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return false;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until((Instant::now() + pause).min(deadline)) => {}
-        }
-        pause = (pause * 2).min(Duration::from_millis(100));
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
     }
 }

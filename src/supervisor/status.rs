@@ -13,8 +13,23 @@ pub struct Status {
     pub uptime_ms: u64,
     /// True once a stop has begun.
     pub stopping: bool,
+    /// True while a rolling reload runs.
+    pub reloading: bool,
+    /// How the last reload ended, if there was one.
+    pub last_reload: Option<ReloadOutcome>,
     /// One entry per `[[app]]`.
     pub apps: Vec<AppStatus>,
+}
+
+/// The end of a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// True if every slot was replaced.
+    pub ok: bool,
+    /// The summary, or why it failed (with the failing worker's last output).
+    pub message: String,
+    /// Milliseconds since the front process started, when it ended.
+    pub at_ms: u64,
 }
 
 /// One app.
@@ -41,11 +56,13 @@ pub struct WorkerStatus {
     pub slot: usize,
     /// Supervisor id (unique in this run); absent for an empty slot.
     pub id: Option<u64>,
+    /// The config generation it runs (1 at start, +1 per successful reload).
+    pub generation: Option<u64>,
     /// Process id; absent for an empty slot.
     pub pid: Option<u32>,
     /// Loopback port.
     pub port: Option<u16>,
-    /// `starting`, `online`, `stopping`, or `waiting` (empty slot, restart pending).
+    /// `starting`, `online`, `draining`, `stopping`, or `waiting` (empty slot, restart pending).
     pub state: String,
     /// Milliseconds since it was spawned.
     pub uptime_ms: u64,

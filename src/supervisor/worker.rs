@@ -1,12 +1,15 @@
 //! One worker process as the supervisor tracks it, and the pure rules of its lifecycle.
 //!
 //! ```text
-//!   spawn ──► Starting ──(port accepts)──► Ready ──(stop)──► Stopping ──(exit)──► gone
-//!                │  └──(listen_timeout)──► Stopping(NeverReady) ──(exit)──► restart later
+//!   spawn ──► Starting ──(ready)──► Ready ──(replaced)──► Draining ──(idle or drain_timeout)──┐
+//!                │                    │                                                      │
+//!                │                    └──(stop)──► Stopping ◄────────────────────────────────┘
+//!                ├──(listen_timeout)──► Stopping(NeverReady)            Stopping ──(exit)──► gone
 //!                └──(exit)──► gone, restart later
 //! ```
 //!
-//! Only `Ready` workers are in the pool. The decisions (is this exit a failure, restart or not)
+//! Only `Ready` workers are in the pool. A reload's new worker stays `Starting` (ready but out
+//! of rotation) until its whole batch is ready, then the batch is swapped in at once. The decisions (is this exit a failure, restart or not)
 //! are functions of the state, tested below; the supervisor carries out their side effects.
 
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::balancer::{Upstream, WorkerStats};
+use crate::config::AppConfig;
 use crate::logs::OutputTail;
 
 /// Why a worker is being stopped.
@@ -25,6 +29,10 @@ pub enum StopReason {
     Shutdown,
     /// It did not accept connections within `listen_timeout`.
     NeverReady,
+    /// A reload replaced it (or scaled its slot away) and it has drained.
+    Replaced,
+    /// It belonged to a reload that failed.
+    RolledBack,
 }
 
 /// Where a worker is in its life.
@@ -34,6 +42,8 @@ pub enum WorkerState {
     Starting,
     /// Accepting connections; in the pool.
     Ready,
+    /// Out of the pool, finishing its in-flight requests before it is stopped.
+    Draining,
     /// Signalled to stop; waiting for it to exit (SIGKILL at the deadline).
     Stopping(StopReason),
 }
@@ -44,6 +54,7 @@ impl WorkerState {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::Ready => "online",
+            WorkerState::Draining => "draining",
             WorkerState::Stopping(_) => "stopping",
         }
     }
@@ -79,6 +90,12 @@ pub fn after_exit(
 pub struct Worker {
     /// Unique for the life of the front process.
     pub id: u64,
+    /// Its slot (`NODE_APP_INSTANCE`).
+    pub slot: usize,
+    /// The app's config generation it was started from (1 at start, +1 per reload).
+    pub generation: u64,
+    /// The app config it was started from (its stop signal and timeouts apply to it).
+    pub spec: Arc<AppConfig>,
     /// Process id, also its process group id.
     pub pid: u32,
     /// Its loopback port (proxied apps only).
@@ -97,9 +114,18 @@ pub struct Worker {
     pub probe: CancellationToken,
     /// Its entry in the pool, while ready.
     pub upstream: Option<Arc<Upstream>>,
+    /// Cancels the drain timer (a rollback puts the worker back into rotation).
+    pub drain: Option<CancellationToken>,
+    /// True once a drain finished (idle, or drain_timeout passed).
+    pub drained: bool,
 }
 
 impl Worker {
+    /// True while it serves or is about to: its slot is taken.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, WorkerState::Starting | WorkerState::Ready)
+    }
+
     /// The last output lines, indented for a log message; empty when it printed nothing.
     pub fn last_output(&self) -> String {
         let lines = self.output.lines();

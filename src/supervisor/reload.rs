@@ -1,0 +1,373 @@
+//! Rolling reload: replace every worker of an app, a batch at a time, without ever dropping
+//! below the configured capacity, and roll back if the new version does not come up.
+//!
+//! A reload is a state machine inside the supervisor actor ([`ReloadRun`]), advanced by the same
+//! events as everything else:
+//!
+//! 1. The config file is re-read and validated. Invalid, or asking for something a reload cannot
+//!    do (a new `listen` address, added or removed apps): nothing changes and the caller is told
+//!    why.
+//! 2. For each app, slots are taken `reload_batch` at a time. For each slot a new worker starts
+//!    (with the new config) and is probed; it waits *out of rotation* until the whole batch is
+//!    ready. Then, in one pool publication, the batch enters rotation and the old workers of those
+//!    slots leave it, and the old ones start draining (in-flight requests finish; at
+//!    `drain_timeout` open streams are ended cleanly).
+//! 3. Old workers are not stopped while the reload can still fail: they are the rollback. When
+//!    every slot of the app runs the new generation, the reload *commits*: the app's config
+//!    becomes the new one and the drained old workers are stopped (`kill_signal`,
+//!    `kill_timeout`, SIGKILL). The reload ends when they have all exited.
+//! 4. If a new worker exits, or is not ready within `listen_timeout`, before the commit, the
+//!    reload fails: the new workers leave (drained, then stopped), the old ones go back into
+//!    rotation as they were, and the caller gets the failing worker's exit status and last
+//!    output lines. A reload never replaces a healthy worker with a broken one.
+//!
+//! One reload runs at a time; a second request while one runs is refused, not queued, so a
+//! deploy script learns at once that its reload did not happen.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{error, info};
+
+use super::status::ReloadOutcome;
+use super::worker::{StopReason, WorkerState};
+use super::Supervisor;
+use crate::balancer::Upstream;
+use crate::config::{AppConfig, Config};
+
+/// A reload in progress.
+pub(super) struct ReloadRun {
+    config: Config,
+    /// Apps still to reload, by index.
+    queue: VecDeque<usize>,
+    phase: Option<Phase>,
+    progress: mpsc::UnboundedSender<String>,
+    reply: Option<oneshot::Sender<Result<String, String>>>,
+    started: Instant,
+    replaced: usize,
+    done: Vec<String>,
+}
+
+/// The reload of one app.
+struct Phase {
+    app: usize,
+    spec: Arc<AppConfig>,
+    generation: u64,
+    instances: usize,
+    /// Slots not started yet.
+    todo: VecDeque<usize>,
+    /// New workers of the current batch, with their slots.
+    batch: Vec<(u64, usize)>,
+    /// Members of `batch` that are ready.
+    ready: HashSet<u64>,
+    /// Every new worker of this phase.
+    candidates: Vec<u64>,
+    /// Old workers out of rotation, kept until the commit and then stopped.
+    retiring: Vec<u64>,
+    committed: bool,
+}
+
+impl ReloadRun {
+    /// True for a new worker of the reload that has not been committed yet.
+    pub(super) fn is_candidate(&self, id: u64) -> bool {
+        self.phase.as_ref().is_some_and(|p| !p.committed && p.candidates.contains(&id))
+    }
+
+    /// True for an old worker kept as the rollback of an uncommitted reload.
+    pub(super) fn holds(&self, id: u64) -> bool {
+        self.phase.as_ref().is_some_and(|p| !p.committed && p.retiring.contains(&id))
+    }
+}
+
+/// Logs a progress line and passes it to whoever asked for the reload.
+fn say(progress: &mpsc::UnboundedSender<String>, line: String) {
+    info!("reload: {line}");
+    let _client_gone = progress.send(line);
+}
+
+impl Supervisor {
+    pub(super) fn begin_reload(&mut self, only: Option<String>, progress: mpsc::UnboundedSender<String>, reply: oneshot::Sender<Result<String, String>>) {
+        let refuse = |reply: oneshot::Sender<Result<String, String>>, why: String| {
+            error!("reload refused: {why}");
+            let _client_gone = reply.send(Err(why));
+        };
+        if let Some(run) = &self.reload {
+            return refuse(reply, format!("a reload is already running (started {:.1?} ago); this one was not queued: try again when it has finished", run.started.elapsed()));
+        }
+        if self.stopping.is_some() {
+            return refuse(reply, "corral is stopping".into());
+        }
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(e) => return refuse(reply, format!("{e}\nnothing was changed: the running workers keep serving")),
+        };
+        if let Err(why) = self.compatible(&config) {
+            return refuse(reply, format!("{why}\nnothing was changed: the running workers keep serving"));
+        }
+        let queue: VecDeque<usize> = (0..self.apps.len()).filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name)).collect();
+        if queue.is_empty() {
+            return refuse(reply, format!("there is no app named {:?}", only.unwrap_or_default()));
+        }
+        let run = ReloadRun { config, queue, phase: None, progress, reply: Some(reply), started: Instant::now(), replaced: 0, done: Vec::new() };
+        say(&run.progress, format!("config {} is valid; reloading {} app(s)", self.config_path.display(), run.queue.len()));
+        self.reload = Some(run);
+        self.next_phase();
+    }
+
+    /// What a reload cannot change without a restart.
+    fn compatible(&self, config: &Config) -> Result<(), String> {
+        let old: Vec<&str> = self.apps.iter().map(|a| a.config.name.as_str()).collect();
+        let new: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+        if old.iter().collect::<HashSet<_>>() != new.iter().collect::<HashSet<_>>() {
+            return Err(format!("the config now has apps {new:?} instead of {old:?}: adding or removing an app needs a restart of corral"));
+        }
+        for app in &self.apps {
+            let fresh = config.app(&app.config.name).map(|a| a.listen);
+            if fresh != Some(app.config.listen) {
+                let show = |l: Option<std::net::SocketAddr>| l.map_or_else(|| "none".to_owned(), |a| a.to_string());
+                return Err(format!(
+                    "app {:?}: listen changed from {} to {}: the public socket is bound once and kept across reloads, so a new address needs a restart of corral",
+                    app.config.name,
+                    show(app.config.listen),
+                    show(fresh.flatten())
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_phase(&mut self) {
+        let Some(run) = self.reload.as_mut() else { return };
+        let Some(app) = run.queue.pop_front() else { return self.reload_succeeded() };
+        let name = self.apps[app].config.name.clone();
+        let spec = Arc::new(run.config.app(&name).cloned().expect("UNWRAP: compatible() checked the app names"));
+        let instances = spec.instances.resolve(crate::config::usable_cpus());
+        let generation = self.apps[app].generation + 1;
+        say(&run.progress, format!(
+            "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
+            self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
+            spec.reload_batch
+        ));
+        run.phase = Some(Phase {
+            app,
+            spec,
+            generation,
+            instances,
+            todo: (0..instances).collect(),
+            batch: Vec::new(),
+            ready: HashSet::new(),
+            candidates: Vec::new(),
+            retiring: Vec::new(),
+            committed: false,
+        });
+        self.next_batch();
+    }
+
+    fn next_batch(&mut self) {
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        if phase.todo.is_empty() {
+            return self.commit();
+        }
+        let take = phase.spec.reload_batch.min(phase.todo.len());
+        let slots: Vec<usize> = phase.todo.drain(..take).collect();
+        let (app, spec, generation) = (phase.app, Arc::clone(&phase.spec), phase.generation);
+        for slot in slots {
+            let app_state = &mut self.apps[app];
+            if app_state.slots.len() <= slot {
+                app_state.slots.resize_with(slot + 1, Default::default);
+            }
+            match self.spawn_worker(app, slot, Arc::clone(&spec), generation) {
+                Ok(id) => {
+                    let pid = self.apps[app].workers.last().map_or(0, |w| w.pid);
+                    let run = self.reload.as_mut().expect("UNWRAP: checked above");
+                    let phase = run.phase.as_mut().expect("UNWRAP: checked above");
+                    phase.batch.push((id, slot));
+                    phase.candidates.push(id);
+                    say(&run.progress, format!("{} slot {slot}: started new worker pid {pid}", spec.name));
+                }
+                Err(reason) => return self.reload_failed(format!("cannot start a new worker for slot {slot}: {reason}")),
+            }
+        }
+    }
+
+    pub(super) fn reload_candidate_ready(&mut self, id: u64, boot: Duration) {
+        let Some(run) = self.reload.as_mut() else { return };
+        let Some(phase) = run.phase.as_mut() else { return };
+        phase.ready.insert(id);
+        let app = phase.app;
+        let (slot, pid) = self.apps[app].workers.iter().find(|w| w.id == id).map_or((0, 0), |w| (w.slot, w.pid));
+        say(&run.progress, format!("{} slot {slot}: new worker pid {pid} ready in {} ms", phase.spec.name, boot.as_millis()));
+        if phase.batch.iter().all(|(id, _)| phase.ready.contains(id)) {
+            self.swap_batch();
+        }
+    }
+
+    /// Puts the ready batch into rotation and takes the old workers of its slots out, in one
+    /// pool publication, then starts the next batch.
+    fn swap_batch(&mut self) {
+        let Some(run) = self.reload.as_mut() else { return };
+        let Some(phase) = run.phase.as_mut() else { return };
+        let app = phase.app;
+        let generation = phase.generation;
+        let batch = std::mem::take(&mut phase.batch);
+        phase.ready.clear();
+        let mut lines = Vec::new();
+        let mut retiring = Vec::new();
+        for &(id, slot) in &batch {
+            let workers = &mut self.apps[app].workers;
+            let Some(new) = workers.iter_mut().find(|w| w.id == id) else { continue };
+            new.state = WorkerState::Ready;
+            let new_pid = new.pid;
+            let old: Vec<(u64, u32)> = workers.iter().filter(|w| w.slot == slot && w.generation < generation && w.is_live()).map(|w| (w.id, w.pid)).collect();
+            let old_pids: Vec<String> = old.iter().map(|(_, pid)| pid.to_string()).collect();
+            lines.push(if old.is_empty() {
+                format!("slot {slot}: pid {new_pid} in rotation")
+            } else {
+                format!("slot {slot}: pid {new_pid} in rotation; old pid {} out of rotation, draining", old_pids.join(", "))
+            });
+            retiring.extend(old.into_iter().map(|(id, _)| id));
+        }
+        for &id in &retiring {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        let run = self.reload.as_mut().expect("UNWRAP: checked above");
+        let phase = run.phase.as_mut().expect("UNWRAP: checked above");
+        phase.retiring.extend(retiring);
+        run.replaced += batch.len();
+        let name = phase.spec.name.clone();
+        for line in lines {
+            say(&run.progress, format!("{name} {line}"));
+        }
+        self.next_batch();
+    }
+
+    /// Every slot runs the new generation: adopt the new config, and stop the old workers as
+    /// soon as they have drained.
+    fn commit(&mut self) {
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        let (app, generation) = (phase.app, phase.generation);
+        // Old workers no batch replaced (slots removed by a smaller `instances`, restarts).
+        let leftovers: Vec<u64> = self.apps[app].workers.iter().filter(|w| w.generation < generation && w.is_live()).map(|w| w.id).collect();
+        for &id in &leftovers {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        let run = self.reload.as_mut().expect("UNWRAP: checked above");
+        let phase = run.phase.as_mut().expect("UNWRAP: checked above");
+        phase.retiring.extend(leftovers);
+        phase.committed = true;
+        let state = &mut self.apps[app];
+        state.config = Arc::clone(&phase.spec);
+        state.instances = phase.instances;
+        state.generation = generation;
+        if state.slots.len() < phase.instances {
+            state.slots.resize_with(phase.instances, Default::default);
+        }
+        let waiting = phase.retiring.len();
+        say(&run.progress, format!("{}: every slot runs generation {generation}; stopping {waiting} old worker(s) once drained", phase.spec.name));
+        let drained: Vec<u64> = phase.retiring.clone();
+        for id in drained {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id && w.drained) {
+                self.stop(app, index, StopReason::Replaced);
+            }
+        }
+        self.check_phase_done();
+    }
+
+    /// A worker that was stopping or draining has exited.
+    pub(super) fn reload_worker_gone(&mut self, id: u64) {
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        phase.retiring.retain(|&r| r != id);
+        self.check_phase_done();
+    }
+
+    fn check_phase_done(&mut self) {
+        let Some(run) = self.reload.as_mut() else { return };
+        let Some(phase) = run.phase.as_ref() else { return };
+        if !phase.committed || !phase.retiring.is_empty() {
+            return;
+        }
+        let name = phase.spec.name.clone();
+        say(&run.progress, format!("{name}: old workers stopped"));
+        run.done.push(name);
+        run.phase = None;
+        self.next_phase();
+    }
+
+    fn reload_succeeded(&mut self) {
+        let Some(mut run) = self.reload.take() else { return };
+        let message = format!("reload done: {} worker(s) replaced in {:.1?} ({})", run.replaced, run.started.elapsed(), run.done.join(", "));
+        info!("{message}");
+        self.last_reload = Some(ReloadOutcome { ok: true, message: message.clone(), at_ms: self.started.elapsed().as_millis() as u64 });
+        if let Some(reply) = run.reply.take() {
+            let _client_gone = reply.send(Ok(message));
+        }
+    }
+
+    /// A new worker failed: undo the uncommitted part of the reload and report.
+    pub(super) fn reload_failed(&mut self, why: String) {
+        let Some(mut run) = self.reload.take() else { return };
+        if let Some(phase) = run.phase.take().filter(|p| !p.committed) {
+            let app = phase.app;
+            for id in &phase.candidates {
+                let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) else { continue };
+                match self.apps[app].workers[index].state {
+                    // In rotation already: let its requests finish first (it stops once drained).
+                    WorkerState::Ready => self.begin_drain(app, index),
+                    WorkerState::Starting => self.stop(app, index, StopReason::RolledBack),
+                    _ => {}
+                }
+            }
+            for id in &phase.retiring {
+                let Some(worker) = self.apps[app].workers.iter_mut().find(|w| w.id == *id && w.state == WorkerState::Draining) else {
+                    continue;
+                };
+                if let Some(drain) = worker.drain.take() {
+                    drain.cancel();
+                }
+                worker.state = WorkerState::Ready;
+                worker.drained = false;
+                worker.stats.reset_draining();
+                if let Some(port) = worker.port {
+                    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+                    worker.upstream = Some(Arc::new(Upstream::new(worker.id, worker.slot, addr, Arc::clone(&worker.stats))));
+                }
+            }
+            self.publish(app);
+            // Slots whose old worker died meanwhile get one again, from the old config.
+            let config = Arc::clone(&self.apps[app].config);
+            let generation = self.apps[app].generation;
+            for slot in 0..self.apps[app].instances {
+                if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
+                    self.start(app, slot, Arc::clone(&config), generation);
+                }
+            }
+        }
+        let mut message = format!("reload failed: {why}\nrolled back: the new workers were stopped and the previous ones keep serving");
+        if !run.done.is_empty() {
+            message.push_str(&format!(" (already reloaded before the failure: {})", run.done.join(", ")));
+        }
+        error!("{message}");
+        self.last_reload = Some(ReloadOutcome { ok: false, message: message.clone(), at_ms: self.started.elapsed().as_millis() as u64 });
+        if let Some(reply) = run.reply.take() {
+            let _client_gone = reply.send(Err(message));
+        }
+    }
+
+    /// corral is stopping: the reload ends where it is (everything is being stopped anyway).
+    pub(super) fn reload_aborted(&mut self, why: &str) {
+        if let Some(mut run) = self.reload.take() {
+            if let Some(reply) = run.reply.take() {
+                let _client_gone = reply.send(Err(format!("reload interrupted: {why}")));
+            }
+        }
+    }
+}
