@@ -217,6 +217,7 @@ fn table(status: &Status) -> String {
     let header = [
         "APP",
         "SLOT",
+        "GEN",
         "PID",
         "PORT",
         "STATE",
@@ -233,6 +234,7 @@ fn table(status: &Status) -> String {
             rows.push(vec![
                 w.app.clone(),
                 w.slot.to_string(),
+                w.generation.map_or_else(dash, |g| g.to_string()),
                 w.pid.map_or_else(dash, |p| p.to_string()),
                 w.port.map_or_else(dash, |p| p.to_string()),
                 w.state.clone(),
@@ -275,6 +277,13 @@ fn table(status: &Status) -> String {
         uptime(status.uptime_ms),
         apps.join("; ")
     ));
+    if status.reloading {
+        out.push_str("a reload is running\n");
+    }
+    if let Some(last) = status.last_reload.as_ref().filter(|r| !r.ok) {
+        let ago = uptime(status.uptime_ms.saturating_sub(last.at_ms));
+        out.push_str(&format!("last reload FAILED {ago} ago: {}\n", last.message));
+    }
     out
 }
 
