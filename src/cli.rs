@@ -114,7 +114,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
-        Command::Reload { app } => control_with_deadline(&cli.config, Request::Reload { app }, Duration::from_secs(3600), print_reply),
+        Command::Reload { app } => control_with_deadline(
+            &cli.config,
+            Request::Reload { app },
+            Duration::from_secs(3600),
+            print_reply,
+        ),
     }
 }
 

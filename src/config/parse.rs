@@ -451,7 +451,9 @@ fn read_path(v: &DeValue<'_>) -> Result<String, String> {
     if valid {
         Ok(path)
     } else {
-        Err(format!("{path:?} is not a request path such as \"/health\""))
+        Err(format!(
+            "{path:?} is not a request path such as \"/health\""
+        ))
     }
 }
 

@@ -208,7 +208,13 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
     let request = match serde_json::from_str::<Request>(&line) {
         Ok(request) => request,
         Err(e) => {
-            send(&mut write, &Reply::Error { message: format!("bad control request: {e}") }).await;
+            send(
+                &mut write,
+                &Reply::Error {
+                    message: format!("bad control request: {e}"),
+                },
+            )
+            .await;
             return;
         }
     };
@@ -216,20 +222,31 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
         Request::Status => {
             let reply = match supervisor.status().await {
                 Ok(status) => Reply::Status(status),
-                Err(e) => Reply::Error { message: e.to_string() },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
             };
             send(&mut write, &reply).await;
         }
         Request::Stop => {
             info!("stop requested over the control socket");
             shutdown.cancel();
-            send(&mut write, &Reply::Progress { message: "stopping: draining connections, then stopping workers".into() }).await;
+            send(
+                &mut write,
+                &Reply::Progress {
+                    message: "stopping: draining connections, then stopping workers".into(),
+                },
+            )
+            .await;
             // The connection stays open until the process exits: the client's EOF tells it
             // that the stop is complete.
             std::future::pending::<()>().await;
         }
         Request::Reload { app } => {
-            info!(app = app.as_deref().unwrap_or("(all)"), "reload requested over the control socket");
+            info!(
+                app = app.as_deref().unwrap_or("(all)"),
+                "reload requested over the control socket"
+            );
             let (progress, mut lines) = mpsc::unbounded_channel();
             let outcome = supervisor.reload(app, progress);
             tokio::pin!(outcome);

@@ -33,7 +33,11 @@ pub enum ProxyBody {
 impl ProxyBody {
     /// Streams `body` while holding `guard`.
     pub fn upstream(body: Incoming, guard: InFlight) -> ProxyBody {
-        ProxyBody::Upstream { body, guard, cut: None }
+        ProxyBody::Upstream {
+            body,
+            guard,
+            cut: None,
+        }
     }
 
     /// A body of corral's own.
@@ -55,7 +59,9 @@ impl Body for ProxyBody {
                 if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
                     return Poll::Ready(frame);
                 }
-                let cut = cut.get_or_insert_with(|| Box::pin(guard.upstream().cut.clone().cancelled_owned()));
+                let cut = cut.get_or_insert_with(|| {
+                    Box::pin(guard.upstream().cut.clone().cancelled_owned())
+                });
                 match cut.as_mut().poll(cx) {
                     // The worker is being retired and its drain time is up: end the body here.
                     // A chunked stream (SSE) ends cleanly; a body with a Content-Length is cut

@@ -77,13 +77,28 @@ impl Handle {
     /// Re-reads the config file and replaces the workers of `app` (or of every app), slot by
     /// slot. Progress lines go to `progress`; the answer is the summary, or why nothing (or
     /// not everything) changed.
-    pub async fn reload(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Result<Result<String, String>, SupervisorGone> {
-        self.ask(|reply| Command::Reload { app, progress, reply }).await
+    pub async fn reload(
+        &self,
+        app: Option<String>,
+        progress: mpsc::UnboundedSender<String>,
+    ) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::Reload {
+            app,
+            progress,
+            reply,
+        })
+        .await
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SupervisorGone)?;
         answer.await.map_err(|_| SupervisorGone)
     }
 }
@@ -111,12 +126,26 @@ pub enum Command {
 /// What the per-worker tasks report.
 #[derive(Debug)]
 enum Event {
-    Ready { id: u64 },
-    NeverReady { id: u64 },
-    Exited { id: u64, status: std::io::Result<std::process::ExitStatus> },
-    KillDeadline { id: u64 },
-    Drained { id: u64 },
-    RestartDue { app: usize, slot: usize },
+    Ready {
+        id: u64,
+    },
+    NeverReady {
+        id: u64,
+    },
+    Exited {
+        id: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    KillDeadline {
+        id: u64,
+    },
+    Drained {
+        id: u64,
+    },
+    RestartDue {
+        app: usize,
+        slot: usize,
+    },
 }
 
 struct App {
@@ -156,7 +185,11 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor for `config`. `balancers` has one entry per app, `Some` for proxied apps.
-    pub fn new(config: &Config, balancers: Vec<Option<Arc<Balancer>>>, output: OutputSink) -> (Supervisor, Handle) {
+    pub fn new(
+        config: &Config,
+        balancers: Vec<Option<Arc<Balancer>>>,
+        output: OutputSink,
+    ) -> (Supervisor, Handle) {
         let cpus = crate::config::usable_cpus();
         let apps = config
             .apps
@@ -235,7 +268,11 @@ impl Supervisor {
                 }
                 let _receiver_gone = reply.send(());
             }
-            Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
+            Command::Reload {
+                app,
+                progress,
+                reply,
+            } => self.begin_reload(app, progress, reply),
         }
     }
 
@@ -245,14 +282,23 @@ impl Supervisor {
             Event::NeverReady { id } => self.on_never_ready(id),
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::KillDeadline { id } => {
-                let Some((app, index)) = self.find(id) else { return };
+                let Some((app, index)) = self.find(id) else {
+                    return;
+                };
                 let worker = &self.apps[app].workers[index];
-                warn!(pid = worker.pid, "worker did not exit within kill_timeout ({:?}); sending SIGKILL", worker.spec.kill_timeout);
+                warn!(
+                    pid = worker.pid,
+                    "worker did not exit within kill_timeout ({:?}); sending SIGKILL",
+                    worker.spec.kill_timeout
+                );
                 kill_group(worker.pid, Signal::SIGKILL);
             }
             Event::Drained { id } => self.on_drained(id),
             Event::RestartDue { app, slot } => {
-                let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live());
+                let occupied = self.apps[app]
+                    .workers
+                    .iter()
+                    .any(|w| w.slot == slot && w.is_live());
                 if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
                     let config = Arc::clone(&self.apps[app].config);
                     let generation = self.apps[app].generation;
@@ -263,16 +309,28 @@ impl Supervisor {
     }
 
     fn on_ready(&mut self, id: u64) {
-        let Some((app, index)) = self.find(id) else { return };
+        let Some((app, index)) = self.find(id) else {
+            return;
+        };
         let worker = &mut self.apps[app].workers[index];
         if worker.state != WorkerState::Starting || worker.was_ready {
             return;
         }
         worker.was_ready = true;
-        let (pid, port, slot, boot) = (worker.pid, worker.port, worker.slot, worker.started.elapsed());
+        let (pid, port, slot, boot) = (
+            worker.pid,
+            worker.port,
+            worker.slot,
+            worker.started.elapsed(),
+        );
         if let Some(port) = port {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            worker.upstream = Some(Arc::new(Upstream::new(id, slot, addr, Arc::clone(&worker.stats))));
+            worker.upstream = Some(Arc::new(Upstream::new(
+                id,
+                slot,
+                addr,
+                Arc::clone(&worker.stats),
+            )));
         }
         if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
             // A reload's new worker waits out of rotation until its batch is ready.
@@ -288,18 +346,26 @@ impl Supervisor {
 
     fn announce(&mut self, app: usize) {
         let app = &mut self.apps[app];
-        let ready = app.workers.iter().filter(|w| w.state == WorkerState::Ready).count();
+        let ready = app
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
         if !app.announced && ready == app.instances {
             app.announced = true;
             match app.config.listen {
-                Some(listen) => info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}"),
+                Some(listen) => {
+                    info!(app = %app.config.name, "all {ready} workers ready; serving on http://{listen}")
+                }
                 None => info!(app = %app.config.name, "all {ready} workers running"),
             }
         }
     }
 
     fn on_never_ready(&mut self, id: u64) {
-        let Some((app, index)) = self.find(id) else { return };
+        let Some((app, index)) = self.find(id) else {
+            return;
+        };
         let worker = &self.apps[app].workers[index];
         if worker.state != WorkerState::Starting {
             return;
@@ -324,7 +390,9 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, id: u64, status: std::io::Result<std::process::ExitStatus>) {
-        let Some((app_index, index)) = self.find(id) else { return };
+        let Some((app_index, index)) = self.find(id) else {
+            return;
+        };
         let app = &mut self.apps[app_index];
         let worker = app.workers.swap_remove(index);
         worker.probe.cancel();
@@ -340,7 +408,10 @@ impl Supervisor {
             self.publish(app_index);
         }
         match worker.state {
-            WorkerState::Stopping(StopReason::Shutdown | StopReason::Replaced | StopReason::RolledBack) | WorkerState::Draining => {
+            WorkerState::Stopping(
+                StopReason::Shutdown | StopReason::Replaced | StopReason::RolledBack,
+            )
+            | WorkerState::Draining => {
                 info!(app = %name, slot = slot_index, pid = worker.pid, generation = worker.generation, "worker stopped ({how})");
                 self.reload_worker_gone(id);
                 return;
@@ -348,17 +419,31 @@ impl Supervisor {
             _ => {}
         }
         if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
-            let message = format!("new worker pid {} (slot {slot_index}) {how} before it was ready. Last output:{}", worker.pid, worker.last_output());
+            let message = format!(
+                "new worker pid {} (slot {slot_index}) {how} before it was ready. Last output:{}",
+                worker.pid,
+                worker.last_output()
+            );
             error!(app = %name, "{message}");
             self.reload_failed(message);
             return;
         }
         let shutting_down = self.stopping.is_some();
-        let Some(slot) = self.apps[app_index].slots.get_mut(slot_index) else { return };
+        let Some(slot) = self.apps[app_index].slots.get_mut(slot_index) else {
+            return;
+        };
         slot.last_exit = Some(how.clone());
         let uptime = worker.started.elapsed();
-        match after_exit(shutting_down, &self.backoff, &mut slot.failures, uptime, worker.was_ready) {
-            AfterExit::Forget => info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}"),
+        match after_exit(
+            shutting_down,
+            &self.backoff,
+            &mut slot.failures,
+            uptime,
+            worker.was_ready,
+        ) {
+            AfterExit::Forget => {
+                info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}")
+            }
             AfterExit::Restart(delay) => {
                 slot.restarts += 1;
                 let hint = if !worker.was_ready && how == "exited with code 0" {
@@ -372,13 +457,21 @@ impl Supervisor {
                 } else {
                     error!(app = %name, slot = slot_index, pid = worker.pid, "worker {how} before it was ready{hint}; restarting in {delay:?}. Last output:{last}");
                 }
-                self.after(delay, Event::RestartDue { app: app_index, slot: slot_index });
+                self.after(
+                    delay,
+                    Event::RestartDue {
+                        app: app_index,
+                        slot: slot_index,
+                    },
+                );
             }
         }
     }
 
     fn on_drained(&mut self, id: u64) {
-        let Some((app, index)) = self.find(id) else { return };
+        let Some((app, index)) = self.find(id) else {
+            return;
+        };
         let worker = &mut self.apps[app].workers[index];
         if worker.state != WorkerState::Draining {
             return;
@@ -410,10 +503,24 @@ impl Supervisor {
 
     /// Spawns a worker for `slot` from `spec`, with its exit watcher, output pumps and probe.
     /// Returns its id, or the reason it could not be started.
-    fn spawn_worker(&mut self, app_index: usize, slot: usize, spec: Arc<AppConfig>, generation: u64) -> Result<u64, String> {
-        let taken: HashSet<u16> = self.apps.iter().flat_map(|a| a.workers.iter()).filter_map(|w| w.port).collect();
+    fn spawn_worker(
+        &mut self,
+        app_index: usize,
+        slot: usize,
+        spec: Arc<AppConfig>,
+        generation: u64,
+    ) -> Result<u64, String> {
+        let taken: HashSet<u16> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.workers.iter())
+            .filter_map(|w| w.port)
+            .collect();
         let proxied = self.apps[app_index].balancer.is_some();
-        let port = proxied.then(|| spawn::free_port(&taken)).transpose().map_err(|e| e.to_string())?;
+        let port = proxied
+            .then(|| spawn::free_port(&taken))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let mut child = spawn::spawn(&spec, slot, port).map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("the process exited at once")?;
         let id = self.next_id;
@@ -421,10 +528,20 @@ impl Supervisor {
         let output = Arc::new(OutputTail::default());
         let prefix = format!("{}.{slot}", spec.name);
         if let Some(pipe) = child.stdout.take() {
-            tokio::spawn(self.output.clone().pump(pipe, Stream::Stdout, prefix.clone(), Arc::clone(&output)));
+            tokio::spawn(self.output.clone().pump(
+                pipe,
+                Stream::Stdout,
+                prefix.clone(),
+                Arc::clone(&output),
+            ));
         }
         if let Some(pipe) = child.stderr.take() {
-            tokio::spawn(self.output.clone().pump(pipe, Stream::Stderr, prefix, Arc::clone(&output)));
+            tokio::spawn(self.output.clone().pump(
+                pipe,
+                Stream::Stderr,
+                prefix,
+                Arc::clone(&output),
+            ));
         }
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -435,7 +552,11 @@ impl Supervisor {
         match port {
             Some(port) => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                let check = Readiness { addr, path: spec.ready_path.clone(), timeout: spec.listen_timeout };
+                let check = Readiness {
+                    addr,
+                    path: spec.ready_path.clone(),
+                    timeout: spec.listen_timeout,
+                };
                 tokio::spawn(check.run(id, probe.clone(), self.events.clone()));
             }
             None => {
@@ -465,7 +586,13 @@ impl Supervisor {
 
     /// Starts a worker into a slot outside any reload; a failure to spawn is retried with the
     /// same backoff as a crash.
-    fn start(&mut self, app_index: usize, slot_index: usize, spec: Arc<AppConfig>, generation: u64) {
+    fn start(
+        &mut self,
+        app_index: usize,
+        slot_index: usize,
+        spec: Arc<AppConfig>,
+        generation: u64,
+    ) {
         if let Err(reason) = self.spawn_worker(app_index, slot_index, spec, generation) {
             let app = &mut self.apps[app_index];
             let slot = &mut app.slots[slot_index];
@@ -474,7 +601,13 @@ impl Supervisor {
             let delay = self.backoff.delay(slot.failures);
             error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
             slot.last_exit = Some(reason);
-            self.after(delay, Event::RestartDue { app: app_index, slot: slot_index });
+            self.after(
+                delay,
+                Event::RestartDue {
+                    app: app_index,
+                    slot: slot_index,
+                },
+            );
         }
     }
 
@@ -492,7 +625,12 @@ impl Supervisor {
             drain.cancel();
         }
         worker.upstream = None;
-        let (id, pid, signal, timeout) = (worker.id, worker.pid, worker.spec.kill_signal, worker.spec.kill_timeout);
+        let (id, pid, signal, timeout) = (
+            worker.id,
+            worker.pid,
+            worker.spec.kill_signal,
+            worker.spec.kill_timeout,
+        );
         debug!(pid, %signal, ?reason, "stopping worker");
         kill_group(pid, signal);
         self.after(timeout, Event::KillDeadline { id });
@@ -514,7 +652,11 @@ impl Supervisor {
         let upstream = worker.upstream.take();
         let token = CancellationToken::new();
         worker.drain = Some(token.clone());
-        let (id, stats, timeout) = (worker.id, Arc::clone(&worker.stats), worker.spec.drain_timeout);
+        let (id, stats, timeout) = (
+            worker.id,
+            Arc::clone(&worker.stats),
+            worker.spec.drain_timeout,
+        );
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -671,13 +813,17 @@ impl Readiness {
 
     async fn check(&self) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else { return false };
+        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else {
+            return false;
+        };
         let Some(path) = &self.path else { return true };
         let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-readiness\r\nConnection: close\r\n\r\n", self.addr);
         if stream.write_all(request.as_bytes()).await.is_err() {
             return false;
         }
         let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
+        stream.read_exact(&mut head).await.is_ok()
+            && head.starts_with(b"HTTP/1.")
+            && head[9] == b'2'
     }
 }

@@ -73,12 +73,16 @@ struct Phase {
 impl ReloadRun {
     /// True for a new worker of the reload that has not been committed yet.
     pub(super) fn is_candidate(&self, id: u64) -> bool {
-        self.phase.as_ref().is_some_and(|p| !p.committed && p.candidates.contains(&id))
+        self.phase
+            .as_ref()
+            .is_some_and(|p| !p.committed && p.candidates.contains(&id))
     }
 
     /// True for an old worker kept as the rollback of an uncommitted reload.
     pub(super) fn holds(&self, id: u64) -> bool {
-        self.phase.as_ref().is_some_and(|p| !p.committed && p.retiring.contains(&id))
+        self.phase
+            .as_ref()
+            .is_some_and(|p| !p.committed && p.retiring.contains(&id))
     }
 }
 
@@ -89,7 +93,12 @@ fn say(progress: &mpsc::UnboundedSender<String>, line: String) {
 }
 
 impl Supervisor {
-    pub(super) fn begin_reload(&mut self, only: Option<String>, progress: mpsc::UnboundedSender<String>, reply: oneshot::Sender<Result<String, String>>) {
+    pub(super) fn begin_reload(
+        &mut self,
+        only: Option<String>,
+        progress: mpsc::UnboundedSender<String>,
+        reply: oneshot::Sender<Result<String, String>>,
+    ) {
         let refuse = |reply: oneshot::Sender<Result<String, String>>, why: String| {
             error!("reload refused: {why}");
             let _client_gone = reply.send(Err(why));
@@ -102,17 +111,49 @@ impl Supervisor {
         }
         let config = match Config::load(&self.config_path) {
             Ok(config) => config,
-            Err(e) => return refuse(reply, format!("{e}\nnothing was changed: the running workers keep serving")),
+            Err(e) => {
+                return refuse(
+                    reply,
+                    format!("{e}\nnothing was changed: the running workers keep serving"),
+                )
+            }
         };
         if let Err(why) = self.compatible(&config) {
-            return refuse(reply, format!("{why}\nnothing was changed: the running workers keep serving"));
+            return refuse(
+                reply,
+                format!("{why}\nnothing was changed: the running workers keep serving"),
+            );
         }
-        let queue: VecDeque<usize> = (0..self.apps.len()).filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name)).collect();
+        let queue: VecDeque<usize> = (0..self.apps.len())
+            .filter(|&i| {
+                only.as_deref()
+                    .is_none_or(|name| self.apps[i].config.name == name)
+            })
+            .collect();
         if queue.is_empty() {
-            return refuse(reply, format!("there is no app named {:?}", only.unwrap_or_default()));
+            return refuse(
+                reply,
+                format!("there is no app named {:?}", only.unwrap_or_default()),
+            );
         }
-        let run = ReloadRun { config, queue, phase: None, progress, reply: Some(reply), started: Instant::now(), replaced: 0, done: Vec::new() };
-        say(&run.progress, format!("config {} is valid; reloading {} app(s)", self.config_path.display(), run.queue.len()));
+        let run = ReloadRun {
+            config,
+            queue,
+            phase: None,
+            progress,
+            reply: Some(reply),
+            started: Instant::now(),
+            replaced: 0,
+            done: Vec::new(),
+        };
+        say(
+            &run.progress,
+            format!(
+                "config {} is valid; reloading {} app(s)",
+                self.config_path.display(),
+                run.queue.len()
+            ),
+        );
         self.reload = Some(run);
         self.next_phase();
     }
@@ -127,7 +168,9 @@ impl Supervisor {
         for app in &self.apps {
             let fresh = config.app(&app.config.name).map(|a| a.listen);
             if fresh != Some(app.config.listen) {
-                let show = |l: Option<std::net::SocketAddr>| l.map_or_else(|| "none".to_owned(), |a| a.to_string());
+                let show = |l: Option<std::net::SocketAddr>| {
+                    l.map_or_else(|| "none".to_owned(), |a| a.to_string())
+                };
                 return Err(format!(
                     "app {:?}: listen changed from {} to {}: the public socket is bound once and kept across reloads, so a new address needs a restart of corral",
                     app.config.name,
@@ -140,10 +183,19 @@ impl Supervisor {
     }
 
     fn next_phase(&mut self) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(app) = run.queue.pop_front() else { return self.reload_succeeded() };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(app) = run.queue.pop_front() else {
+            return self.reload_succeeded();
+        };
         let name = self.apps[app].config.name.clone();
-        let spec = Arc::new(run.config.app(&name).cloned().expect("UNWRAP: compatible() checked the app names"));
+        let spec = Arc::new(
+            run.config
+                .app(&name)
+                .cloned()
+                .expect("UNWRAP: compatible() checked the app names"),
+        );
         let instances = spec.instances.resolve(crate::config::usable_cpus());
         let generation = self.apps[app].generation + 1;
         say(&run.progress, format!(
@@ -167,7 +219,9 @@ impl Supervisor {
     }
 
     fn next_batch(&mut self) {
-        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else {
+            return;
+        };
         if phase.todo.is_empty() {
             return self.commit();
         }
@@ -186,20 +240,42 @@ impl Supervisor {
                     let phase = run.phase.as_mut().expect("UNWRAP: checked above");
                     phase.batch.push((id, slot));
                     phase.candidates.push(id);
-                    say(&run.progress, format!("{} slot {slot}: started new worker pid {pid}", spec.name));
+                    say(
+                        &run.progress,
+                        format!("{} slot {slot}: started new worker pid {pid}", spec.name),
+                    );
                 }
-                Err(reason) => return self.reload_failed(format!("cannot start a new worker for slot {slot}: {reason}")),
+                Err(reason) => {
+                    return self.reload_failed(format!(
+                        "cannot start a new worker for slot {slot}: {reason}"
+                    ))
+                }
             }
         }
     }
 
     pub(super) fn reload_candidate_ready(&mut self, id: u64, boot: Duration) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(phase) = run.phase.as_mut() else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(phase) = run.phase.as_mut() else {
+            return;
+        };
         phase.ready.insert(id);
         let app = phase.app;
-        let (slot, pid) = self.apps[app].workers.iter().find(|w| w.id == id).map_or((0, 0), |w| (w.slot, w.pid));
-        say(&run.progress, format!("{} slot {slot}: new worker pid {pid} ready in {} ms", phase.spec.name, boot.as_millis()));
+        let (slot, pid) = self.apps[app]
+            .workers
+            .iter()
+            .find(|w| w.id == id)
+            .map_or((0, 0), |w| (w.slot, w.pid));
+        say(
+            &run.progress,
+            format!(
+                "{} slot {slot}: new worker pid {pid} ready in {} ms",
+                phase.spec.name,
+                boot.as_millis()
+            ),
+        );
         if phase.batch.iter().all(|(id, _)| phase.ready.contains(id)) {
             self.swap_batch();
         }
@@ -208,8 +284,12 @@ impl Supervisor {
     /// Puts the ready batch into rotation and takes the old workers of its slots out, in one
     /// pool publication, then starts the next batch.
     fn swap_batch(&mut self) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(phase) = run.phase.as_mut() else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(phase) = run.phase.as_mut() else {
+            return;
+        };
         let app = phase.app;
         let generation = phase.generation;
         let batch = std::mem::take(&mut phase.batch);
@@ -218,15 +298,24 @@ impl Supervisor {
         let mut retiring = Vec::new();
         for &(id, slot) in &batch {
             let workers = &mut self.apps[app].workers;
-            let Some(new) = workers.iter_mut().find(|w| w.id == id) else { continue };
+            let Some(new) = workers.iter_mut().find(|w| w.id == id) else {
+                continue;
+            };
             new.state = WorkerState::Ready;
             let new_pid = new.pid;
-            let old: Vec<(u64, u32)> = workers.iter().filter(|w| w.slot == slot && w.generation < generation && w.is_live()).map(|w| (w.id, w.pid)).collect();
+            let old: Vec<(u64, u32)> = workers
+                .iter()
+                .filter(|w| w.slot == slot && w.generation < generation && w.is_live())
+                .map(|w| (w.id, w.pid))
+                .collect();
             let old_pids: Vec<String> = old.iter().map(|(_, pid)| pid.to_string()).collect();
             lines.push(if old.is_empty() {
                 format!("slot {slot}: pid {new_pid} in rotation")
             } else {
-                format!("slot {slot}: pid {new_pid} in rotation; old pid {} out of rotation, draining", old_pids.join(", "))
+                format!(
+                    "slot {slot}: pid {new_pid} in rotation; old pid {} out of rotation, draining",
+                    old_pids.join(", ")
+                )
             });
             retiring.extend(old.into_iter().map(|(id, _)| id));
         }
@@ -250,10 +339,17 @@ impl Supervisor {
     /// Every slot runs the new generation: adopt the new config, and stop the old workers as
     /// soon as they have drained.
     fn commit(&mut self) {
-        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else {
+            return;
+        };
         let (app, generation) = (phase.app, phase.generation);
         // Old workers no batch replaced (slots removed by a smaller `instances`, restarts).
-        let leftovers: Vec<u64> = self.apps[app].workers.iter().filter(|w| w.generation < generation && w.is_live()).map(|w| w.id).collect();
+        let leftovers: Vec<u64> = self.apps[app]
+            .workers
+            .iter()
+            .filter(|w| w.generation < generation && w.is_live())
+            .map(|w| w.id)
+            .collect();
         for &id in &leftovers {
             if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
                 self.begin_drain(app, index);
@@ -275,7 +371,11 @@ impl Supervisor {
         say(&run.progress, format!("{}: every slot runs generation {generation}; stopping {waiting} old worker(s) once drained", phase.spec.name));
         let drained: Vec<u64> = phase.retiring.clone();
         for id in drained {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id && w.drained) {
+            if let Some(index) = self.apps[app]
+                .workers
+                .iter()
+                .position(|w| w.id == id && w.drained)
+            {
                 self.stop(app, index, StopReason::Replaced);
             }
         }
@@ -284,14 +384,20 @@ impl Supervisor {
 
     /// A worker that was stopping or draining has exited.
     pub(super) fn reload_worker_gone(&mut self, id: u64) {
-        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else { return };
+        let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else {
+            return;
+        };
         phase.retiring.retain(|&r| r != id);
         self.check_phase_done();
     }
 
     fn check_phase_done(&mut self) {
-        let Some(run) = self.reload.as_mut() else { return };
-        let Some(phase) = run.phase.as_ref() else { return };
+        let Some(run) = self.reload.as_mut() else {
+            return;
+        };
+        let Some(phase) = run.phase.as_ref() else {
+            return;
+        };
         if !phase.committed || !phase.retiring.is_empty() {
             return;
         }
@@ -303,10 +409,21 @@ impl Supervisor {
     }
 
     fn reload_succeeded(&mut self) {
-        let Some(mut run) = self.reload.take() else { return };
-        let message = format!("reload done: {} worker(s) replaced in {:.1?} ({})", run.replaced, run.started.elapsed(), run.done.join(", "));
+        let Some(mut run) = self.reload.take() else {
+            return;
+        };
+        let message = format!(
+            "reload done: {} worker(s) replaced in {:.1?} ({})",
+            run.replaced,
+            run.started.elapsed(),
+            run.done.join(", ")
+        );
         info!("{message}");
-        self.last_reload = Some(ReloadOutcome { ok: true, message: message.clone(), at_ms: self.started.elapsed().as_millis() as u64 });
+        self.last_reload = Some(ReloadOutcome {
+            ok: true,
+            message: message.clone(),
+            at_ms: self.started.elapsed().as_millis() as u64,
+        });
         if let Some(reply) = run.reply.take() {
             let _client_gone = reply.send(Ok(message));
         }
@@ -314,11 +431,15 @@ impl Supervisor {
 
     /// A new worker failed: undo the uncommitted part of the reload and report.
     pub(super) fn reload_failed(&mut self, why: String) {
-        let Some(mut run) = self.reload.take() else { return };
+        let Some(mut run) = self.reload.take() else {
+            return;
+        };
         if let Some(phase) = run.phase.take().filter(|p| !p.committed) {
             let app = phase.app;
             for id in &phase.candidates {
-                let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) else { continue };
+                let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) else {
+                    continue;
+                };
                 match self.apps[app].workers[index].state {
                     // In rotation already: let its requests finish first (it stops once drained).
                     WorkerState::Ready => self.begin_drain(app, index),
@@ -327,7 +448,11 @@ impl Supervisor {
                 }
             }
             for id in &phase.retiring {
-                let Some(worker) = self.apps[app].workers.iter_mut().find(|w| w.id == *id && w.state == WorkerState::Draining) else {
+                let Some(worker) = self.apps[app]
+                    .workers
+                    .iter_mut()
+                    .find(|w| w.id == *id && w.state == WorkerState::Draining)
+                else {
                     continue;
                 };
                 if let Some(drain) = worker.drain.take() {
@@ -338,7 +463,12 @@ impl Supervisor {
                 worker.stats.reset_draining();
                 if let Some(port) = worker.port {
                     let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-                    worker.upstream = Some(Arc::new(Upstream::new(worker.id, worker.slot, addr, Arc::clone(&worker.stats))));
+                    worker.upstream = Some(Arc::new(Upstream::new(
+                        worker.id,
+                        worker.slot,
+                        addr,
+                        Arc::clone(&worker.stats),
+                    )));
                 }
             }
             self.publish(app);
@@ -346,17 +476,28 @@ impl Supervisor {
             let config = Arc::clone(&self.apps[app].config);
             let generation = self.apps[app].generation;
             for slot in 0..self.apps[app].instances {
-                if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
+                if !self.apps[app]
+                    .workers
+                    .iter()
+                    .any(|w| w.slot == slot && w.is_live())
+                {
                     self.start(app, slot, Arc::clone(&config), generation);
                 }
             }
         }
         let mut message = format!("reload failed: {why}\nrolled back: the new workers were stopped and the previous ones keep serving");
         if !run.done.is_empty() {
-            message.push_str(&format!(" (already reloaded before the failure: {})", run.done.join(", ")));
+            message.push_str(&format!(
+                " (already reloaded before the failure: {})",
+                run.done.join(", ")
+            ));
         }
         error!("{message}");
-        self.last_reload = Some(ReloadOutcome { ok: false, message: message.clone(), at_ms: self.started.elapsed().as_millis() as u64 });
+        self.last_reload = Some(ReloadOutcome {
+            ok: false,
+            message: message.clone(),
+            at_ms: self.started.elapsed().as_millis() as u64,
+        });
         if let Some(reply) = run.reply.take() {
             let _client_gone = reply.send(Err(message));
         }

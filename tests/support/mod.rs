@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod load;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -218,6 +219,11 @@ impl Corral {
             .env("CORRAL_RUNTIME_DIR", self.dir.path().join("run"))
             .env("CORRAL_LOG", "info,corral=debug");
         command
+    }
+
+    /// Rewrites the config file (for reload tests).
+    pub fn rewrite_config(&self, options: &Options) -> std::io::Result<()> {
+        std::fs::write(&self.config, options.config_text(self.addr))
     }
 
     /// Runs a CLI command (status, stop, ...) to completion.
