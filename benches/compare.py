@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: corral vs nginx vs PM2 cluster mode vs one worker direct.
+"""Benchmarks: corral vs nginx vs PM2 cluster mode (vs one worker direct).
 
 Every target fronts the same Node hello-world worker (benches/hello.js). Targets are measured
-interleaved, round after round, on 127.0.0.1 only, and the report gives medians over the rounds
-and ratios against corral. Every load run is bounded (wrk -d), every process started is stopped.
+interleaved, round after round, on 127.0.0.1 only, and the report gives medians over the rounds.
+Every load run is bounded (wrk -d), every process started is stopped.
 
-  python3 benches/compare.py                      # 3 rounds x 10 s, 64 connections, 2 workers
+  python3 benches/compare.py                      # throughput: 3 rounds x 10 s, 64 conns, 2 workers
   python3 benches/compare.py --rounds 5 --targets direct,corral,nginx
+  python3 benches/compare.py --mode reload        # failed requests while reloading every 3 s
+
+Reload mode: wrk runs 30 s at fixed concurrency while the target's workers are replaced every
+3 s: `corral reload`; `pm2 reload`; for nginx, what a deploy script does (start new workers,
+rewrite the upstream block, `nginx -s reload`, wait 1 s, stop the old workers). It reports the
+failed requests (socket errors and non-2xx) and p99 latency with and without reloads.
 
 Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
 benches/.tools). Build corral first: cargo build --release.
@@ -139,6 +145,10 @@ class Corral(Target):
     def proxy_pids(self):
         return [self.proc.pid]
 
+    def reload(self):
+        out = subprocess.run([str(CORRAL), "reload", "-c", str(self.config)], env=self.env, capture_output=True, text=True)
+        return out.returncode == 0
+
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
@@ -151,13 +161,23 @@ class Nginx(Target):
     def __init__(self, workers):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="nginx-bench-")
-        ports = [free_port() for _ in range(workers)]
-        self.workers = [start_worker(p) for p in ports]
+        self.count = workers
+        self.workers = self.start_workers()
+        self.conf = Path(self.dir) / "nginx.conf"
+        self.write_conf()
+        self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("nginx", lambda: answers(self.port))
+
+    def start_workers(self):
+        ports = [free_port() for _ in range(self.count)]
+        procs = [start_worker(p) for p in ports]
         for p in ports:
             wait_for("a worker", lambda p=p: answers(p))
-        servers = "".join(f"    server 127.0.0.1:{p};\n" for p in ports)
-        conf = Path(self.dir) / "nginx.conf"
-        conf.write_text(f"""daemon off;
+        return list(zip(ports, procs))
+
+    def write_conf(self):
+        servers = "".join(f"    server 127.0.0.1:{p};\n" for p, _ in self.workers)
+        self.conf.write_text(f"""daemon off;
 worker_processes auto;
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
@@ -177,16 +197,26 @@ http {{
   }}
 }}
 """)
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for("nginx", lambda: answers(self.port))
 
     def proxy_pids(self):
         return [self.proc.pid] + children(self.proc.pid)
 
+    def reload(self):
+        old = self.workers
+        self.workers = self.start_workers()
+        self.write_conf()
+        ok = subprocess.run(["nginx", "-c", str(self.conf), "-p", self.dir, "-s", "reload"], capture_output=True).returncode == 0
+        time.sleep(1)
+        for _, w in old:
+            w.terminate()
+        for _, w in old:
+            w.wait(10)
+        return ok
+
     def stop(self):
         self.proc.send_signal(signal.SIGQUIT)
         self.proc.wait(30)
-        for w in self.workers:
+        for _, w in self.workers:
             w.terminate()
             w.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -208,6 +238,9 @@ class Pm2(Target):
             return [int((Path(self.home) / "pm2.pid").read_text().strip())]
         except (OSError, ValueError):
             return []
+
+    def reload(self):
+        return subprocess.run([self.pm2, "reload", "hello"], env=self.env, capture_output=True).returncode == 0
 
     def stop(self):
         subprocess.run([self.pm2, "kill"], env=self.env, capture_output=True)
@@ -269,6 +302,60 @@ def measure(cls, args):
         target.stop()
 
 
+def measure_reloads(cls, args):
+    """wrk for args.duration without reloads, then for args.reload_duration while reloading."""
+    target = cls(args.workers)
+    try:
+        run_wrk(target.port, 2, args.connections, lambda: [])
+        base = run_wrk(target.port, args.duration, args.connections, lambda: [])
+        stop = threading.Event()
+        outcomes = []
+
+        def reloader():
+            while not stop.wait(args.reload_every):
+                outcomes.append(target.reload())
+
+        thread = threading.Thread(target=reloader, daemon=True)
+        thread.start()
+        loaded = run_wrk(target.port, args.reload_duration, args.connections, lambda: [])
+        stop.set()
+        thread.join()
+        return {
+            "reloads": len(outcomes),
+            "reload_failures": outcomes.count(False),
+            "errors": loaded["errors"],
+            "requests": loaded["requests"],
+            "p99_base": base["p99"],
+            "p99_reload": loaded["p99"],
+            "rps_reload": loaded["rps"],
+        }
+    finally:
+        target.stop()
+
+
+def reload_report(names, args):
+    results = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            result = measure_reloads(TARGETS[name], args)
+            results[name].append(result)
+            print(f"round {r + 1} {name:>7}: {result['reloads']} reloads ({result['reload_failures']} failed), "
+                  f"{result['errors']} failed requests of {result['requests']}, p99 {result['p99_base']:.2f} ms -> "
+                  f"{result['p99_reload']:.2f} ms", file=sys.stderr, flush=True)
+
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    print(f"\n{args.rounds} rounds; wrk -c{args.connections} for {args.reload_duration} s with a reload every "
+          f"{args.reload_every} s ({args.workers} Node hello workers), {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
+    print("| target | reloads | failed requests | of requests | p99 ms without reloads | p99 ms during reloads |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        print(f"| {TARGETS[name].name} | {med(name, 'reloads'):.0f} | {med(name, 'errors'):.0f} | {med(name, 'requests'):.0f} | "
+              f"{med(name, 'p99_base'):.2f} | {med(name, 'p99_reload'):.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -277,6 +364,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--targets", default="direct,corral,nginx,pm2")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
+    ap.add_argument("--mode", choices=["throughput", "reload"], default="throughput")
+    ap.add_argument("--reload-every", type=float, default=3.0)
+    ap.add_argument("--reload-duration", type=int, default=30)
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -293,6 +383,9 @@ def main():
             print("skipping pm2: not installed (use --install)", file=sys.stderr)
         else:
             names.append(name)
+
+    if args.mode == "reload":
+        return reload_report([n for n in names if n != "direct"], args)
 
     results = {n: [] for n in names}
     for r in range(args.rounds):

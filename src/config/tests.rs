@@ -174,3 +174,28 @@ fn a_missing_file_is_a_read_error() {
     assert!(matches!(e, ConfigError::Read { .. }));
     assert!(e.to_string().contains("/no/such/proxy.toml"));
 }
+
+#[test]
+fn readiness_and_reload_keys() {
+    let config = parse(
+        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"/health\"\nreload_batch = 2\n",
+    )
+    .expect("valid");
+    assert_eq!(config.apps[0].ready_path.as_deref(), Some("/health"));
+    assert_eq!(config.apps[0].reload_batch, 2);
+    let got = messages(
+        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"health\"\nreload_batch = 0\n",
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("4: ")
+                && m.contains("ready_path: \"health\" is not a request path")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("5: ")
+                && m.contains("reload_batch: 0 is outside the allowed range")),
+        "{got:#?}"
+    );
+}

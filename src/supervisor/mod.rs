@@ -649,7 +649,9 @@ impl Supervisor {
         }
         worker.state = WorkerState::Draining;
         worker.probe.cancel();
-        let upstream = worker.upstream.take();
+        // Keep only the stream-cutting token: once the last in-flight request is done, the
+        // upstream and its pooled idle connections to this worker are dropped (closed).
+        let cut = worker.upstream.take().map(|u| u.cut.clone());
         let token = CancellationToken::new();
         worker.drain = Some(token.clone());
         let (id, stats, timeout) = (
@@ -663,9 +665,9 @@ impl Supervisor {
                 _ = token.cancelled() => return,
                 idle = tokio::time::timeout(timeout, stats.wait_idle()) => {
                     if idle.is_err() {
-                        if let Some(upstream) = upstream {
+                        if let Some(cut) = cut {
                             warn!(worker = id, in_flight = stats.in_flight(), "drain_timeout passed; ending the worker's open responses");
-                            upstream.cut.cancel();
+                            cut.cancel();
                         }
                     }
                 }
