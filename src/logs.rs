@@ -183,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn long_lines_are_split_and_the_tail_is_bounded() {
         let mut input = Vec::new();
-        input.extend(std::iter::repeat(b'x').take(MAX_LINE + 10));
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.push(b'\n');
         for i in 0..30 {
             input.extend(format!("line {i}\r\n").bytes());

@@ -205,7 +205,7 @@ fn malformed_requests_get_4xx_and_the_next_request_is_served() -> TestResult {
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
 
     let mut huge = b"GET /whoami HTTP/1.1\r\nHost: t\r\nX-Huge: ".to_vec();
-    huge.extend(std::iter::repeat(b'a').take(200 * 1024));
+    huge.extend(std::iter::repeat_n(b'a', 200 * 1024));
     huge.extend(b"\r\n\r\n");
     let mut conn = Conn::open(corral.addr)?;
     // The server may answer and close before reading everything; a reset on write is fine.

@@ -366,7 +366,7 @@ mod tests {
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
         assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));
         let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
-        big.extend(std::iter::repeat(b'a').take(70 * 1024));
+        big.extend(std::iter::repeat_n(b'a', 70 * 1024));
         let (out, scan) = run(&big, 4096);
         assert_eq!(out, big);
         assert_eq!(scan, Scan::Off);
