@@ -14,24 +14,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// How long an idle pooled connection to a worker is kept. Below Node's default 5 s
-/// `keepAliveTimeout`, so we close idle connections before the worker does and never send a
-/// request on a connection the worker is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-/// Connecting to a worker on loopback is immediate or refused; this bounds a full SYN backlog.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::proxy::pool::ConnPool;
 
 /// Live counters of one worker, shared by the supervisor (status, drain) and the proxy.
 #[derive(Debug, Default)]
@@ -78,9 +68,9 @@ impl WorkerStats {
 
 /// A ready worker as the proxy sees it: where it listens, and a connection pool to it.
 ///
-/// Each upstream has its own client and so its own connection pool: when the worker leaves the
-/// pool and the last request on it finishes, the `Upstream` is dropped and its idle connections
-/// close with it, so nothing can be sent to a worker on its way out.
+/// Each upstream has its own connection pool: when the worker leaves the pool and the last
+/// request on it finishes, the `Upstream` is dropped and its idle connections close with it, so
+/// nothing can be sent to a worker on its way out.
 #[derive(Debug)]
 pub struct Upstream {
     /// The worker's supervisor id.
@@ -91,25 +81,21 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// `127.0.0.1:PORT`, ready for request URIs.
     pub authority: Authority,
-    /// Pooled HTTP/1.1 client to this worker.
-    pub client: Client<HttpConnector, Incoming>,
+    /// Idle HTTP/1.1 connections to this worker.
+    pub pool: ConnPool,
     /// Counters shared with the supervisor.
     pub stats: Arc<WorkerStats>,
     /// Cancelled at the drain deadline: responses still streaming from this worker (SSE) end
     /// cleanly, so clients reconnect to a worker in rotation.
     pub cut: CancellationToken,
+    /// Set by the proxy when the worker refused a connection: selection skips it at once,
+    /// before the supervisor has re-probed it and published a new pool.
+    down: AtomicBool,
 }
 
 impl Upstream {
     /// An upstream for a worker listening on `addr`.
     pub fn new(id: u64, slot: usize, addr: SocketAddr, stats: Arc<WorkerStats>) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("UNWRAP: a socket address is a valid authority");
         Upstream {
@@ -117,10 +103,21 @@ impl Upstream {
             slot,
             addr,
             authority,
-            client,
+            pool: ConnPool::new(addr),
             stats,
             cut: CancellationToken::new(),
+            down: AtomicBool::new(false),
         }
+    }
+
+    /// True while the worker is believed to refuse connections.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Sets or clears the "refuses connections" mark.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 }
 
@@ -184,6 +181,8 @@ pub struct Balancer {
     next: AtomicUsize,
     /// Ready-worker count, for those who wait for the first worker (the accept loop).
     ready: watch::Sender<usize>,
+    /// Where the proxy reports a worker that refused a connection (the supervisor re-probes it).
+    unreachable: OnceLock<mpsc::UnboundedSender<u64>>,
 }
 
 impl Default for Balancer {
@@ -192,6 +191,7 @@ impl Default for Balancer {
             pool: ArcSwap::from_pointee(Pool::default()),
             next: AtomicUsize::new(0),
             ready: watch::Sender::new(0),
+            unreachable: OnceLock::new(),
         }
     }
 }
@@ -206,13 +206,35 @@ impl Balancer {
 
     /// The next worker in rotation, counted in flight; `None` when no worker is ready.
     pub fn pick(&self) -> Option<InFlight> {
+        self.pick_except(&[])
+    }
+
+    /// The next worker in rotation other than those in `tried` (by id) and those marked down.
+    pub fn pick_except(&self, tried: &[u64]) -> Option<InFlight> {
         let pool = self.pool.load();
         let n = pool.members.len();
         if n == 0 {
             return None;
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Some(InFlight::new(Arc::clone(&pool.members[index])))
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &pool.members[(start + i) % n])
+            .find(|u| !u.is_down() && !tried.contains(&u.id))
+            .map(|u| InFlight::new(Arc::clone(u)))
+    }
+
+    /// Sets where [`Balancer::report_unreachable`] sends worker ids (once, by the supervisor).
+    pub fn set_reporter(&self, tx: mpsc::UnboundedSender<u64>) {
+        let _already_set = self.unreachable.set(tx);
+    }
+
+    /// The worker refused a connection: skip it from now on and tell the supervisor.
+    pub fn report_unreachable(&self, upstream: &Upstream) {
+        if !upstream.down.swap(true, Ordering::Relaxed) {
+            if let Some(tx) = self.unreachable.get() {
+                let _supervisor_gone = tx.send(upstream.id);
+            }
+        }
     }
 
     /// Waits until at least one worker is ready.
@@ -226,6 +248,7 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn upstream(id: u64, slot: usize) -> Arc<Upstream> {
         let addr = SocketAddr::from(([127, 0, 0, 1], 40_000 + slot as u16));

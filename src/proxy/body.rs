@@ -10,6 +10,9 @@ use hyper::body::Incoming;
 
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use hyper::client::conn::http1::SendRequest;
+
+use super::pool::UpstreamBody;
 use crate::balancer::InFlight;
 
 /// A response body: streamed from a worker, or a message from corral.
@@ -25,18 +28,22 @@ pub enum ProxyBody {
         /// Resolves when the worker's drain deadline passes; set up the first time the body
         /// has to wait for data, so quick responses never pay for it.
         cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        /// The connection the response came on; back to the worker's pool once the body has
+        /// been read to its end.
+        conn: Option<SendRequest<UpstreamBody>>,
     },
     /// A complete body (error pages); `None` once sent.
     Message(Option<Bytes>),
 }
 
 impl ProxyBody {
-    /// Streams `body` while holding `guard`.
-    pub fn upstream(body: Incoming, guard: InFlight) -> ProxyBody {
+    /// Streams `body` while holding `guard`; `conn` is returned to the pool at its end.
+    pub fn upstream(body: Incoming, guard: InFlight, conn: SendRequest<UpstreamBody>) -> ProxyBody {
         ProxyBody::Upstream {
             body,
             guard,
             cut: None,
+            conn: Some(conn),
         }
     }
 
@@ -55,8 +62,18 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, guard, cut } => {
-                if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
+            ProxyBody::Upstream {
+                body,
+                guard,
+                cut,
+                conn,
+            } => {
+                if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                    if frame.is_none() {
+                        if let Some(conn) = conn.take() {
+                            guard.upstream().pool.put(conn);
+                        }
+                    }
                     return Poll::Ready(frame);
                 }
                 let cut = cut.get_or_insert_with(|| {
@@ -86,6 +103,22 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Message(text) => {
                 SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // Bodies hyper never polls (HEAD, 204, 304) end here; their connection is reusable.
+        if let ProxyBody::Upstream {
+            body, guard, conn, ..
+        } = self
+        {
+            if body.is_end_stream() {
+                if let Some(conn) = conn.take() {
+                    guard.upstream().pool.put(conn);
+                }
             }
         }
     }

@@ -47,27 +47,6 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies an error of the pooled client.
-    pub fn from_client(worker: SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
-        let mut reason = String::new();
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-        while let Some(cause) = source {
-            if !reason.is_empty() {
-                reason.push_str(": ");
-            }
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        if reason.is_empty() {
-            reason = e.to_string();
-        }
-        if e.is_connect() {
-            ProxyError::Connect { worker, reason }
-        } else {
-            ProxyError::Upstream { worker, reason }
-        }
-    }
-
     /// True when the worker side failed (worth a warning), false for client-side problems and
     /// an empty pool.
     pub fn is_upstream(&self) -> bool {

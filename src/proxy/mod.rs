@@ -18,20 +18,22 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod pool;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::Scheme;
-use http::{Request, Response, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use crate::balancer::Balancer;
 use body::ProxyBody;
 use error::ProxyError;
+use pool::{Conn, UpstreamBody};
 
 /// The proxy of one app.
 #[derive(Debug)]
@@ -89,34 +91,102 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut head, body) = req.into_parts();
-        let guard = self.balancer.pick().ok_or(ProxyError::NoWorker)?;
-        let upstream = Arc::clone(guard.upstream());
-
         forward::request_headers(&mut head.headers, peer.ip());
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(upstream.authority.clone());
-        uri.path_and_query = head
+        // Workers get origin-form targets ("/path?query"); Host carries the authority.
+        let target = head
             .uri
             .path_and_query()
             .cloned()
-            .or_else(|| Some("/".parse().expect("UNWRAP: literal")));
-        head.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget)?;
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        head.uri = Uri::from(target);
         head.version = Version::HTTP_11;
+        let mut body = UpstreamBody::from_client(body);
+        // Kept only for requests that may be repeated after they were sent (see below).
+        let mut resend = (is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty))
+            .then(|| head.clone());
 
-        let sent = upstream.client.request(Request::from_parts(head, body));
-        let response = match tokio::time::timeout(self.upstream_timeout, sent).await {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    worker: upstream.addr,
-                    after: self.upstream_timeout,
-                })
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last_error = ProxyError::NoWorker;
+        loop {
+            let Some(guard) = self.balancer.pick_except(&tried) else {
+                return Err(last_error);
+            };
+            let upstream = Arc::clone(guard.upstream());
+            let conn = match upstream.pool.checkout().await {
+                Some(conn) => conn,
+                None => match upstream.pool.connect().await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Nothing was sent: any request may go to another worker.
+                        self.balancer.report_unreachable(&upstream);
+                        tried.push(upstream.id);
+                        last_error = ProxyError::Connect {
+                            worker: upstream.addr,
+                            reason: e.to_string(),
+                        };
+                        continue;
+                    }
+                },
+            };
+            let Conn { mut sender, reused } = conn;
+            let sent = sender.try_send_request(Request::from_parts(head, body));
+            match tokio::time::timeout(self.upstream_timeout, sent).await {
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        worker: upstream.addr,
+                        after: self.upstream_timeout,
+                    })
+                }
+                Ok(Ok(response)) => {
+                    let (mut parts, incoming) = response.into_parts();
+                    forward::response_headers(&mut parts.headers);
+                    return Ok(Response::from_parts(
+                        parts,
+                        ProxyBody::upstream(incoming, guard, sender),
+                    ));
+                }
+                Ok(Err(mut failed)) => {
+                    let reason = failed.error().to_string();
+                    if let Some(unsent) = failed.take_message() {
+                        // The connection closed before the request was written: retry anywhere.
+                        (head, body) = unsent.into_parts();
+                        tried.push(upstream.id);
+                        last_error = ProxyError::Upstream {
+                            worker: upstream.addr,
+                            reason,
+                        };
+                        continue;
+                    }
+                    // Written, then the exchange failed. On a reused connection that is the
+                    // race with the worker closing it; an idempotent request without a body
+                    // can be repeated once, elsewhere.
+                    match resend.take().filter(|_| reused) {
+                        Some(again) => {
+                            head = again;
+                            body = UpstreamBody::Empty;
+                            tried.push(upstream.id);
+                            last_error = ProxyError::Upstream {
+                                worker: upstream.addr,
+                                reason,
+                            };
+                        }
+                        None => {
+                            return Err(ProxyError::Upstream {
+                                worker: upstream.addr,
+                                reason,
+                            })
+                        }
+                    }
+                }
             }
-            Ok(Err(e)) => return Err(ProxyError::from_client(upstream.addr, &e)),
-            Ok(Ok(response)) => response,
-        };
-        let (mut head, body) = response.into_parts();
-        forward::response_headers(&mut head.headers);
-        Ok(Response::from_parts(head, ProxyBody::upstream(body, guard)))
+        }
     }
+}
+
+/// Methods that RFC 9110 defines as idempotent.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }

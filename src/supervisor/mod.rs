@@ -142,6 +142,9 @@ enum Event {
     Drained {
         id: u64,
     },
+    Unreachable {
+        id: u64,
+    },
     RestartDue {
         app: usize,
         slot: usize,
@@ -172,6 +175,8 @@ pub struct Supervisor {
     commands: mpsc::Receiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     event_rx: mpsc::UnboundedReceiver<Event>,
+    /// Workers the proxy found refusing connections.
+    unreachable_rx: mpsc::UnboundedReceiver<u64>,
     output: OutputSink,
     backoff: Backoff,
     next_id: u64,
@@ -191,7 +196,7 @@ impl Supervisor {
         output: OutputSink,
     ) -> (Supervisor, Handle) {
         let cpus = crate::config::usable_cpus();
-        let apps = config
+        let apps: Vec<App> = config
             .apps
             .iter()
             .zip(balancers)
@@ -210,12 +215,19 @@ impl Supervisor {
             .collect();
         let (tx, commands) = mpsc::channel(64);
         let (events, event_rx) = mpsc::unbounded_channel();
+        let (unreachable, unreachable_rx) = mpsc::unbounded_channel();
+        for app in &apps {
+            if let Some(balancer) = &app.balancer {
+                balancer.set_reporter(unreachable.clone());
+            }
+        }
         let supervisor = Supervisor {
             config_path: config.path.clone(),
             apps,
             commands,
             events,
             event_rx,
+            unreachable_rx,
             output,
             backoff: Backoff::default(),
             next_id: 1,
@@ -244,6 +256,7 @@ impl Supervisor {
                     None => self.begin_shutdown(None),
                 },
                 Some(event) = self.event_rx.recv() => self.on_event(event),
+                Some(id) = self.unreachable_rx.recv() => self.on_event(Event::Unreachable { id }),
             }
             if self.stopping.is_some() && self.apps.iter().all(|a| a.workers.is_empty()) {
                 break;
@@ -294,6 +307,7 @@ impl Supervisor {
                 kill_group(worker.pid, Signal::SIGKILL);
             }
             Event::Drained { id } => self.on_drained(id),
+            Event::Unreachable { id } => self.on_unreachable(id),
             Event::RestartDue { app, slot } => {
                 let occupied = self.apps[app]
                     .workers
@@ -313,6 +327,15 @@ impl Supervisor {
             return;
         };
         let worker = &mut self.apps[app].workers[index];
+        if worker.state == WorkerState::Ready && worker.unreachable {
+            worker.unreachable = false;
+            if let Some(upstream) = &worker.upstream {
+                upstream.set_down(false);
+            }
+            info!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker accepts connections again; back in rotation");
+            self.publish(app);
+            return;
+        }
         if worker.state != WorkerState::Starting || worker.was_ready {
             return;
         }
@@ -362,11 +385,39 @@ impl Supervisor {
         }
     }
 
+    /// The proxy could not connect to a ready worker: out of rotation, and probe it again.
+    fn on_unreachable(&mut self, id: u64) {
+        let Some((app, index)) = self.find(id) else {
+            return;
+        };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Ready || worker.unreachable {
+            return;
+        }
+        worker.unreachable = true;
+        warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker refused a connection; out of rotation until it accepts again");
+        if let Some(port) = worker.port {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let check = Readiness {
+                addr,
+                path: worker.spec.ready_path.clone(),
+                timeout: worker.spec.listen_timeout,
+            };
+            worker.probe = CancellationToken::new();
+            tokio::spawn(check.run(id, worker.probe.clone(), self.events.clone()));
+        }
+        self.publish(app);
+    }
+
     fn on_never_ready(&mut self, id: u64) {
         let Some((app, index)) = self.find(id) else {
             return;
         };
         let worker = &self.apps[app].workers[index];
+        if worker.state == WorkerState::Ready && worker.unreachable {
+            error!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker still refuses connections after listen_timeout; replacing it");
+            return self.stop(app, index, StopReason::NeverReady);
+        }
         if worker.state != WorkerState::Starting {
             return;
         }
@@ -580,6 +631,7 @@ impl Supervisor {
             upstream: None,
             drain: None,
             drained: false,
+            unreachable: false,
         });
         Ok(id)
     }
@@ -692,7 +744,7 @@ impl Supervisor {
             let members = app
                 .workers
                 .iter()
-                .filter(|w| w.state == WorkerState::Ready)
+                .filter(|w| w.in_rotation())
                 .filter_map(|w| w.upstream.clone())
                 .collect();
             balancer.publish(Pool::new(members));
@@ -716,7 +768,7 @@ impl Supervisor {
                             generation: Some(w.generation),
                             pid: Some(w.pid),
                             port: w.port,
-                            state: w.state.label().to_owned(),
+                            state: w.label().to_owned(),
                             uptime_ms: w.started.elapsed().as_millis() as u64,
                             restarts: slot.map_or(0, |s| s.restarts),
                             requests: w.stats.requests(),

@@ -118,9 +118,25 @@ pub struct Worker {
     pub drain: Option<CancellationToken>,
     /// True once a drain finished (idle, or drain_timeout passed).
     pub drained: bool,
+    /// Ready, but it refused a connection: out of rotation until a probe passes again.
+    pub unreachable: bool,
 }
 
 impl Worker {
+    /// True when it should be in the pool.
+    pub fn in_rotation(&self) -> bool {
+        self.state == WorkerState::Ready && !self.unreachable
+    }
+
+    /// The word `corral status` shows.
+    pub fn label(&self) -> &'static str {
+        if self.state == WorkerState::Ready && self.unreachable {
+            "unreachable"
+        } else {
+            self.state.label()
+        }
+    }
+
     /// True while it serves or is about to: its slot is taken.
     pub fn is_live(&self) -> bool {
         matches!(self.state, WorkerState::Starting | WorkerState::Ready)
