@@ -28,13 +28,7 @@ pub struct Cli {
     #[arg(short, long, global = true, default_value = crate::config::DEFAULT_PATH)]
     config: PathBuf,
     /// Format of corral's own log (stderr). Also CORRAL_LOG_FORMAT.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        env = "CORRAL_LOG_FORMAT",
-        default_value = "text"
-    )]
+    #[arg(long, global = true, value_enum, env = "CORRAL_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -94,10 +88,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => control(&cli.config, Request::Status, |reply| match reply {
             Reply::Status(status) => {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&status).unwrap_or_default()
-                    );
+                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
                 } else {
                     print!("{}", table(&status));
                 }
@@ -170,11 +161,7 @@ fn print_reply(reply: Reply) {
     }
 }
 
-fn control(
-    config: &std::path::Path,
-    request: Request,
-    on_reply: impl FnMut(Reply),
-) -> anyhow::Result<ExitCode> {
+fn control(config: &std::path::Path, request: Request, on_reply: impl FnMut(Reply)) -> anyhow::Result<ExitCode> {
     control_with_deadline(config, request, Duration::from_secs(30), on_reply)
 }
 
@@ -243,11 +230,7 @@ fn table(status: &Status) -> String {
                 w.pid.map_or_else(dash, |p| p.to_string()),
                 w.port.map_or_else(dash, |p| p.to_string()),
                 w.state.clone(),
-                if w.pid.is_some() {
-                    uptime(w.uptime_ms)
-                } else {
-                    dash()
-                },
+                if w.pid.is_some() { uptime(w.uptime_ms) } else { dash() },
                 w.restarts.to_string(),
                 w.memory_bytes.map_or_else(dash, units::format_size),
                 w.requests.to_string(),
@@ -260,11 +243,7 @@ fn table(status: &Status) -> String {
         .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

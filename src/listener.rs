@@ -6,9 +6,11 @@
 //! new corral process (binary upgrade) will start from the same [`PublicSocket`].
 //!
 //! [`serve`] is the accept loop. It owns the socket from then on, turns every connection into
-//! a hyper HTTP/1.1 connection running the [`Proxy`] service, and on shutdown stops accepting,
-//! closes the socket, and lets open connections finish their in-flight request (each connection
-//! is watched by hyper-util's `GracefulShutdown`) within the drain deadline.
+//! a hyper HTTP/1.1 connection (with upgrades, for WebSocket) running the [`Proxy`] service, and
+//! on shutdown stops accepting, closes the socket, and lets open connections finish their
+//! in-flight request within the drain deadline; tunnels still open then are closed. (hyper-util's
+//! `GracefulShutdown` cannot watch upgradeable connections, so each connection task selects on
+//! the shutdown token itself and the tasks are tracked by a `TaskTracker`.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +19,10 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
@@ -59,9 +61,7 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
                 format!("the address is already in use by another process ({e})")
             }
             std::io::ErrorKind::PermissionDenied => {
-                format!(
-                    "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE ({e})"
-                )
+                format!("permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE ({e})")
             }
             std::io::ErrorKind::AddrNotAvailable => {
                 format!("no local interface has this address ({e})")
@@ -70,16 +70,12 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
         };
         ListenError::Bind { addr, reason }
     };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
     // SO_REUSEPORT lets a new corral binary bind beside this one during an upgrade. It also
     // lets an unrelated process bind the same port, so refuse to share with a live listener:
     // probe first, the way a plain bind would have failed.
-    if addr.port() != 0
-        && std::net::TcpStream::connect_timeout(&probe_addr(addr), Duration::from_millis(200))
-            .is_ok()
-    {
+    if addr.port() != 0 && std::net::TcpStream::connect_timeout(&probe_addr(addr), Duration::from_millis(200)).is_ok() {
         return Err(fail(std::io::Error::from(std::io::ErrorKind::AddrInUse)));
     }
     socket.set_reuse_port(true).map_err(fail)?;
@@ -124,7 +120,9 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_size)
         .max_headers(limits.max_headers);
-    let graceful = GracefulShutdown::new();
+    // Every connection task is tracked; on stop each connection is asked to finish its
+    // in-flight request and close (hyper's graceful shutdown), and the drain waits for all.
+    let connections = TaskTracker::new();
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -146,23 +144,30 @@ pub async fn serve(
         let proxy = Arc::clone(&proxy);
         let service = service_fn(move |req| Arc::clone(&proxy).serve(req, peer));
         let stream = FramingGuard::new(stream, limits.max_header_size);
-        let conn = http.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
 
     drop(listener);
-    let open = graceful.count();
-    info!(%addr, open_connections = open, "stopped accepting; draining connections");
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    connections.close();
+    info!(%addr, open_connections = connections.len(), "stopped accepting; draining connections");
+    if tokio::time::timeout(drain, connections.wait()).await.is_err() {
         warn!(%addr, ?drain, "drain deadline passed; closing the remaining connections");
     }
+    // Tunnels (WebSocket) are not HTTP connections any more: they end here, at the latest.
+    proxy.close_tunnels();
     Ok(())
 }

@@ -99,18 +99,16 @@ impl OutputSink {
     /// Starts the writer thread that prints worker lines on corral's stdout and stderr.
     pub fn start() -> OutputSink {
         let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
-        let spawned = std::thread::Builder::new()
-            .name("corral-output".into())
-            .spawn(move || {
-                let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-                while let Some((stream, line)) = rx.blocking_recv() {
-                    // A closed stdout (corral piped into `head`) must not stop supervision.
-                    let _ignored = match stream {
-                        Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
-                        Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
-                    };
-                }
-            });
+        let spawned = std::thread::Builder::new().name("corral-output".into()).spawn(move || {
+            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+            while let Some((stream, line)) = rx.blocking_recv() {
+                // A closed stdout (corral piped into `head`) must not stop supervision.
+                let _ignored = match stream {
+                    Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
+                    Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
+                };
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the output thread; worker output is discarded");
         }
@@ -119,13 +117,7 @@ impl OutputSink {
 
     /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
     /// in `tail`.
-    pub async fn pump(
-        self,
-        reader: impl AsyncRead + Unpin,
-        stream: Stream,
-        prefix: String,
-        tail: Arc<OutputTail>,
-    ) {
+    pub async fn pump(self, reader: impl AsyncRead + Unpin, stream: Stream, prefix: String, tail: Arc<OutputTail>) {
         let mut reader = BufReader::new(reader);
         let mut line = Vec::with_capacity(256);
         loop {
@@ -141,12 +133,7 @@ impl OutputSink {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             tail.push(text);
-            if self
-                .tx
-                .send((stream, format!("{prefix} | {text}\n")))
-                .await
-                .is_err()
-            {
+            if self.tx.send((stream, format!("{prefix} | {text}\n"))).await.is_err() {
                 return;
             }
         }
@@ -154,10 +141,7 @@ impl OutputSink {
 }
 
 /// Reads up to and including a newline, or `MAX_LINE` bytes, whichever comes first.
-async fn read_line_capped(
-    reader: &mut (impl AsyncBufReadExt + Unpin),
-    line: &mut Vec<u8>,
-) -> std::io::Result<usize> {
+async fn read_line_capped(reader: &mut (impl AsyncBufReadExt + Unpin), line: &mut Vec<u8>) -> std::io::Result<usize> {
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
@@ -192,20 +176,13 @@ mod tests {
         let mut reader = BufReader::new(&input[..]);
         let mut lines = Vec::new();
         let mut line = Vec::new();
-        while read_line_capped(&mut reader, &mut line)
-            .await
-            .expect("in-memory read")
-            > 0
-        {
+        while read_line_capped(&mut reader, &mut line).await.expect("in-memory read") > 0 {
             lines.push(String::from_utf8_lossy(&line).into_owned());
             line.clear();
         }
         assert_eq!(lines[0].len(), MAX_LINE);
         assert_eq!(lines[1], "xxxxxxxxxx\n");
-        assert_eq!(
-            lines.last().map(String::as_str),
-            Some("no newline at the end")
-        );
+        assert_eq!(lines.last().map(String::as_str), Some("no newline at the end"));
         assert_eq!(lines.len(), 2 + 30 + 1);
 
         let tail = OutputTail::default();
@@ -214,9 +191,6 @@ mod tests {
         }
         let kept = tail.lines();
         assert_eq!(kept.len(), TAIL_LINES);
-        assert_eq!(
-            kept.last().map(String::as_str),
-            Some("no newline at the end")
-        );
+        assert_eq!(kept.last().map(String::as_str), Some("no newline at the end"));
     }
 }

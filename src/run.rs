@@ -56,10 +56,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let control = ControlSocket::bind(&config.path).await?;
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
-    let balancers: Vec<Option<Arc<Balancer>>> = sockets
-        .iter()
-        .map(|s| s.as_ref().map(|_| Arc::default()))
-        .collect();
+    let balancers: Vec<Option<Arc<Balancer>>> = sockets.iter().map(|s| s.as_ref().map(|_| Arc::default())).collect();
     let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
     let supervisor = tokio::spawn(supervisor.run());
 
@@ -69,11 +66,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let (Some(socket), Some(balancer)) = (socket, balancer) else {
             continue;
         };
-        let proxy = Arc::new(Proxy::new(
-            app.name.clone(),
-            balancer,
-            app.http.upstream_timeout,
-        ));
+        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, app.http.upstream_timeout));
         let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
         let stop = shutdown.child_token();
         let name = app.name.clone();

@@ -36,14 +36,8 @@ fn assert_rejected(config: Option<&str>, expected: &[&str]) -> TestResult {
     for command in ["check", "run"] {
         let (output, _dir) = run_cli(&[command], config)?;
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            !output.status.success(),
-            "`corral {command}` accepted {config:?}"
-        );
-        assert!(
-            !stderr.contains("panicked"),
-            "`corral {command}` panicked: {stderr}"
-        );
+        assert!(!output.status.success(), "`corral {command}` accepted {config:?}");
+        assert!(!stderr.contains("panicked"), "`corral {command}` panicked: {stderr}");
         for needle in expected {
             assert!(
                 stderr.contains(needle),
@@ -94,9 +88,7 @@ fn a_toml_syntax_error_is_named_with_its_line() -> TestResult {
 fn every_problem_is_listed_at_once_with_the_config_exit_code() -> TestResult {
     let (output, _dir) = run_cli(
         &["check"],
-        Some(&app(
-            "instances = 0\nkill_signal = \"SIGNOPE\"\ncolour = \"red\"\n",
-        )),
+        Some(&app("instances = 0\nkill_signal = \"SIGNOPE\"\ncolour = \"red\"\n")),
     )?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(78), "{stderr}");
@@ -109,10 +101,7 @@ fn every_problem_is_listed_at_once_with_the_config_exit_code() -> TestResult {
 
 #[test]
 fn a_missing_config_file_is_named() -> TestResult {
-    assert_rejected(
-        None,
-        &["cannot read config file", "proxy.toml", "No such file"],
-    )
+    assert_rejected(None, &["cannot read config file", "proxy.toml", "No such file"])
 }
 
 #[test]
@@ -121,11 +110,7 @@ fn the_example_config_passes_check() -> TestResult {
         .args(["check", "-c"])
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml"))
         .output()?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
     Ok(())
 }
@@ -142,10 +127,7 @@ fn a_listen_address_in_use_is_a_clear_error() -> TestResult {
     let (output, _dir) = run_cli(&["run"], Some(&config))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        stderr.contains(&format!("cannot listen on {addr}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
     assert!(stderr.contains("already in use"), "{stderr}");
     assert!(
         !stderr.contains("starting workers"),
@@ -222,10 +204,7 @@ fn malformed_requests_get_4xx_and_the_next_request_is_served() -> TestResult {
         400
     );
     let version = status_for(&corral, b"GET /whoami HTTP/9.9\r\nHost: t\r\n\r\n")?;
-    assert!(
-        (400..=505).contains(&version),
-        "unknown HTTP version got {version}"
-    );
+    assert!((400..=505).contains(&version), "unknown HTTP version got {version}");
     let mut conn = Conn::open(corral.addr)?;
     conn.send_raw(b"GET /whoami HTTP/1.1\r\nHost: t\r\n\r\n")?;
     assert_eq!(conn.read_response()?.status, 200);

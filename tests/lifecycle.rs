@@ -37,10 +37,7 @@ fn a_killed_worker_is_replaced_and_the_front_keeps_answering() -> TestResult {
         .find(|w| w["restarts"] == 1)
         .ok_or("no slot shows a restart")?;
     assert!(
-        restarted["last_exit"]
-            .as_str()
-            .unwrap_or("")
-            .contains("SIGKILL"),
+        restarted["last_exit"].as_str().unwrap_or("").contains("SIGKILL"),
         "{restarted}"
     );
     Ok(())
@@ -97,10 +94,7 @@ fn new_connections_are_refused_while_stopping_but_open_ones_finish() -> TestResu
     poll_until(DEADLINE, "the public socket to close", || {
         std::net::TcpStream::connect(addr).is_err().then_some(())
     })?;
-    assert_eq!(
-        slow.join().map_err(|_| "client thread panicked")??.text(),
-        "slow done"
-    );
+    assert_eq!(slow.join().map_err(|_| "client thread panicked")??.text(), "slow done");
     assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
     Ok(())
 }
@@ -140,11 +134,9 @@ fn sigkill_of_the_front_takes_every_worker_with_it() -> TestResult {
     let workers = corral.online_pids()?;
     corral.signal(Signal::SIGKILL)?;
     corral.wait_exit(DEADLINE)?;
-    poll_until(
-        Duration::from_secs(2),
-        "workers to die with the front process",
-        || workers.iter().all(|&pid| !alive(pid)).then_some(()),
-    )?;
+    poll_until(Duration::from_secs(2), "workers to die with the front process", || {
+        workers.iter().all(|&pid| !alive(pid)).then_some(())
+    })?;
     Ok(())
 }
 
@@ -198,11 +190,7 @@ fn a_worker_that_crashes_at_boot_is_reported_and_retried_with_backoff() -> TestR
     // Clients get a clear 503 while no worker is ready.
     let response = get(corral.addr, "/")?;
     assert_eq!(response.status, 503);
-    assert!(
-        response.text().contains("no worker is ready"),
-        "{}",
-        response.text()
-    );
+    assert!(response.text().contains("no worker is ready"), "{}", response.text());
     Ok(())
 }
 
@@ -216,10 +204,7 @@ fn a_worker_that_never_listens_is_reported_at_listen_timeout() -> TestResult {
             .env("FIXTURE_BOOT", "never-listen")
     })?;
     poll_until(DEADLINE, "the listen_timeout report", || {
-        corral
-            .logs()
-            .contains("within listen_timeout")
-            .then_some(())
+        corral.logs().contains("within listen_timeout").then_some(())
     })?;
     let logs = corral.logs();
     assert!(logs.contains("fixture: not listening, as asked"), "{logs}");
@@ -250,10 +235,7 @@ fn a_proxied_app_and_a_plain_process_run_side_by_side() -> TestResult {
     assert_eq!(status["apps"][1]["name"], "jobs");
     assert!(status["apps"][1]["listen"].is_null());
     for worker in status["apps"][1]["workers"].as_array().ok_or("workers")? {
-        assert!(
-            worker["port"].is_null(),
-            "a plain process gets no port: {worker}"
-        );
+        assert!(worker["port"].is_null(), "a plain process gets no port: {worker}");
     }
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
     poll_until(DEADLINE, "the plain workers' output", || {

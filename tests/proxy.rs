@@ -72,10 +72,7 @@ fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() -> TestResult {
     assert_eq!(seen["x-forwarded-host"], "shop.example:8080");
     assert_eq!(seen["x-custom"], "kept");
     for gone in ["x-private", "keep-alive", "proxy-authorization"] {
-        assert!(
-            seen.get(gone).is_none(),
-            "{gone} reached the worker: {seen}"
-        );
+        assert!(seen.get(gone).is_none(), "{gone} reached the worker: {seen}");
     }
     // The connection stays usable for the next request.
     assert_eq!(conn.get("/whoami")?.status, 200);
@@ -123,17 +120,10 @@ fn a_10_mib_response_arrives_intact() -> TestResult {
     let n = 10 << 20;
     let response = get(corral.addr, &format!("/bytes?n={n}"))?;
     assert_eq!(response.status, 200);
-    assert_eq!(
-        response.header("content-length"),
-        Some(n.to_string().as_str())
-    );
+    assert_eq!(response.header("content-length"), Some(n.to_string().as_str()));
     assert_eq!(response.body.len(), n);
     assert!(
-        response
-            .body
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == (i % 251) as u8),
+        response.body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
         "content differs"
     );
     Ok(())
@@ -146,10 +136,7 @@ fn now_ms() -> u64 {
 }
 
 /// Reads decoded body chunks until one whole SSE event (ending in a blank line) is buffered.
-fn next_event(
-    conn: &mut Conn,
-    buffer: &mut String,
-) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+fn next_event(conn: &mut Conn, buffer: &mut String) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     loop {
         if let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
@@ -190,18 +177,12 @@ fn sse_events_arrive_as_soon_as_they_are_written() -> TestResult {
         let received = now_ms();
         assert_eq!(event["n"], n, "events out of order");
         delays.push(received.saturating_sub(event["sent"].as_u64().ok_or("sent stamp")?));
-        assert!(
-            buffer.is_empty(),
-            "a later event arrived batched with event {n}"
-        );
+        assert!(buffer.is_empty(), "a later event arrived batched with event {n}");
     }
     delays.sort_unstable();
     let median = delays[delays.len() / 2];
     eprintln!("SSE delivery delays (ms, worker write to client read): {delays:?}");
-    assert!(
-        median < 100,
-        "median SSE delivery delay {median} ms (all: {delays:?})"
-    );
+    assert!(median < 100, "median SSE delivery delay {median} ms (all: {delays:?})");
     Ok(())
 }
 
@@ -219,10 +200,7 @@ fn status_reports_every_worker() -> TestResult {
     for (slot, w) in workers.iter().enumerate() {
         assert_eq!(w["slot"], slot as u64);
         assert_eq!(w["state"], "online");
-        assert!(
-            w["pid"].as_u64().is_some() && w["port"].as_u64().is_some(),
-            "{w}"
-        );
+        assert!(w["pid"].as_u64().is_some() && w["port"].as_u64().is_some(), "{w}");
         assert_eq!(w["in_flight"], 0);
         assert_eq!(w["restarts"], 0);
     }
@@ -240,15 +218,8 @@ fn status_reports_every_worker() -> TestResult {
         "REQUESTS",
         "IN FLIGHT",
     ] {
-        assert!(
-            text.contains(column),
-            "status table lacks {column}:\n{text}"
-        );
+        assert!(text.contains(column), "status table lacks {column}:\n{text}");
     }
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with("web ")).count(),
-        2,
-        "{text}"
-    );
+    assert_eq!(text.lines().filter(|l| l.starts_with("web ")).count(), 2, "{text}");
     Ok(())
 }

@@ -97,9 +97,7 @@ fn assert_rolled_back(corral: &Corral, before: &BTreeSet<u32>, text: &str) -> Te
 
 #[test]
 fn a_build_that_crashes_at_boot_is_rolled_back_without_failing_a_request() -> TestResult {
-    let options = Options::default()
-        .instances(2)
-        .key("listen_timeout = \"5s\"");
+    let options = Options::default().instances(2).key("listen_timeout = \"5s\"");
     let corral = Corral::start(options.clone())?;
     let before = corral.online_pids()?;
     corral.rewrite_config(&options.env("FIXTURE_BOOT", "crash"))?;
@@ -110,14 +108,8 @@ fn a_build_that_crashes_at_boot_is_rolled_back_without_failing_a_request() -> Te
     let took = started.elapsed();
     let tally = load.finish();
     assert!(!ok, "a crashing build was accepted:\n{text}");
-    assert!(
-        took < Duration::from_secs(5 + 20),
-        "the reload took {took:?}"
-    );
-    assert!(
-        text.contains("exited with code 1 before it was ready"),
-        "{text}"
-    );
+    assert!(took < Duration::from_secs(5 + 20), "the reload took {took:?}");
+    assert!(text.contains("exited with code 1 before it was ready"), "{text}");
     assert!(
         text.contains("fixture: crashing at boot as asked"),
         "the failing worker's output is shown:\n{text}"
@@ -133,9 +125,7 @@ fn a_build_that_crashes_at_boot_is_rolled_back_without_failing_a_request() -> Te
 
 #[test]
 fn a_build_that_never_listens_is_rolled_back_at_listen_timeout() -> TestResult {
-    let options = Options::default()
-        .instances(2)
-        .key("listen_timeout = \"2s\"");
+    let options = Options::default().instances(2).key("listen_timeout = \"2s\"");
     let corral = Corral::start(options.clone())?;
     let before = corral.online_pids()?;
     corral.rewrite_config(&options.env("FIXTURE_BOOT", "never-listen"))?;
@@ -150,10 +140,7 @@ fn a_build_that_never_listens_is_rolled_back_at_listen_timeout() -> TestResult {
         took >= Duration::from_secs(2),
         "a timeout must never count as ready ({took:?})"
     );
-    assert!(
-        took < Duration::from_secs(2 + 20),
-        "the reload took {took:?}"
-    );
+    assert!(took < Duration::from_secs(2 + 20), "the reload took {took:?}");
     assert!(text.contains("within listen_timeout"), "{text}");
     assert!(text.contains("fixture: not listening, as asked"), "{text}");
     assert_eq!(
@@ -179,9 +166,7 @@ fn a_broken_config_changes_nothing() -> TestResult {
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
 
     // A new listen address is refused plainly rather than silently ignored.
-    let moved = Options::default()
-        .instances(2)
-        .config_text("127.0.0.1:1".parse()?);
+    let moved = Options::default().instances(2).config_text("127.0.0.1:1".parse()?);
     std::fs::write(&corral.config, moved)?;
     let (ok, text) = reload(&corral)?;
     assert!(!ok);
@@ -209,16 +194,13 @@ fn sighup_reloads_like_the_command() -> TestResult {
     .map_err(|e| corral.explain(e))?;
     assert!(before.is_disjoint(&after), "{before:?} -> {after:?}");
     for pid in before {
-        poll_until(DEADLINE, "an old worker to exit", || {
-            (!alive(pid)).then_some(())
-        })?;
+        poll_until(DEADLINE, "an old worker to exit", || (!alive(pid)).then_some(()))?;
     }
     Ok(())
 }
 
 #[test]
-fn a_slow_request_on_an_old_worker_completes_and_a_second_reload_is_refused_meanwhile() -> TestResult
-{
+fn a_slow_request_on_an_old_worker_completes_and_a_second_reload_is_refused_meanwhile() -> TestResult {
     let corral = Corral::start(Options::default().instances(1))?;
     let old = corral.online_pids()?;
     let addr = corral.addr;
@@ -257,24 +239,15 @@ fn a_slow_request_on_an_old_worker_completes_and_a_second_reload_is_refused_mean
     assert_eq!(response.status, 200);
     assert_eq!(response.text(), "slow done");
     let output = first.wait_with_output()?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let new = corral.online_pids()?;
     assert!(old.is_disjoint(&new));
     Ok(())
 }
 
 #[test]
-fn an_sse_stream_on_an_old_worker_ends_cleanly_at_drain_timeout_and_reconnects_to_a_new_one(
-) -> TestResult {
-    let corral = Corral::start(
-        Options::default()
-            .instances(2)
-            .key("drain_timeout = \"1s\""),
-    )?;
+fn an_sse_stream_on_an_old_worker_ends_cleanly_at_drain_timeout_and_reconnects_to_a_new_one() -> TestResult {
+    let corral = Corral::start(Options::default().instances(2).key("drain_timeout = \"1s\""))?;
     let old = corral.online_pids()?;
     let mut stream = Conn::open(corral.addr)?;
     stream.send("GET", "/sse", &[], &[])?;
@@ -303,10 +276,7 @@ fn an_sse_stream_on_an_old_worker_ends_cleanly_at_drain_timeout_and_reconnects_t
         .and_then(|s| s.split(',').next())
         .and_then(|s| s.parse().ok())
         .ok_or("pid")?;
-    assert!(
-        new.contains(&pid),
-        "reconnected to {pid}, not one of {new:?}"
-    );
+    assert!(new.contains(&pid), "reconnected to {pid}, not one of {new:?}");
     Ok(())
 }
 

@@ -41,8 +41,7 @@ fn cgroup_quota_cpus(proc_cgroup: &Path, cgroup_root: &Path) -> Option<usize> {
     };
     for line in membership.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
         let relative = path.trim_start_matches('/');

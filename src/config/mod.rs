@@ -77,8 +77,82 @@ pub struct AppConfig {
     pub ready_path: Option<String>,
     /// Workers replaced at once during a rolling reload. Default: 1.
     pub reload_batch: usize,
+    /// How requests are spread over the workers. Default: round robin.
+    pub balance: Balance,
+    /// Session affinity. Default: none.
+    pub sticky: Sticky,
+    /// Name of the affinity cookie (`sticky = "cookie"`). Default: `corral_sticky`.
+    pub sticky_cookie: String,
+    /// Peers whose `X-Forwarded-For` is believed (`sticky = "ip"`). Default: none.
+    pub trusted_proxies: Vec<Network>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
+}
+
+/// How a worker is chosen for a request without affinity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each ready worker in turn.
+    RoundRobin,
+    /// The ready worker with the fewest requests (and open streams, tunnels) in flight.
+    LeastConn,
+}
+
+/// Session affinity: which requests must go to the same worker slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// None: every request is balanced.
+    None,
+    /// A signed cookie names the client's slot.
+    Cookie,
+    /// The client address picks the slot.
+    Ip,
+}
+
+/// An IP address or CIDR block (`10.0.0.0/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// True if `ip` is in this block.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Network, ()> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().map_err(|_| ())?)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| ())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(());
+        }
+        Ok(Network {
+            addr: addr.to_canonical(),
+            prefix,
+        })
+    }
 }
 
 /// Limits and timeouts of the proxy, chosen on purpose (see the README's HTTP section).
@@ -169,14 +243,7 @@ impl fmt::Display for Problems<'_> {
         let noun = if count == 1 { "problem" } else { "problems" };
         write!(f, "{count} {noun} in {}:", self.path.display())?;
         for p in self.list {
-            write!(
-                f,
-                "\n  {}:{}:{}: {}",
-                self.path.display(),
-                p.line,
-                p.column,
-                p.message
-            )?;
+            write!(f, "\n  {}:{}:{}: {}", self.path.display(), p.line, p.column, p.message)?;
         }
         Ok(())
     }

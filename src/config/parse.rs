@@ -16,13 +16,11 @@ use toml::de::{DeString, DeTable, DeValue};
 use toml::Spanned;
 
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
-use super::{AppConfig, HttpLimits, Instances, Problem};
+use super::{AppConfig, Balance, HttpLimits, Instances, Network, Problem, Sticky};
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
 const NOT_YET: &[&str] = &[
-    "sticky",
-    "balance",
     "max_memory_restart",
     "min_uptime",
     "max_restarts",
@@ -39,7 +37,6 @@ const NOT_YET: &[&str] = &[
     "wait_ready",
     "health_check",
     "ready",
-    "trusted_proxies",
     "tls",
 ];
 
@@ -57,6 +54,10 @@ pub(super) const APP_KEYS: &[&str] = &[
     "drain_timeout",
     "ready_path",
     "reload_batch",
+    "balance",
+    "sticky",
+    "sticky_cookie",
+    "trusted_proxies",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -73,11 +74,7 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
             let at = e.span().map_or(0, |s| s.start);
             let (line, column) = lines.position(at);
             let message = format!("TOML syntax error: {}", e.message().trim_end());
-            return Err(vec![Problem {
-                line,
-                column,
-                message,
-            }]);
+            return Err(vec![Problem { line, column, message }]);
         }
     };
     let mut report = Report {
@@ -89,10 +86,7 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
 
     let mut apps = Vec::new();
     match top.take("app") {
-        None => report.at(
-            0..0,
-            "no [[app]] table: the file must define at least one app",
-        ),
+        None => report.at(0..0, "no [[app]] table: the file must define at least one app"),
         Some((_, value)) => {
             let span = value.span();
             match value.into_inner() {
@@ -101,11 +95,7 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
                         let span = item.span();
                         match item.get_ref() {
                             DeValue::Table(t) => {
-                                let table = Table::new(
-                                    t.clone(),
-                                    span.clone(),
-                                    format!("app #{}: ", index + 1),
-                                );
+                                let table = Table::new(t.clone(), span.clone(), format!("app #{}: ", index + 1));
                                 if let Some(app) = parse_app(table, base, &mut report) {
                                     apps.push((app, span));
                                 }
@@ -152,16 +142,18 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let kill_timeout = t
         .optional("kill_timeout", r, read_duration)
         .unwrap_or(Duration::from_secs(5));
-    let kill_signal = t
-        .optional("kill_signal", r, read_signal)
-        .unwrap_or(Signal::SIGTERM);
+    let kill_signal = t.optional("kill_signal", r, read_signal).unwrap_or(Signal::SIGTERM);
     let drain_timeout = t
         .optional("drain_timeout", r, read_duration)
         .unwrap_or(Duration::from_secs(30));
     let ready_path = t.optional("ready_path", r, read_path);
-    let reload_batch = t
-        .optional("reload_batch", r, |v| read_count(v, 1, 1024))
-        .unwrap_or(1);
+    let reload_batch = t.optional("reload_batch", r, |v| read_count(v, 1, 1024)).unwrap_or(1);
+    let balance = t.optional("balance", r, read_balance).unwrap_or(Balance::RoundRobin);
+    let sticky = t.optional("sticky", r, read_sticky).unwrap_or(Sticky::None);
+    let sticky_cookie = t
+        .optional("sticky_cookie", r, read_cookie_name)
+        .unwrap_or_else(|| "corral_sticky".into());
+    let trusted_proxies = t.optional("trusted_proxies", r, read_networks).unwrap_or_default();
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -204,14 +196,16 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         drain_timeout,
         ready_path,
         reload_batch,
+        balance,
+        sticky,
+        sticky_cookie,
+        trusted_proxies,
         http,
     })
 }
 
 fn ctx(name: &Option<String>) -> String {
-    name.as_ref()
-        .map(|n| format!("app \"{n}\": "))
-        .unwrap_or_default()
+    name.as_ref().map(|n| format!("app \"{n}\": ")).unwrap_or_default()
 }
 
 fn check_across_apps(apps: &[(AppConfig, Range<usize>)], r: &mut Report<'_>) {
@@ -224,16 +218,10 @@ fn check_across_apps(apps: &[(AppConfig, Range<usize>)], r: &mut Report<'_>) {
             );
         }
         if let Some(addr) = app.listen {
-            if earlier
-                .iter()
-                .any(|(a, _)| a.listen.is_some_and(|b| overlaps(addr, b)))
-            {
+            if earlier.iter().any(|(a, _)| a.listen.is_some_and(|b| overlaps(addr, b))) {
                 r.at(
                     span.clone(),
-                    format!(
-                        "app \"{}\": listen: {addr} is used by another app",
-                        app.name
-                    ),
+                    format!("app \"{}\": listen: {addr} is used by another app", app.name),
                 );
             }
         }
@@ -317,10 +305,7 @@ impl<'i> Table<'i> {
     }
 
     fn take(&mut self, key: &str) -> Option<(Range<usize>, Spanned<DeValue<'i>>)> {
-        let index = self
-            .entries
-            .iter()
-            .position(|(k, _)| k.get_ref().as_ref() == key)?;
+        let index = self.entries.iter().position(|(k, _)| k.get_ref().as_ref() == key)?;
         let (k, v) = self.entries.swap_remove(index);
         Some((k.span(), v))
     }
@@ -347,11 +332,7 @@ impl<'i> Table<'i> {
         r: &mut Report<'_>,
         read: impl FnOnce(&DeValue<'_>) -> Result<T, String>,
     ) -> Option<T> {
-        if !self
-            .entries
-            .iter()
-            .any(|(k, _)| k.get_ref().as_ref() == key)
-        {
+        if !self.entries.iter().any(|(k, _)| k.get_ref().as_ref() == key) {
             r.at(
                 self.span.clone(),
                 format!("{}{key}: missing (it is required)", self.context),
@@ -366,10 +347,7 @@ impl<'i> Table<'i> {
         for (key, _) in self.entries {
             let name = key.get_ref().as_ref();
             let message = if not_yet.contains(&name) {
-                format!(
-                    "{}{name}: not supported by this version of corral yet",
-                    self.context
-                )
+                format!("{}{name}: not supported by this version of corral yet", self.context)
             } else {
                 let hint = closest(name, APP_KEYS)
                     .map(|k| format!(" (did you mean `{k}`?)"))
@@ -431,11 +409,8 @@ fn read_string(v: &DeValue<'_>) -> Result<String, String> {
 
 fn read_name(v: &DeValue<'_>) -> Result<String, String> {
     let name = read_string(v)?;
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let valid =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if valid {
         Ok(name)
     } else {
@@ -451,10 +426,59 @@ fn read_path(v: &DeValue<'_>) -> Result<String, String> {
     if valid {
         Ok(path)
     } else {
+        Err(format!("{path:?} is not a request path such as \"/health\""))
+    }
+}
+
+fn read_balance(v: &DeValue<'_>) -> Result<Balance, String> {
+    match read_string(v)?.as_str() {
+        "round_robin" => Ok(Balance::RoundRobin),
+        "least_conn" => Ok(Balance::LeastConn),
+        other => Err(format!(
+            "{other:?} is not a balancing method: \"round_robin\" or \"least_conn\""
+        )),
+    }
+}
+
+fn read_sticky(v: &DeValue<'_>) -> Result<Sticky, String> {
+    match read_string(v)?.as_str() {
+        "none" => Ok(Sticky::None),
+        "cookie" => Ok(Sticky::Cookie),
+        "ip" => Ok(Sticky::Ip),
+        other => Err(format!(
+            "{other:?} is not a sticky mode: \"none\", \"cookie\" or \"ip\""
+        )),
+    }
+}
+
+fn read_cookie_name(v: &DeValue<'_>) -> Result<String, String> {
+    let name = read_string(v)?;
+    let valid =
+        !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if valid {
+        Ok(name)
+    } else {
         Err(format!(
-            "{path:?} is not a request path such as \"/health\""
+            "{name:?} is not a valid cookie name (letters, digits, '-', '_', '.')"
         ))
     }
+}
+
+fn read_networks(v: &DeValue<'_>) -> Result<Vec<Network>, String> {
+    let DeValue::Array(items) = v else {
+        return Err(format!(
+            "expected an array of addresses such as [\"127.0.0.1\", \"10.0.0.0/8\"], found {}",
+            type_name(v)
+        ));
+    };
+    items
+        .iter()
+        .map(|item| {
+            let text = item.get_ref().as_str().ok_or("expected strings")?;
+            text.parse::<Network>()
+                .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))
+        })
+        .collect()
 }
 
 fn read_env_name(v: &DeValue<'_>) -> Result<String, String> {
@@ -493,9 +517,7 @@ fn read_listen(v: &DeValue<'_>) -> Result<SocketAddr, String> {
             .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
             .map_err(|_| format!("{port} is not a port number"));
     }
-    let text = v
-        .as_str()
-        .ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?;
+    let text = v.as_str().ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?;
     if let Some(port) = text.strip_prefix("localhost:") {
         if let Ok(port) = port.parse::<u16>() {
             return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
@@ -508,17 +530,13 @@ fn read_instances(v: &DeValue<'_>) -> Result<Instances, String> {
     const HINT: &str = r#"expected a positive integer, "max", or a negative integer (max - n)"#;
     let number = match v {
         DeValue::String(s) if s.as_ref() == "max" => return Ok(Instances::MaxMinus(0)),
-        DeValue::String(s) => s
-            .parse::<i64>()
-            .map_err(|_| format!("{HINT}, found {s:?}"))?,
+        DeValue::String(s) => s.parse::<i64>().map_err(|_| format!("{HINT}, found {s:?}"))?,
         _ => integer(v).ok_or_else(|| format!("{HINT}, found {}", type_name(v)))?,
     };
     match number {
         0 => Err(format!("{HINT}, found 0")),
         n if n > 1024 => Err(format!("{n} workers is more than the limit of 1024")),
-        n if n > 0 => Ok(Instances::Count(
-            NonZeroUsize::new(n as usize).expect("UNWRAP: n > 0"),
-        )),
+        n if n > 0 => Ok(Instances::Count(NonZeroUsize::new(n as usize).expect("UNWRAP: n > 0"))),
         n => Ok(Instances::MaxMinus(n.unsigned_abs().min(1024) as usize)),
     }
 }
@@ -576,16 +594,12 @@ fn read_signal(v: &DeValue<'_>) -> Result<Signal, String> {
     } else {
         format!("SIG{upper}")
     };
-    Signal::from_str(&full)
-        .map_err(|_| format!("{text:?} is not a signal name such as \"SIGTERM\" or \"SIGINT\""))
+    Signal::from_str(&full).map_err(|_| format!("{text:?} is not a signal name such as \"SIGTERM\" or \"SIGINT\""))
 }
 
 fn read_env(v: &DeValue<'_>) -> Result<Vec<(String, String)>, String> {
     let DeValue::Table(table) = v else {
-        return Err(format!(
-            "expected a table ([app.env]), found {}",
-            type_name(v)
-        ));
+        return Err(format!("expected a table ([app.env]), found {}", type_name(v)));
     };
     let mut env = Vec::new();
     for (key, value) in table.iter() {

@@ -13,10 +13,7 @@ fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 fn messages(text: &str) -> Vec<String> {
     match parse(text) {
         Ok(_) => panic!("expected problems in:\n{text}"),
-        Err(problems) => problems
-            .iter()
-            .map(|p| format!("{}: {}", p.line, p.message))
-            .collect(),
+        Err(problems) => problems.iter().map(|p| format!("{}: {}", p.line, p.message)).collect(),
     }
 }
 
@@ -27,13 +24,9 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.name, "web");
     assert_eq!(app.instances, Instances::MaxMinus(0));
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
-    assert_eq!(
-        app.env,
-        vec![("NODE_ENV".to_owned(), "production".to_owned())]
-    );
+    assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
     for key in super::parse::APP_KEYS {
-        let documented =
-            EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
+        let documented = EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
         assert!(documented, "proxy.example.toml does not document `{key}`");
     }
 }
@@ -63,7 +56,7 @@ kill_timeout = "10x"
 instances = 0
 listen = "nowhere"
 kill_signal = "SIGFOO"
-sticky = "cookie"
+max_memory_restart = "1G"
 "#;
     let got = messages(text);
     let want = [
@@ -72,7 +65,7 @@ sticky = "cookie"
         "6: app \"web\": instances: expected a positive integer, \"max\", or a negative integer (max - n), found 0",
         "7: app \"web\": listen: expected an address such as",
         "8: app \"web\": kill_signal: \"SIGFOO\" is not a signal name",
-        "9: app \"web\": sticky: not supported by this version of corral yet",
+        "9: app \"web\": max_memory_restart: not supported by this version of corral yet",
     ];
     assert_eq!(got.len(), want.len(), "{got:#?}");
     for (got, want) in got.iter().zip(want) {
@@ -82,11 +75,9 @@ sticky = "cookie"
 
 #[test]
 fn wrong_types_and_missing_keys() {
-    let got =
-        messages("[[app]]\ncommand = \"node server.js\"\ninstances = true\n[app.env]\nA = [1]\n");
+    let got = messages("[[app]]\ncommand = \"node server.js\"\ninstances = true\n[app.env]\nA = [1]\n");
     assert!(
-        got.iter()
-            .any(|m| m.starts_with("1: app #1: name: missing")),
+        got.iter().any(|m| m.starts_with("1: app #1: name: missing")),
         "{got:#?}"
     );
     assert!(
@@ -111,10 +102,7 @@ fn syntax_errors_name_the_line() {
     let got = messages("[[app]]\nname = \"web\"\ncommand = [\"node\"\n");
     assert_eq!(got.len(), 1);
     assert!(got[0].contains("TOML syntax error"), "{got:?}");
-    assert!(
-        got[0].starts_with("3: ") || got[0].starts_with("4: "),
-        "{got:?}"
-    );
+    assert!(got[0].starts_with("3: ") || got[0].starts_with("4: "), "{got:?}");
 }
 
 #[test]
@@ -122,14 +110,10 @@ fn apps_must_be_distinct() {
     let text = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4000\n\n[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = \"127.0.0.1:4000\"\n";
     let got = messages(text);
     assert!(
-        got.iter()
-            .any(|m| m.contains("name: another app has this name")),
+        got.iter().any(|m| m.contains("name: another app has this name")),
         "{got:#?}"
     );
-    assert!(
-        got.iter().any(|m| m.contains("is used by another app")),
-        "{got:#?}"
-    );
+    assert!(got.iter().any(|m| m.contains("is used by another app")), "{got:#?}");
     assert!(messages("").iter().any(|m| m.contains("no [[app]] table")));
     assert!(messages("[app]\nname = \"a\"\n")
         .iter()
@@ -144,10 +128,7 @@ fn instances_forms() {
         ))
         .map(|c| c.apps[0].instances)
     };
-    assert_eq!(
-        instances("4"),
-        Ok(Instances::Count(NonZeroUsize::new(4).expect("4")))
-    );
+    assert_eq!(instances("4"), Ok(Instances::Count(NonZeroUsize::new(4).expect("4"))));
     assert_eq!(instances("\"max\""), Ok(Instances::MaxMinus(0)));
     assert_eq!(instances("-1"), Ok(Instances::MaxMinus(1)));
     assert_eq!(instances("\"-2\""), Ok(Instances::MaxMinus(2)));
@@ -177,25 +158,19 @@ fn a_missing_file_is_a_read_error() {
 
 #[test]
 fn readiness_and_reload_keys() {
-    let config = parse(
-        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"/health\"\nreload_batch = 2\n",
-    )
-    .expect("valid");
+    let config = parse("[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"/health\"\nreload_batch = 2\n")
+        .expect("valid");
     assert_eq!(config.apps[0].ready_path.as_deref(), Some("/health"));
     assert_eq!(config.apps[0].reload_batch, 2);
-    let got = messages(
-        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"health\"\nreload_batch = 0\n",
-    );
+    let got = messages("[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"health\"\nreload_batch = 0\n");
     assert!(
         got.iter()
-            .any(|m| m.starts_with("4: ")
-                && m.contains("ready_path: \"health\" is not a request path")),
+            .any(|m| m.starts_with("4: ") && m.contains("ready_path: \"health\" is not a request path")),
         "{got:#?}"
     );
     assert!(
         got.iter()
-            .any(|m| m.starts_with("5: ")
-                && m.contains("reload_batch: 0 is outside the allowed range")),
+            .any(|m| m.starts_with("5: ") && m.contains("reload_batch: 0 is outside the allowed range")),
         "{got:#?}"
     );
 }

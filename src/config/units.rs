@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 /// What a duration looks like, for error messages.
-pub const DURATION_HINT: &str =
-    r#"a duration such as "500ms", "10s", "2m", "1h" or an integer number of milliseconds"#;
+pub const DURATION_HINT: &str = r#"a duration such as "500ms", "10s", "2m", "1h" or an integer number of milliseconds"#;
 /// What a size looks like, for error messages.
 pub const SIZE_HINT: &str = r#"a size such as "512K", "200M", "1G" or an integer number of bytes"#;
 
@@ -112,11 +111,7 @@ mod tests {
             ("1e9h", None),
         ];
         for (text, want) in cases {
-            assert_eq!(
-                parse_duration(text).map(|d| d.as_millis() as u64),
-                want,
-                "{text:?}"
-            );
+            assert_eq!(parse_duration(text).map(|d| d.as_millis() as u64), want, "{text:?}");
         }
     }
 

@@ -40,14 +40,10 @@ pub struct Replies {
 impl Replies {
     /// The next reply, or `None` when the instance closed the connection.
     pub async fn next(&mut self) -> Result<Option<Reply>, ClientError> {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .map_err(|source| ClientError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        let line = self.lines.next_line().await.map_err(|source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         match line {
             None => Ok(None),
             Some(line) => serde_json::from_str(&line)
@@ -72,8 +68,7 @@ pub async fn request(socket: &Path, request: &Request) -> Result<Replies, Client
             },
         })?;
     let (read, mut write) = stream.into_split();
-    let mut line =
-        serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut line = serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
     write
         .write_all(line.as_bytes())

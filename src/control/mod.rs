@@ -147,10 +147,7 @@ impl ControlSocket {
             match client::request(&path, &Request::Status).await {
                 Ok(mut replies) => {
                     if let Ok(Some(Reply::Status(status))) = replies.next().await {
-                        return Err(ControlError::AlreadyRunning {
-                            pid: status.pid,
-                            path,
-                        });
+                        return Err(ControlError::AlreadyRunning { pid: status.pid, path });
                     }
                     return Err(ControlError::AlreadyRunning { pid: 0, path });
                 }
@@ -222,9 +219,7 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
         Request::Status => {
             let reply = match supervisor.status().await {
                 Ok(status) => Reply::Status(status),
-                Err(e) => Reply::Error {
-                    message: e.to_string(),
-                },
+                Err(e) => Reply::Error { message: e.to_string() },
             };
             send(&mut write, &reply).await;
         }

@@ -57,17 +57,9 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream {
-                body,
-                guard,
-                cut,
-                conn,
-            } => {
+            ProxyBody::Upstream { body, guard, cut, conn } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                     if frame.is_none() {
                         if let Some(conn) = conn.take() {
@@ -76,9 +68,7 @@ impl Body for ProxyBody {
                     }
                     return Poll::Ready(frame);
                 }
-                let cut = cut.get_or_insert_with(|| {
-                    Box::pin(guard.upstream().cut.clone().cancelled_owned())
-                });
+                let cut = cut.get_or_insert_with(|| Box::pin(guard.upstream().cut.clone().cancelled_owned()));
                 match cut.as_mut().poll(cx) {
                     // The worker is being retired and its drain time is up: end the body here.
                     // A chunked stream (SSE) ends cleanly; a body with a Content-Length is cut
@@ -101,9 +91,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Message(text) => {
-                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
-            }
+            ProxyBody::Message(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
         }
     }
 }
@@ -111,10 +99,7 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         // Bodies hyper never polls (HEAD, 204, 304) end here; their connection is reusable.
-        if let ProxyBody::Upstream {
-            body, guard, conn, ..
-        } = self
-        {
+        if let ProxyBody::Upstream { body, guard, conn, .. } = self {
             if body.is_end_stream() {
                 if let Some(conn) = conn.take() {
                     guard.upstream().pool.put(conn);

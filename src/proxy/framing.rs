@@ -86,10 +86,7 @@ impl<IO> FramingGuard<IO> {
                 Scan::Head => {
                     // Blank lines before a request line are allowed (RFC 9112 §2.2).
                     if self.line.is_empty() {
-                        let skip = input
-                            .iter()
-                            .take_while(|&&b| b == b'\r' || b == b'\n')
-                            .count();
+                        let skip = input.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
                         self.ready.extend_from_slice(&input[..skip]);
                         input = &input[skip..];
                         if input.is_empty() {
@@ -156,10 +153,7 @@ impl<IO> FramingGuard<IO> {
 
 /// Index just past the blank line ending a head, if present.
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
+    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
     let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
     match (crlf, lf) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -168,10 +162,7 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
-    let end = line
-        .iter()
-        .rposition(|b| !b" \t\r\n".contains(b))
-        .map_or(0, |i| i + 1);
+    let end = line.iter().rposition(|b| !b" \t\r\n".contains(b)).map_or(0, |i| i + 1);
     &line[..end]
 }
 
@@ -238,11 +229,7 @@ fn check_head(head: &mut [u8]) -> Scan {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.ready.is_empty() {
@@ -255,9 +242,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
             match this.scan {
                 Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
                 Scan::Fixed(n) => {
-                    let limit = usize::try_from(n)
-                        .unwrap_or(usize::MAX)
-                        .min(buf.remaining());
+                    let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());
                     let mut limited = ReadBuf::new(buf.initialize_unfilled_to(limit));
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
                     let read = limited.filled().len();
@@ -291,11 +276,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -353,7 +334,10 @@ mod tests {
             for step in [1, 5, input.len()] {
                 let (out, scan) = run(input, step);
                 let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
-                assert!(text.contains("transfer-encoding: xxxxxxx\r\n") || text.contains("transfer-encoding:  xxxxxxx\r\n"), "{text}");
+                assert!(
+                    text.contains("transfer-encoding: xxxxxxx\r\n") || text.contains("transfer-encoding:  xxxxxxx\r\n"),
+                    "{text}"
+                );
                 assert_eq!(out.len(), input.len());
                 assert_eq!(scan, Scan::Off);
             }
@@ -362,8 +346,7 @@ mod tests {
 
     #[test]
     fn upgrades_and_oversized_heads_are_left_to_hyper() {
-        let upgrade =
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
         assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));
         let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', 70 * 1024));

@@ -19,20 +19,26 @@ pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod pool;
+pub mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::balancer::sticky::{self, CookieSigner};
 use crate::balancer::Balancer;
+use crate::config::Sticky;
 use body::ProxyBody;
 use error::ProxyError;
+use http::header::SET_COOKIE;
 use pool::{Conn, UpstreamBody};
 
 /// The proxy of one app.
@@ -41,16 +47,28 @@ pub struct Proxy {
     app: String,
     balancer: Arc<Balancer>,
     upstream_timeout: Duration,
+    /// Cancelled by the listener at the end of its drain: open tunnels close.
+    closing: CancellationToken,
+    /// Signs the affinity cookies of `sticky = "cookie"`.
+    cookies: CookieSigner,
 }
 
 impl Proxy {
     /// A proxy for `app` over the workers `balancer` publishes.
     pub fn new(app: String, balancer: Arc<Balancer>, upstream_timeout: Duration) -> Proxy {
+        let cookies = CookieSigner::new(&app);
         Proxy {
             app,
             balancer,
             upstream_timeout,
+            closing: CancellationToken::new(),
+            cookies,
         }
+    }
+
+    /// Closes every open tunnel (WebSocket) of this app.
+    pub fn close_tunnels(&self) {
+        self.closing.cancel();
     }
 
     /// The balancer this proxy routes through.
@@ -67,11 +85,7 @@ impl Proxy {
         Ok(self.handle(req, peer).await)
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         match self.forward(req, peer).await {
             Ok(response) => response,
             Err(e) => {
@@ -85,13 +99,13 @@ impl Proxy {
         }
     }
 
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (mut head, body) = req.into_parts();
         forward::request_headers(&mut head.headers, peer.ip());
+        if let Some((protocol, _)) = &upgrade {
+            tunnel::restore(&mut head.headers, protocol.clone());
+        }
         // Workers get origin-form targets ("/path?query"); Host carries the authority.
         let target = head
             .uri
@@ -102,13 +116,21 @@ impl Proxy {
         head.version = Version::HTTP_11;
         let mut body = UpstreamBody::from_client(body);
         // Kept only for requests that may be repeated after they were sent (see below).
-        let mut resend = (is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty))
-            .then(|| head.clone());
+        let mut resend = (is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty)).then(|| head.clone());
 
+        let routing = self.balancer.routing();
+        let affinity = match routing.sticky {
+            Sticky::None => None,
+            Sticky::Cookie => self.cookies.slot_from(&head.headers, &routing.cookie),
+            Sticky::Ip => Some(sticky::ip_slot(
+                sticky::client_ip(peer.ip(), &head.headers, &routing.trusted),
+                routing.instances,
+            )),
+        };
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
-            let Some(guard) = self.balancer.pick_except(&tried) else {
+            let Some(guard) = self.balancer.pick_for(affinity, &tried) else {
                 return Err(last_error);
             };
             let upstream = Arc::clone(guard.upstream());
@@ -137,9 +159,29 @@ impl Proxy {
                         after: self.upstream_timeout,
                     })
                 }
-                Ok(Ok(response)) => {
+                Ok(Ok(mut response)) => {
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some((_, client)) = upgrade {
+                            let protocol = response.headers().get(http::header::UPGRADE).cloned();
+                            let worker = hyper::upgrade::on(&mut response);
+                            tokio::spawn(tunnel::splice(client, worker, guard, self.closing.clone()));
+                            let (mut parts, _) = response.into_parts();
+                            forward::response_headers(&mut parts.headers);
+                            if let Some(protocol) = protocol {
+                                tunnel::restore(&mut parts.headers, protocol);
+                            }
+                            return Ok(Response::from_parts(parts, ProxyBody::message(Bytes::new())));
+                        }
+                    }
                     let (mut parts, incoming) = response.into_parts();
                     forward::response_headers(&mut parts.headers);
+                    let slot = guard.upstream().slot;
+                    if routing.sticky == Sticky::Cookie && affinity != Some(slot) {
+                        // No valid cookie, or its slot is not serving: pin the client here.
+                        parts
+                            .headers
+                            .append(SET_COOKIE, self.cookies.set_cookie(&routing.cookie, slot));
+                    }
                     return Ok(Response::from_parts(
                         parts,
                         ProxyBody::upstream(incoming, guard, sender),

@@ -58,10 +58,7 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Stream(body) => Pin::new(body).poll_frame(cx),
@@ -131,21 +128,15 @@ impl ConnPool {
                     _ => continue,
                 }
             }
-            return Some(Conn {
-                sender,
-                reused: true,
-            });
+            return Some(Conn { sender, reused: true });
         }
     }
 
     /// Opens a new connection.
     pub async fn connect(&self) -> std::io::Result<Conn> {
-        let stream =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
@@ -156,10 +147,7 @@ impl ConnPool {
                 debug!(worker = %addr, error = %e, "worker connection ended with an error");
             }
         });
-        Ok(Conn {
-            sender,
-            reused: false,
-        })
+        Ok(Conn { sender, reused: false })
     }
 
     /// Returns a connection whose exchange is complete.

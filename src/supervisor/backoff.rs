@@ -58,10 +58,7 @@ mod tests {
     fn delays_double_and_cap() {
         let b = Backoff::default();
         let delays: Vec<u128> = (0..10).map(|n| b.delay(n).as_millis()).collect();
-        assert_eq!(
-            delays,
-            [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 15000]
-        );
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 15000]);
         assert_eq!(b.delay(u32::MAX), b.max);
     }
 

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::balancer::{Balancer, Pool, Upstream, WorkerStats};
+use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
 use crate::config::{AppConfig, Config};
 use crate::logs::{OutputSink, OutputTail, Stream};
 use backoff::Backoff;
@@ -82,23 +82,12 @@ impl Handle {
         app: Option<String>,
         progress: mpsc::UnboundedSender<String>,
     ) -> Result<Result<String, String>, SupervisorGone> {
-        self.ask(|reply| Command::Reload {
-            app,
-            progress,
-            reply,
-        })
-        .await
+        self.ask(|reply| Command::Reload { app, progress, reply }).await
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, SupervisorGone> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| SupervisorGone)?;
+        self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
         answer.await.map_err(|_| SupervisorGone)
     }
 }
@@ -190,11 +179,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor for `config`. `balancers` has one entry per app, `Some` for proxied apps.
-    pub fn new(
-        config: &Config,
-        balancers: Vec<Option<Arc<Balancer>>>,
-        output: OutputSink,
-    ) -> (Supervisor, Handle) {
+    pub fn new(config: &Config, balancers: Vec<Option<Arc<Balancer>>>, output: OutputSink) -> (Supervisor, Handle) {
         let cpus = crate::config::usable_cpus();
         let apps: Vec<App> = config
             .apps
@@ -281,11 +266,7 @@ impl Supervisor {
                 }
                 let _receiver_gone = reply.send(());
             }
-            Command::Reload {
-                app,
-                progress,
-                reply,
-            } => self.begin_reload(app, progress, reply),
+            Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
         }
     }
 
@@ -301,18 +282,14 @@ impl Supervisor {
                 let worker = &self.apps[app].workers[index];
                 warn!(
                     pid = worker.pid,
-                    "worker did not exit within kill_timeout ({:?}); sending SIGKILL",
-                    worker.spec.kill_timeout
+                    "worker did not exit within kill_timeout ({:?}); sending SIGKILL", worker.spec.kill_timeout
                 );
                 kill_group(worker.pid, Signal::SIGKILL);
             }
             Event::Drained { id } => self.on_drained(id),
             Event::Unreachable { id } => self.on_unreachable(id),
             Event::RestartDue { app, slot } => {
-                let occupied = self.apps[app]
-                    .workers
-                    .iter()
-                    .any(|w| w.slot == slot && w.is_live());
+                let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live());
                 if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
                     let config = Arc::clone(&self.apps[app].config);
                     let generation = self.apps[app].generation;
@@ -340,20 +317,10 @@ impl Supervisor {
             return;
         }
         worker.was_ready = true;
-        let (pid, port, slot, boot) = (
-            worker.pid,
-            worker.port,
-            worker.slot,
-            worker.started.elapsed(),
-        );
+        let (pid, port, slot, boot) = (worker.pid, worker.port, worker.slot, worker.started.elapsed());
         if let Some(port) = port {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            worker.upstream = Some(Arc::new(Upstream::new(
-                id,
-                slot,
-                addr,
-                Arc::clone(&worker.stats),
-            )));
+            worker.upstream = Some(Arc::new(Upstream::new(id, slot, addr, Arc::clone(&worker.stats))));
         }
         if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
             // A reload's new worker waits out of rotation until its batch is ready.
@@ -369,11 +336,7 @@ impl Supervisor {
 
     fn announce(&mut self, app: usize) {
         let app = &mut self.apps[app];
-        let ready = app
-            .workers
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count();
+        let ready = app.workers.iter().filter(|w| w.state == WorkerState::Ready).count();
         if !app.announced && ready == app.instances {
             app.announced = true;
             match app.config.listen {
@@ -459,9 +422,7 @@ impl Supervisor {
             self.publish(app_index);
         }
         match worker.state {
-            WorkerState::Stopping(
-                StopReason::Shutdown | StopReason::Replaced | StopReason::RolledBack,
-            )
+            WorkerState::Stopping(StopReason::Shutdown | StopReason::Replaced | StopReason::RolledBack)
             | WorkerState::Draining => {
                 info!(app = %name, slot = slot_index, pid = worker.pid, generation = worker.generation, "worker stopped ({how})");
                 self.reload_worker_gone(id);
@@ -579,20 +540,18 @@ impl Supervisor {
         let output = Arc::new(OutputTail::default());
         let prefix = format!("{}.{slot}", spec.name);
         if let Some(pipe) = child.stdout.take() {
-            tokio::spawn(self.output.clone().pump(
-                pipe,
-                Stream::Stdout,
-                prefix.clone(),
-                Arc::clone(&output),
-            ));
+            tokio::spawn(
+                self.output
+                    .clone()
+                    .pump(pipe, Stream::Stdout, prefix.clone(), Arc::clone(&output)),
+            );
         }
         if let Some(pipe) = child.stderr.take() {
-            tokio::spawn(self.output.clone().pump(
-                pipe,
-                Stream::Stderr,
-                prefix,
-                Arc::clone(&output),
-            ));
+            tokio::spawn(
+                self.output
+                    .clone()
+                    .pump(pipe, Stream::Stderr, prefix, Arc::clone(&output)),
+            );
         }
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -638,13 +597,7 @@ impl Supervisor {
 
     /// Starts a worker into a slot outside any reload; a failure to spawn is retried with the
     /// same backoff as a crash.
-    fn start(
-        &mut self,
-        app_index: usize,
-        slot_index: usize,
-        spec: Arc<AppConfig>,
-        generation: u64,
-    ) {
+    fn start(&mut self, app_index: usize, slot_index: usize, spec: Arc<AppConfig>, generation: u64) {
         if let Err(reason) = self.spawn_worker(app_index, slot_index, spec, generation) {
             let app = &mut self.apps[app_index];
             let slot = &mut app.slots[slot_index];
@@ -677,12 +630,7 @@ impl Supervisor {
             drain.cancel();
         }
         worker.upstream = None;
-        let (id, pid, signal, timeout) = (
-            worker.id,
-            worker.pid,
-            worker.spec.kill_signal,
-            worker.spec.kill_timeout,
-        );
+        let (id, pid, signal, timeout) = (worker.id, worker.pid, worker.spec.kill_signal, worker.spec.kill_timeout);
         debug!(pid, %signal, ?reason, "stopping worker");
         kill_group(pid, signal);
         self.after(timeout, Event::KillDeadline { id });
@@ -706,11 +654,7 @@ impl Supervisor {
         let cut = worker.upstream.take().map(|u| u.cut.clone());
         let token = CancellationToken::new();
         worker.drain = Some(token.clone());
-        let (id, stats, timeout) = (
-            worker.id,
-            Arc::clone(&worker.stats),
-            worker.spec.drain_timeout,
-        );
+        let (id, stats, timeout) = (worker.id, Arc::clone(&worker.stats), worker.spec.drain_timeout);
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -747,7 +691,7 @@ impl Supervisor {
                 .filter(|w| w.in_rotation())
                 .filter_map(|w| w.upstream.clone())
                 .collect();
-            balancer.publish(Pool::new(members));
+            balancer.publish(Pool::new(members, routing(&app.config, app.instances)));
         }
     }
 
@@ -826,6 +770,17 @@ impl Supervisor {
     }
 }
 
+/// How the proxy routes for `config` with `instances` slots.
+fn routing(config: &AppConfig, instances: usize) -> Arc<Routing> {
+    Arc::new(Routing {
+        balance: config.balance,
+        sticky: config.sticky,
+        cookie: config.sticky_cookie.clone(),
+        trusted: config.trusted_proxies.clone(),
+        instances,
+    })
+}
+
 fn kill_group(pid: u32, signal: Signal) {
     if let Err(e) = spawn::signal_group(pid, signal) {
         warn!(pid, %signal, error = %e, "cannot signal worker process group");
@@ -871,13 +826,14 @@ impl Readiness {
             return false;
         };
         let Some(path) = &self.path else { return true };
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-readiness\r\nConnection: close\r\n\r\n", self.addr);
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-readiness\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
         if stream.write_all(request.as_bytes()).await.is_err() {
             return false;
         }
         let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.is_ok()
-            && head.starts_with(b"HTTP/1.")
-            && head[9] == b'2'
+        stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
     }
 }

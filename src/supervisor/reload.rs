@@ -125,16 +125,10 @@ impl Supervisor {
             );
         }
         let queue: VecDeque<usize> = (0..self.apps.len())
-            .filter(|&i| {
-                only.as_deref()
-                    .is_none_or(|name| self.apps[i].config.name == name)
-            })
+            .filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name))
             .collect();
         if queue.is_empty() {
-            return refuse(
-                reply,
-                format!("there is no app named {:?}", only.unwrap_or_default()),
-            );
+            return refuse(reply, format!("there is no app named {:?}", only.unwrap_or_default()));
         }
         let run = ReloadRun {
             config,
@@ -168,9 +162,7 @@ impl Supervisor {
         for app in &self.apps {
             let fresh = config.app(&app.config.name).map(|a| a.listen);
             if fresh != Some(app.config.listen) {
-                let show = |l: Option<std::net::SocketAddr>| {
-                    l.map_or_else(|| "none".to_owned(), |a| a.to_string())
-                };
+                let show = |l: Option<std::net::SocketAddr>| l.map_or_else(|| "none".to_owned(), |a| a.to_string());
                 return Err(format!(
                     "app {:?}: listen changed from {} to {}: the public socket is bound once and kept across reloads, so a new address needs a restart of corral",
                     app.config.name,
@@ -198,11 +190,14 @@ impl Supervisor {
         );
         let instances = spec.instances.resolve(crate::config::usable_cpus());
         let generation = self.apps[app].generation + 1;
-        say(&run.progress, format!(
-            "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
-            self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
-            spec.reload_batch
-        ));
+        say(
+            &run.progress,
+            format!(
+                "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
+                self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
+                spec.reload_batch
+            ),
+        );
         run.phase = Some(Phase {
             app,
             spec,
@@ -246,9 +241,7 @@ impl Supervisor {
                     );
                 }
                 Err(reason) => {
-                    return self.reload_failed(format!(
-                        "cannot start a new worker for slot {slot}: {reason}"
-                    ))
+                    return self.reload_failed(format!("cannot start a new worker for slot {slot}: {reason}"))
                 }
             }
         }
@@ -355,7 +348,6 @@ impl Supervisor {
                 self.begin_drain(app, index);
             }
         }
-        self.publish(app);
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
         phase.retiring.extend(leftovers);
@@ -368,17 +360,21 @@ impl Supervisor {
             state.slots.resize_with(phase.instances, Default::default);
         }
         let waiting = phase.retiring.len();
-        say(&run.progress, format!("{}: every slot runs generation {generation}; stopping {waiting} old worker(s) once drained", phase.spec.name));
+        say(
+            &run.progress,
+            format!(
+                "{}: every slot runs generation {generation}; stopping {waiting} old worker(s) once drained",
+                phase.spec.name
+            ),
+        );
         let drained: Vec<u64> = phase.retiring.clone();
         for id in drained {
-            if let Some(index) = self.apps[app]
-                .workers
-                .iter()
-                .position(|w| w.id == id && w.drained)
-            {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id && w.drained) {
                 self.stop(app, index, StopReason::Replaced);
             }
         }
+        // One publication: leftovers out, and the new config's routing (sticky, balance) in.
+        self.publish(app);
         self.check_phase_done();
     }
 
@@ -476,16 +472,14 @@ impl Supervisor {
             let config = Arc::clone(&self.apps[app].config);
             let generation = self.apps[app].generation;
             for slot in 0..self.apps[app].instances {
-                if !self.apps[app]
-                    .workers
-                    .iter()
-                    .any(|w| w.slot == slot && w.is_live())
-                {
+                if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
                     self.start(app, slot, Arc::clone(&config), generation);
                 }
             }
         }
-        let mut message = format!("reload failed: {why}\nrolled back: the new workers were stopped and the previous ones keep serving");
+        let mut message = format!(
+            "reload failed: {why}\nrolled back: the new workers were stopped and the previous ones keep serving"
+        );
         if !run.done.is_empty() {
             message.push_str(&format!(
                 " (already reloaded before the failure: {})",

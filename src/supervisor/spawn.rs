@@ -52,9 +52,7 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, S
         .process_group(0)
         .kill_on_drop(true);
     if let Some(port) = port {
-        command
-            .env(&app.port_env, port.to_string())
-            .env("HOST", "127.0.0.1");
+        command.env(&app.port_env, port.to_string()).env("HOST", "127.0.0.1");
     }
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
@@ -65,9 +63,7 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, S
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             // If corral died between fork and prctl, nobody would ever signal this child.
             if nix::unistd::getppid().as_raw() as u32 != parent {
-                return Err(std::io::Error::other(
-                    "corral exited while starting the worker",
-                ));
+                return Err(std::io::Error::other("corral exited while starting the worker"));
             }
             Ok(())
         });
@@ -83,8 +79,7 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, S
 /// worker binds it moments later (a race we report as a worker that failed to listen).
 pub fn free_port(taken: &HashSet<u16>) -> Result<u16, SpawnError> {
     for _ in 0..16 {
-        let probe = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .map_err(SpawnError::Port)?;
+        let probe = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(SpawnError::Port)?;
         let port = probe.local_addr().map_err(SpawnError::Port)?.port();
         if !taken.contains(&port) {
             return Ok(port);

@@ -179,13 +179,7 @@ mod tests {
     #[test]
     fn exits_while_stopping_are_not_restarted() {
         let mut failures = 3;
-        let decision = after_exit(
-            true,
-            &Backoff::default(),
-            &mut failures,
-            Duration::ZERO,
-            false,
-        );
+        let decision = after_exit(true, &Backoff::default(), &mut failures, Duration::ZERO, false);
         assert_eq!(decision, AfterExit::Forget);
         assert_eq!(failures, 3);
     }
@@ -210,30 +204,17 @@ mod tests {
                 true,
                 AfterExit::Restart(Duration::from_millis(400)),
             ),
-            (
-                Duration::from_secs(3600),
-                true,
-                AfterExit::Restart(Duration::ZERO),
-            ),
+            (Duration::from_secs(3600), true, AfterExit::Restart(Duration::ZERO)),
         ];
         for (uptime, ready, want) in table {
-            assert_eq!(
-                after_exit(false, &backoff, &mut failures, uptime, ready),
-                want
-            );
+            assert_eq!(after_exit(false, &backoff, &mut failures, uptime, ready), want);
         }
     }
 
     #[test]
     fn exit_descriptions() {
-        assert_eq!(
-            describe_exit(&Ok(ExitStatus::from_raw(1 << 8))),
-            "exited with code 1"
-        );
-        assert_eq!(
-            describe_exit(&Ok(ExitStatus::from_raw(9))),
-            "was killed by SIGKILL"
-        );
+        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(1 << 8))), "exited with code 1");
+        assert_eq!(describe_exit(&Ok(ExitStatus::from_raw(9))), "was killed by SIGKILL");
         assert_eq!(WorkerState::Ready.label(), "online");
     }
 }

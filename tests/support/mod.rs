@@ -155,9 +155,7 @@ impl Options {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 pub fn corral_bin() -> &'static str {
@@ -251,10 +249,7 @@ impl Corral {
     /// The workers of the first app, as JSON objects.
     pub fn workers(&self) -> Result<Vec<Value>, Box<dyn Error>> {
         let status = self.status().ok_or("corral status failed")?;
-        Ok(status["apps"][0]["workers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
+        Ok(status["apps"][0]["workers"].as_array().cloned().unwrap_or_default())
     }
 
     /// Waits until `n` workers are online.
@@ -265,10 +260,7 @@ impl Corral {
             }
             let status = self.status()?;
             let workers = status["apps"][0]["workers"].as_array()?.clone();
-            let online: Vec<Value> = workers
-                .into_iter()
-                .filter(|w| w["state"] == "online")
-                .collect();
+            let online: Vec<Value> = workers.into_iter().filter(|w| w["state"] == "online").collect();
             (online.len() == n).then_some(online)
         })
         .map_err(|e| self.explain(e))
@@ -309,8 +301,7 @@ impl Corral {
 
     /// corral's stdout and stderr so far.
     pub fn logs(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         format!(
             "--- corral stderr ---\n{}--- corral stdout ---\n{}",
             read("stderr.log"),

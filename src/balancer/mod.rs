@@ -21,7 +21,10 @@ use http::uri::Authority;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{Balance, Network, Sticky};
 use crate::proxy::pool::ConnPool;
+
+pub mod sticky;
 
 /// Live counters of one worker, shared by the supervisor (status, drain) and the proxy.
 #[derive(Debug, Default)]
@@ -96,8 +99,8 @@ pub struct Upstream {
 impl Upstream {
     /// An upstream for a worker listening on `addr`.
     pub fn new(id: u64, slot: usize, addr: SocketAddr, stats: Arc<WorkerStats>) -> Upstream {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .expect("UNWRAP: a socket address is a valid authority");
+        let authority =
+            Authority::try_from(addr.to_string().as_str()).expect("UNWRAP: a socket address is a valid authority");
         Upstream {
             id,
             slot,
@@ -121,17 +124,45 @@ impl Upstream {
     }
 }
 
+/// How an app routes requests; part of each pool snapshot, so a reload can change it.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Selection without affinity.
+    pub balance: Balance,
+    /// Affinity mode.
+    pub sticky: Sticky,
+    /// Affinity cookie name.
+    pub cookie: String,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted: Vec<Network>,
+    /// Configured worker count (the range of slots).
+    pub instances: usize,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            balance: Balance::RoundRobin,
+            sticky: Sticky::None,
+            cookie: String::new(),
+            trusted: Vec::new(),
+            instances: 1,
+        }
+    }
+}
+
 /// An immutable set of ready workers.
 #[derive(Debug, Default)]
 pub struct Pool {
     members: Vec<Arc<Upstream>>,
+    routing: Arc<Routing>,
 }
 
 impl Pool {
-    /// A pool of these upstreams, in slot order.
-    pub fn new(mut members: Vec<Arc<Upstream>>) -> Pool {
+    /// A pool of these upstreams, in slot order, routed as `routing` says.
+    pub fn new(mut members: Vec<Arc<Upstream>>, routing: Arc<Routing>) -> Pool {
         members.sort_by_key(|u| u.slot);
-        Pool { members }
+        Pool { members, routing }
     }
 
     /// Number of ready workers.
@@ -206,21 +237,36 @@ impl Balancer {
 
     /// The next worker in rotation, counted in flight; `None` when no worker is ready.
     pub fn pick(&self) -> Option<InFlight> {
-        self.pick_except(&[])
+        self.pick_for(None, &[])
     }
 
-    /// The next worker in rotation other than those in `tried` (by id) and those marked down.
-    pub fn pick_except(&self, tried: &[u64]) -> Option<InFlight> {
+    /// How the current pool routes.
+    pub fn routing(&self) -> Arc<Routing> {
+        Arc::clone(&self.pool.load().routing)
+    }
+
+    /// A worker for a request: the ready worker of slot `affinity` if there is one, else the
+    /// app's balancing method; never one in `tried` (by id) or marked down.
+    pub fn pick_for(&self, affinity: Option<usize>, tried: &[u64]) -> Option<InFlight> {
         let pool = self.pool.load();
+        let eligible = |u: &&Arc<Upstream>| !u.is_down() && !tried.contains(&u.id);
+        if let Some(slot) = affinity {
+            if let Some(u) = pool.members.iter().filter(eligible).find(|u| u.slot == slot) {
+                return Some(InFlight::new(Arc::clone(u)));
+            }
+        }
         let n = pool.members.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &pool.members[(start + i) % n])
-            .find(|u| !u.is_down() && !tried.contains(&u.id))
-            .map(|u| InFlight::new(Arc::clone(u)))
+        let in_turn = (0..n).map(|i| &pool.members[(start + i) % n]).filter(eligible);
+        let chosen = match pool.routing.balance {
+            Balance::RoundRobin => in_turn.into_iter().next(),
+            // Ties go to the first in turn, so equally idle workers still share the load.
+            Balance::LeastConn => in_turn.min_by_key(|u| u.stats.in_flight()),
+        };
+        chosen.map(|u| InFlight::new(Arc::clone(u)))
     }
 
     /// Sets where [`Balancer::report_unreachable`] sends worker ids (once, by the supervisor).
@@ -259,11 +305,10 @@ mod tests {
     async fn round_robin_visits_every_worker_evenly() {
         let balancer = Balancer::default();
         assert!(balancer.pick().is_none());
-        balancer.publish(Pool::new(vec![
-            upstream(1, 0),
-            upstream(2, 1),
-            upstream(3, 2),
-        ]));
+        balancer.publish(Pool::new(
+            vec![upstream(1, 0), upstream(2, 1), upstream(3, 2)],
+            Arc::default(),
+        ));
         let mut counts = [0; 3];
         for _ in 0..30 {
             let guard = balancer.pick().expect("pool is not empty");
@@ -276,10 +321,46 @@ mod tests {
     async fn a_worker_out_of_the_pool_is_never_picked() {
         let balancer = Balancer::default();
         let (a, b) = (upstream(1, 0), upstream(2, 1));
-        balancer.publish(Pool::new(vec![a.clone(), b.clone()]));
-        balancer.publish(Pool::new(vec![b.clone()]));
+        balancer.publish(Pool::new(vec![a.clone(), b.clone()], Arc::default()));
+        balancer.publish(Pool::new(vec![b.clone()], Arc::default()));
         for _ in 0..10 {
             assert_eq!(balancer.pick().expect("b is ready").upstream().id, 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn affinity_wins_when_its_slot_is_ready_and_falls_back_otherwise() {
+        let balancer = Balancer::default();
+        balancer.publish(Pool::new(vec![upstream(1, 0), upstream(2, 1)], Arc::default()));
+        for _ in 0..5 {
+            assert_eq!(balancer.pick_for(Some(1), &[]).expect("ready").upstream().slot, 1);
+        }
+        assert!(
+            balancer.pick_for(Some(7), &[]).is_some(),
+            "an unknown slot is balanced normally"
+        );
+        assert_eq!(
+            balancer.pick_for(Some(1), &[2]).expect("ready").upstream().slot,
+            0,
+            "a tried worker is skipped"
+        );
+    }
+
+    #[tokio::test]
+    async fn least_conn_avoids_the_busy_worker() {
+        let balancer = Balancer::default();
+        let routing = Arc::new(Routing {
+            balance: Balance::LeastConn,
+            ..Routing::default()
+        });
+        let (a, b) = (upstream(1, 0), upstream(2, 1));
+        balancer.publish(Pool::new(vec![a, b], routing));
+        let busy: Vec<InFlight> = (0..3)
+            .map(|_| balancer.pick_for(Some(0), &[]).expect("ready"))
+            .collect();
+        for _ in 0..10 {
+            let guard = balancer.pick().expect("ready");
+            assert_eq!(guard.upstream().slot, 1, "slot 0 has {} in flight", busy.len());
         }
     }
 
@@ -287,7 +368,7 @@ mod tests {
     async fn drain_waits_for_the_last_guard() {
         let balancer = Balancer::default();
         let a = upstream(1, 0);
-        balancer.publish(Pool::new(vec![a.clone()]));
+        balancer.publish(Pool::new(vec![a.clone()], Arc::default()));
         let first = balancer.pick().expect("ready");
         let second = balancer.pick().expect("ready");
         assert_eq!(a.stats.in_flight(), 2);

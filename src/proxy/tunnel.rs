@@ -1,0 +1,58 @@
+//! WebSocket and other `Upgrade` tunnels.
+//!
+//! The handshake is an ordinary request, balanced (and made sticky) like any other, with its
+//! `Connection: upgrade` and `Upgrade` headers kept. If the worker answers `101 Switching
+//! Protocols`, both hyper connections are upgraded and [`splice`] copies bytes both ways until
+//! either side closes. The tunnel holds the request's in-flight guard, so it counts as in flight
+//! (and shows in `corral status`), and a draining worker keeps its tunnels until
+//! `drain_timeout`, when its `cut` token closes them. On stop, the listener closes the tunnels
+//! that are still open at the drain deadline.
+
+use http::header::{self, HeaderMap, HeaderValue};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::balancer::InFlight;
+
+/// The protocol a request asks to upgrade to, if it asks (`Connection: upgrade` + `Upgrade`).
+pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Puts the upgrade headers back after hop-by-hop stripping.
+pub fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Copies bytes between the client and the worker once both sides have upgraded. Ends when
+/// either side closes, or when `cut` (worker drain deadline) or `closing` (corral stopping)
+/// fires.
+pub async fn splice(client: OnUpgrade, worker: OnUpgrade, guard: InFlight, closing: CancellationToken) {
+    let (client, worker) = match tokio::try_join!(client, worker) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut worker) = (TokioIo::new(client), TokioIo::new(worker));
+    let cut = guard.upstream().cut.clone();
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut worker) => match copied {
+            Ok((up, down)) => debug!(up, down, "tunnel closed"),
+            Err(e) => debug!(error = %e, "tunnel ended with an error"),
+        },
+        _ = cut.cancelled() => debug!("tunnel closed: its worker's drain time is up"),
+        _ = closing.cancelled() => debug!("tunnel closed: corral is stopping"),
+    }
+    drop(guard);
+}
