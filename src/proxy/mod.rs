@@ -150,7 +150,7 @@ impl Proxy {
                     }
                 },
             };
-            let Conn { mut sender, reused } = conn;
+            let mut sender: Conn = conn;
             let sent = sender.try_send_request(Request::from_parts(head, body));
             match tokio::time::timeout(self.upstream_timeout, sent).await {
                 Err(_) => {
@@ -199,10 +199,10 @@ impl Proxy {
                         };
                         continue;
                     }
-                    // Written, then the exchange failed. On a reused connection that is the
-                    // race with the worker closing it; an idempotent request without a body
-                    // can be repeated once, elsewhere.
-                    match resend.take().filter(|_| reused) {
+                    // Written, then the exchange failed before a response head: the worker
+                    // died or closed the connection just as we sent. Like nginx, repeat an
+                    // idempotent request without a body, once, on another worker.
+                    match resend.take() {
                         Some(again) => {
                             head = again;
                             body = UpstreamBody::Empty;

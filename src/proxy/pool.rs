@@ -5,7 +5,7 @@
 //! client, so the proxy sees the three cases apart: the connect failed (nothing was sent: any
 //! request may go to another worker); the connection was found closed before the request was
 //! written (hyper hands the request back: same); or the request was written and the exchange
-//! failed (only a bodiless idempotent request may be repeated).
+//! failed before a response head (only a bodiless idempotent request may be repeated).
 //!
 //! Idle connections are kept LIFO (the most recently used is the warmest), at most
 //! [`MAX_IDLE`], and one idle longer than [`IDLE_TIMEOUT`] is not reused: Node closes idle
@@ -80,14 +80,8 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A connection checked out of the pool (or freshly made).
-#[derive(Debug)]
-pub struct Conn {
-    /// Sends one request at a time.
-    pub sender: SendRequest<UpstreamBody>,
-    /// True if it carried an earlier exchange (so the worker may be closing it right now).
-    pub reused: bool,
-}
+/// A connection to a worker: sends one request at a time.
+pub type Conn = SendRequest<UpstreamBody>;
 
 #[derive(Debug)]
 struct Idle {
@@ -128,7 +122,7 @@ impl ConnPool {
                     _ => continue,
                 }
             }
-            return Some(Conn { sender, reused: true });
+            return Some(sender);
         }
     }
 
@@ -147,7 +141,7 @@ impl ConnPool {
                 debug!(worker = %addr, error = %e, "worker connection ended with an error");
             }
         });
-        Ok(Conn { sender, reused: false })
+        Ok(sender)
     }
 
     /// Returns a connection whose exchange is complete.

@@ -154,6 +154,13 @@ impl Conn {
         Ok(response)
     }
 
+    /// Reads exactly `n` bytes.
+    pub fn read_exact_bytes(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0; n];
+        self.reader.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// Reads until the peer closes; returns what arrived.
     pub fn read_to_close(&mut self) -> std::io::Result<Vec<u8>> {
         let mut rest = Vec::new();
