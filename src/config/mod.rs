@@ -85,8 +85,23 @@ pub struct AppConfig {
     pub sticky_cookie: String,
     /// Peers whose `X-Forwarded-For` is believed (`sticky = "ip"`). Default: none.
     pub trusted_proxies: Vec<Network>,
+    /// Active health checks of ready workers. Default: none.
+    pub health_check: Option<HealthCheck>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
+}
+
+/// `health_check = { path, interval, timeout, unhealthy_threshold }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Requested with GET; 2xx is healthy.
+    pub path: String,
+    /// Time between checks of one worker. Default 5 s.
+    pub interval: Duration,
+    /// A check without a 2xx answer within this failed. Default 2 s.
+    pub timeout: Duration,
+    /// After this many failures in a row the worker is replaced. Default 3.
+    pub unhealthy_threshold: u32,
 }
 
 /// How a worker is chosen for a request without affinity.

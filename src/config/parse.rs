@@ -16,7 +16,7 @@ use toml::de::{DeString, DeTable, DeValue};
 use toml::Spanned;
 
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
-use super::{AppConfig, Balance, HttpLimits, Instances, Network, Problem, Sticky};
+use super::{AppConfig, Balance, HealthCheck, HttpLimits, Instances, Network, Problem, Sticky};
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
@@ -35,7 +35,6 @@ const NOT_YET: &[&str] = &[
     "log_max_size",
     "log_retain",
     "wait_ready",
-    "health_check",
     "ready",
     "tls",
 ];
@@ -58,6 +57,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "sticky",
     "sticky_cookie",
     "trusted_proxies",
+    "health_check",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -154,6 +154,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .optional("sticky_cookie", r, read_cookie_name)
         .unwrap_or_else(|| "corral_sticky".into());
     let trusted_proxies = t.optional("trusted_proxies", r, read_networks).unwrap_or_default();
+    let health_check = t.optional("health_check", r, read_health_check);
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -200,6 +201,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         sticky,
         sticky_cookie,
         trusted_proxies,
+        health_check,
         http,
     })
 }
@@ -479,6 +481,41 @@ fn read_networks(v: &DeValue<'_>) -> Result<Vec<Network>, String> {
                 .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))
         })
         .collect()
+}
+
+fn read_health_check(v: &DeValue<'_>) -> Result<HealthCheck, String> {
+    let DeValue::Table(table) = v else {
+        return Err(format!(
+            "expected a table such as {{ path = \"/health\", interval = \"5s\" }}, found {}",
+            type_name(v)
+        ));
+    };
+    let mut check = HealthCheck {
+        path: String::new(),
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(2),
+        unhealthy_threshold: 3,
+    };
+    for (key, value) in table.iter() {
+        let value = value.get_ref();
+        let key = key.get_ref().as_ref();
+        let within = |e: String| format!("{key}: {e}");
+        match key {
+            "path" => check.path = read_path(value).map_err(within)?,
+            "interval" => check.interval = read_positive_duration(value).map_err(within)?,
+            "timeout" => check.timeout = read_positive_duration(value).map_err(within)?,
+            "unhealthy_threshold" => check.unhealthy_threshold = read_count(value, 1, 100).map_err(within)? as u32,
+            other => {
+                return Err(format!(
+                    "{other}: unknown key (path, interval, timeout, unhealthy_threshold)"
+                ))
+            }
+        }
+    }
+    if check.path.is_empty() {
+        return Err("path: missing (it is required)".into());
+    }
+    Ok(check)
 }
 
 fn read_env_name(v: &DeValue<'_>) -> Result<String, String> {

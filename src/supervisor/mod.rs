@@ -27,7 +27,7 @@ mod spawn;
 pub mod status;
 mod worker;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,6 +134,10 @@ enum Event {
     Unreachable {
         id: u64,
     },
+    Health {
+        id: u64,
+        ok: bool,
+    },
     RestartDue {
         app: usize,
         slot: usize,
@@ -174,6 +178,8 @@ pub struct Supervisor {
     stopping: Option<Vec<oneshot::Sender<()>>>,
     /// The rolling reload in progress, if any.
     reload: Option<ReloadRun>,
+    /// Replacements of unhealthy workers in progress: new worker id -> old worker id.
+    replacing: HashMap<u64, u64>,
     last_reload: Option<ReloadOutcome>,
 }
 
@@ -219,6 +225,7 @@ impl Supervisor {
             started: Instant::now(),
             stopping: None,
             reload: None,
+            replacing: HashMap::new(),
             last_reload: None,
         };
         (supervisor, Handle { tx })
@@ -288,6 +295,7 @@ impl Supervisor {
             }
             Event::Drained { id } => self.on_drained(id),
             Event::Unreachable { id } => self.on_unreachable(id),
+            Event::Health { id, ok } => self.on_health(id, ok),
             Event::RestartDue { app, slot } => {
                 let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live());
                 if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
@@ -328,10 +336,89 @@ impl Supervisor {
             return;
         }
         self.apps[app].workers[index].state = WorkerState::Ready;
+        self.watch_health(app, index);
         let name = &self.apps[app].config.name;
         info!(app = %name, slot, pid, port = port.unwrap_or(0), boot_ms = boot.as_millis() as u64, "worker ready");
+        if let Some(old) = self.replacing.remove(&id) {
+            // A replacement is in rotation: the worker it replaces drains, then stops.
+            if let Some(old_index) = self.apps[app].workers.iter().position(|w| w.id == old) {
+                info!(app = %name, slot, pid, "replacement ready; draining the unhealthy worker");
+                self.begin_drain(app, old_index);
+            }
+        }
         self.publish(app);
         self.announce(app);
+    }
+
+    /// Starts the app's active health checks (if configured) on a ready worker.
+    fn watch_health(&mut self, app: usize, index: usize) {
+        let worker = &mut self.apps[app].workers[index];
+        let (Some(check), Some(port)) = (worker.spec.health_check.clone(), worker.port) else {
+            return;
+        };
+        let token = CancellationToken::new();
+        if let Some(previous) = worker.health.replace(token.clone()) {
+            previous.cancel();
+        }
+        let (id, events) = (worker.id, self.events.clone());
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(check.interval) => {}
+                }
+                let ok = tokio::time::timeout(check.timeout, http_ok(addr, Some(&check.path))).await == Ok(true);
+                if events.send(Event::Health { id, ok }).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// An active health check result: a failing worker leaves rotation; past the threshold it
+    /// is replaced (the new worker is ready before the old one drains).
+    fn on_health(&mut self, id: u64, ok: bool) {
+        let Some((app, index)) = self.find(id) else { return };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Ready {
+            return;
+        }
+        let Some(check) = worker.spec.health_check.clone() else {
+            return;
+        };
+        if ok {
+            worker.health_failures = 0;
+            if worker.unhealthy {
+                worker.unhealthy = false;
+                info!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker passes its health check again; back in rotation");
+                self.publish(app);
+            }
+            return;
+        }
+        worker.health_failures += 1;
+        let (failures, slot, pid, spec, generation) = (
+            worker.health_failures,
+            worker.slot,
+            worker.pid,
+            Arc::clone(&worker.spec),
+            worker.generation,
+        );
+        if !worker.unhealthy {
+            worker.unhealthy = true;
+            warn!(app = %spec.name, slot, pid, "worker failed its health check ({}); out of rotation", check.path);
+            self.publish(app);
+        }
+        let busy = self.stopping.is_some() || self.reload.is_some() || self.replacing.values().any(|&old| old == id);
+        if failures % check.unhealthy_threshold == 0 && !busy {
+            warn!(app = %spec.name, slot, pid, "worker failed {failures} health checks in a row; replacing it");
+            match self.spawn_worker(app, slot, spec, generation) {
+                Ok(new) => {
+                    self.replacing.insert(new, id);
+                }
+                Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
+            }
+        }
     }
 
     fn announce(&mut self, app: usize) {
@@ -408,8 +495,9 @@ impl Supervisor {
             return;
         };
         let app = &mut self.apps[app_index];
-        let worker = app.workers.swap_remove(index);
-        worker.probe.cancel();
+        let mut worker = app.workers.swap_remove(index);
+        worker.stop_watching();
+        self.replacing.remove(&id);
         if let Some(drain) = &worker.drain {
             drain.cancel();
         }
@@ -591,6 +679,9 @@ impl Supervisor {
             drain: None,
             drained: false,
             unreachable: false,
+            unhealthy: false,
+            health_failures: 0,
+            health: None,
         });
         Ok(id)
     }
@@ -625,7 +716,7 @@ impl Supervisor {
         }
         let was_ready = worker.state == WorkerState::Ready;
         worker.state = WorkerState::Stopping(reason);
-        worker.probe.cancel();
+        worker.stop_watching();
         if let Some(drain) = worker.drain.take() {
             drain.cancel();
         }
@@ -648,7 +739,7 @@ impl Supervisor {
             return;
         }
         worker.state = WorkerState::Draining;
-        worker.probe.cancel();
+        worker.stop_watching();
         // Keep only the stream-cutting token: once the last in-flight request is done, the
         // upstream and its pooled idle connections to this worker are dropped (closed).
         let cut = worker.upstream.take().map(|u| u.cut.clone());
@@ -821,19 +912,22 @@ impl Readiness {
     }
 
     async fn check(&self) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else {
-            return false;
-        };
-        let Some(path) = &self.path else { return true };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-readiness\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        if stream.write_all(request.as_bytes()).await.is_err() {
-            return false;
-        }
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
+        http_ok(self.addr, self.path.as_deref()).await
     }
+}
+
+/// True if `addr` accepts a connection and, with a `path`, answers `GET path` with 2xx.
+async fn http_ok(addr: SocketAddr, path: Option<&str>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let Some(path) = path else { return true };
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-health\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
 }

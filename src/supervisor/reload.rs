@@ -317,6 +317,11 @@ impl Supervisor {
                 self.begin_drain(app, index);
             }
         }
+        for &(id, _) in &batch {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
+                self.watch_health(app, index);
+            }
+        }
         self.publish(app);
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
@@ -465,6 +470,9 @@ impl Supervisor {
                         addr,
                         Arc::clone(&worker.stats),
                     )));
+                }
+                if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
+                    self.watch_health(app, index);
                 }
             }
             self.publish(app);

@@ -120,18 +120,34 @@ pub struct Worker {
     pub drained: bool,
     /// Ready, but it refused a connection: out of rotation until a probe passes again.
     pub unreachable: bool,
+    /// Ready, but its last active health check failed: out of rotation until one passes.
+    pub unhealthy: bool,
+    /// Active health checks failed in a row.
+    pub health_failures: u32,
+    /// Stops its active health checks.
+    pub health: Option<CancellationToken>,
 }
 
 impl Worker {
     /// True when it should be in the pool.
     pub fn in_rotation(&self) -> bool {
-        self.state == WorkerState::Ready && !self.unreachable
+        self.state == WorkerState::Ready && !self.unreachable && !self.unhealthy
+    }
+
+    /// Stops the background tasks that watch it (readiness probe, health checks).
+    pub fn stop_watching(&mut self) {
+        self.probe.cancel();
+        if let Some(health) = self.health.take() {
+            health.cancel();
+        }
     }
 
     /// The word `corral status` shows.
     pub fn label(&self) -> &'static str {
         if self.state == WorkerState::Ready && self.unreachable {
             "unreachable"
+        } else if self.state == WorkerState::Ready && self.unhealthy {
+            "unhealthy"
         } else {
             self.state.label()
         }
