@@ -164,10 +164,11 @@ pub async fn serve(
     drop(listener);
     connections.close();
     info!(%addr, open_connections = connections.len(), "stopped accepting; draining connections");
-    if tokio::time::timeout(drain, connections.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + drain;
+    if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
         warn!(%addr, ?drain, "drain deadline passed; closing the remaining connections");
     }
-    // Tunnels (WebSocket) are not HTTP connections any more: they end here, at the latest.
-    proxy.close_tunnels();
+    // Tunnels (WebSocket) are not HTTP connections any more: they get the same deadline.
+    proxy.drain_tunnels(deadline).await;
     Ok(())
 }

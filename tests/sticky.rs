@@ -326,3 +326,20 @@ fn least_conn_steers_new_requests_away_from_a_busy_worker() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn open_tunnels_are_closed_when_corral_stops() -> TestResult {
+    let mut corral = Corral::start(Options::default().instances(1).key("drain_timeout = \"5s\""))?;
+    let mut ws = ws_open(corral.addr)?;
+    ws_read(&mut ws)?;
+    corral.signal(Signal::SIGTERM)?;
+    // Until the drain deadline the tunnel still works.
+    ws.send_raw(&ws_frame("still there?"))?;
+    assert_eq!(ws_read(&mut ws)?, "echo still there?");
+    assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0), "{}", corral.logs());
+    assert!(
+        ws.read_to_close()?.is_empty(),
+        "the tunnel is closed at the end of the drain"
+    );
+    Ok(())
+}

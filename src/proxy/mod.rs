@@ -31,6 +31,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::balancer::sticky::{self, CookieSigner};
@@ -49,6 +50,8 @@ pub struct Proxy {
     upstream_timeout: Duration,
     /// Cancelled by the listener at the end of its drain: open tunnels close.
     closing: CancellationToken,
+    /// The open tunnels, so a stop can wait for them (up to the drain deadline).
+    tunnels: TaskTracker,
     /// Signs the affinity cookies of `sticky = "cookie"`.
     cookies: CookieSigner,
 }
@@ -62,13 +65,22 @@ impl Proxy {
             balancer,
             upstream_timeout,
             closing: CancellationToken::new(),
+            tunnels: TaskTracker::new(),
             cookies,
         }
     }
 
-    /// Closes every open tunnel (WebSocket) of this app.
-    pub fn close_tunnels(&self) {
-        self.closing.cancel();
+    /// Waits until `deadline` for open tunnels (WebSocket) to end, then closes the rest.
+    pub async fn drain_tunnels(&self, deadline: tokio::time::Instant) {
+        self.tunnels.close();
+        if !self.tunnels.is_empty() {
+            tracing::info!(app = %self.app, tunnels = self.tunnels.len(), "waiting for open tunnels until the drain deadline");
+        }
+        if tokio::time::timeout_at(deadline, self.tunnels.wait()).await.is_err() {
+            warn!(app = %self.app, tunnels = self.tunnels.len(), "drain deadline passed; closing open tunnels");
+            self.closing.cancel();
+            self.tunnels.wait().await;
+        }
     }
 
     /// The balancer this proxy routes through.
@@ -164,7 +176,8 @@ impl Proxy {
                         if let Some((_, client)) = upgrade {
                             let protocol = response.headers().get(http::header::UPGRADE).cloned();
                             let worker = hyper::upgrade::on(&mut response);
-                            tokio::spawn(tunnel::splice(client, worker, guard, self.closing.clone()));
+                            self.tunnels
+                                .spawn(tunnel::splice(client, worker, guard, self.closing.clone()));
                             let (mut parts, _) = response.into_parts();
                             forward::response_headers(&mut parts.headers);
                             if let Some(protocol) = protocol {

@@ -5,8 +5,8 @@
 //! Protocols`, both hyper connections are upgraded and [`splice`] copies bytes both ways until
 //! either side closes. The tunnel holds the request's in-flight guard, so it counts as in flight
 //! (and shows in `corral status`), and a draining worker keeps its tunnels until
-//! `drain_timeout`, when its `cut` token closes them. On stop, the listener closes the tunnels
-//! that are still open at the drain deadline.
+//! `drain_timeout`, when its `cut` token closes them. On stop, tunnels are waited for until the
+//! drain deadline and closed then.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::upgrade::OnUpgrade;
