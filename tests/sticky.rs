@@ -73,13 +73,13 @@ fn a_sticky_cookie_keeps_a_session_on_one_worker_across_a_reload() -> TestResult
     }
 
     // After a reload the cookie still works, and lands on the slot's new worker.
-    let slot = first.json()["slot"].as_str().ok_or("slot")?.to_owned();
+    let slot: u64 = first.json()["slot"].as_str().ok_or("slot")?.parse()?;
     let reload = corral.cli(&["reload"])?;
     assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
     let workers = corral.workers()?;
     let new_pid = workers
         .iter()
-        .find(|w| w["slot"].to_string() == slot && w["state"] == "online")
+        .find(|w| w["slot"] == slot && w["state"] == "online")
         .and_then(|w| w["pid"].as_u64())
         .ok_or("no new worker for the slot")?;
     assert_ne!(serde_json::json!(new_pid), pid);
