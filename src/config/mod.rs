@@ -87,6 +87,19 @@ pub struct AppConfig {
     pub trusted_proxies: Vec<Network>,
     /// Active health checks of ready workers. Default: none.
     pub health_check: Option<HealthCheck>,
+    /// Restart workers that exit. Default: true.
+    pub autorestart: bool,
+    /// A worker that exits sooner than this after starting is an unstable restart. Default 1 s.
+    pub min_uptime: Duration,
+    /// Unstable restarts in a row before the slot is marked errored. Default 16.
+    pub max_restarts: u32,
+    /// Fixed delay before each restart. Default 0.
+    pub restart_delay: Duration,
+    /// First step of the exponential restart backoff (doubling, capped at 15 s, reset after
+    /// 30 s of uptime); zero turns it off. Default 100 ms.
+    pub exp_backoff_restart_delay: Duration,
+    /// Exit codes after which a worker is not restarted. Default: none.
+    pub stop_exit_codes: Vec<i32>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
 }

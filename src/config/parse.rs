@@ -22,12 +22,6 @@ use super::{AppConfig, Balance, HealthCheck, HttpLimits, Instances, Network, Pro
 /// plain "not supported yet" instead of "unknown key".
 const NOT_YET: &[&str] = &[
     "max_memory_restart",
-    "min_uptime",
-    "max_restarts",
-    "restart_delay",
-    "exp_backoff_restart_delay",
-    "autorestart",
-    "stop_exit_codes",
     "out_file",
     "error_file",
     "merge_logs",
@@ -58,6 +52,12 @@ pub(super) const APP_KEYS: &[&str] = &[
     "sticky_cookie",
     "trusted_proxies",
     "health_check",
+    "autorestart",
+    "min_uptime",
+    "max_restarts",
+    "restart_delay",
+    "exp_backoff_restart_delay",
+    "stop_exit_codes",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -155,6 +155,18 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .unwrap_or_else(|| "corral_sticky".into());
     let trusted_proxies = t.optional("trusted_proxies", r, read_networks).unwrap_or_default();
     let health_check = t.optional("health_check", r, read_health_check);
+    let autorestart = t.optional("autorestart", r, read_bool).unwrap_or(true);
+    let min_uptime = t
+        .optional("min_uptime", r, read_duration)
+        .unwrap_or(Duration::from_secs(1));
+    let max_restarts = t
+        .optional("max_restarts", r, |v| read_count(v, 0, 1_000_000))
+        .unwrap_or(16) as u32;
+    let restart_delay = t.optional("restart_delay", r, read_duration).unwrap_or(Duration::ZERO);
+    let exp_backoff_restart_delay = t
+        .optional("exp_backoff_restart_delay", r, read_duration)
+        .unwrap_or(Duration::from_millis(100));
+    let stop_exit_codes = t.optional("stop_exit_codes", r, read_exit_codes).unwrap_or_default();
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -202,6 +214,12 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         sticky_cookie,
         trusted_proxies,
         health_check,
+        autorestart,
+        min_uptime,
+        max_restarts,
+        restart_delay,
+        exp_backoff_restart_delay,
+        stop_exit_codes,
         http,
     })
 }
@@ -516,6 +534,34 @@ fn read_health_check(v: &DeValue<'_>) -> Result<HealthCheck, String> {
         return Err("path: missing (it is required)".into());
     }
     Ok(check)
+}
+
+fn read_bool(v: &DeValue<'_>) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", type_name(v)))
+}
+
+fn read_exit_codes(v: &DeValue<'_>) -> Result<Vec<i32>, String> {
+    let codes = match v {
+        DeValue::Array(items) => items.iter().map(|i| integer(i.get_ref())).collect::<Option<Vec<i64>>>(),
+        other => integer(other).map(|c| vec![c]),
+    };
+    let codes = codes.ok_or_else(|| {
+        format!(
+            "expected an exit code or an array of them such as [0], found {}",
+            type_name(v)
+        )
+    })?;
+    codes
+        .into_iter()
+        .map(|c| {
+            if (0..=255).contains(&c) {
+                Ok(c as i32)
+            } else {
+                Err(format!("{c} is not an exit code (0..255)"))
+            }
+        })
+        .collect()
 }
 
 fn read_env_name(v: &DeValue<'_>) -> Result<String, String> {

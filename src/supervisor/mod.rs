@@ -15,13 +15,13 @@
 //! A worker is *ready* when its port accepts a TCP connection, or, with `ready_path`, when that
 //! path answers 2xx (apps without `listen` are ready once spawned). One that exits, or is not
 //! ready within `listen_timeout`, is reported with its exit status and last output lines and its
-//! slot is restarted after a backoff ([`backoff`]). Stopping sends `kill_signal` to the
+//! slot is restarted as PM2's restart policy says ([`policy`]). Stopping sends `kill_signal` to the
 //! worker's process group, then SIGKILL after `kill_timeout`; the exit is always reaped.
 //!
 //! Rolling reloads ([`reload`]) run inside the same actor as a state machine driven by the
 //! same events, so a reload, a crash and a status request never race each other.
 
-mod backoff;
+mod policy;
 mod reload;
 mod spawn;
 pub mod status;
@@ -42,10 +42,10 @@ use tracing::{debug, error, info, warn};
 use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
 use crate::config::{AppConfig, Config};
 use crate::logs::{OutputSink, OutputTail, Stream};
-use backoff::Backoff;
+use policy::{after_exit, AfterExit, History, RestartPolicy};
 use reload::ReloadRun;
 use status::{AppStatus, ReloadOutcome, Status, WorkerStatus};
-use worker::{after_exit, describe_exit, AfterExit, StopReason, Worker, WorkerState};
+use worker::{describe_exit, StopReason, Worker, WorkerState};
 
 /// The supervisor task has ended; nothing more can be asked of it.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +157,9 @@ struct App {
 #[derive(Default)]
 struct Slot {
     restarts: u32,
-    failures: u32,
+    history: History,
+    /// Left empty on purpose: `Some("stopped")` or `Some("errored")`, until the next reload.
+    parked: Option<&'static str>,
     last_exit: Option<String>,
 }
 
@@ -171,7 +173,6 @@ pub struct Supervisor {
     /// Workers the proxy found refusing connections.
     unreachable_rx: mpsc::UnboundedReceiver<u64>,
     output: OutputSink,
-    backoff: Backoff,
     next_id: u64,
     started: Instant,
     /// Set once a shutdown began; holds whoever waits for its end.
@@ -220,7 +221,6 @@ impl Supervisor {
             event_rx,
             unreachable_rx,
             output,
-            backoff: Backoff::default(),
             next_id: 1,
             started: Instant::now(),
             stopping: None,
@@ -297,7 +297,8 @@ impl Supervisor {
             Event::Unreachable { id } => self.on_unreachable(id),
             Event::Health { id, ok } => self.on_health(id, ok),
             Event::RestartDue { app, slot } => {
-                let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live());
+                let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live())
+                    || self.apps[app].slots.get(slot).is_some_and(|s| s.parked.is_some());
                 if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
                     let config = Arc::clone(&self.apps[app].config);
                     let generation = self.apps[app].generation;
@@ -534,15 +535,26 @@ impl Supervisor {
         };
         slot.last_exit = Some(how.clone());
         let uptime = worker.started.elapsed();
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        let policy = RestartPolicy::of(&worker.spec);
         match after_exit(
+            &policy,
+            &mut slot.history,
             shutting_down,
-            &self.backoff,
-            &mut slot.failures,
             uptime,
             worker.was_ready,
+            code,
         ) {
             AfterExit::Forget => {
                 info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}")
+            }
+            AfterExit::Stopped => {
+                slot.parked = Some("stopped");
+                info!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}; not restarted (autorestart = false or a stop_exit_codes code)");
+            }
+            AfterExit::Errored => {
+                slot.parked = Some("errored");
+                error!(app = %name, slot = slot_index, pid = worker.pid, "worker {how}; {} unstable restarts in a row (max_restarts = {}): the slot is errored and not restarted until the next reload. Last output:{}", slot.history.unstable, policy.max_restarts, worker.last_output());
             }
             AfterExit::Restart(delay) => {
                 slot.restarts += 1;
@@ -691,19 +703,34 @@ impl Supervisor {
     fn start(&mut self, app_index: usize, slot_index: usize, spec: Arc<AppConfig>, generation: u64) {
         if let Err(reason) = self.spawn_worker(app_index, slot_index, spec, generation) {
             let app = &mut self.apps[app_index];
+            let policy = RestartPolicy::of(&app.config);
             let slot = &mut app.slots[slot_index];
-            slot.failures = slot.failures.saturating_add(1);
-            slot.restarts += 1;
-            let delay = self.backoff.delay(slot.failures);
-            error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
-            slot.last_exit = Some(reason);
-            self.after(
-                delay,
-                Event::RestartDue {
-                    app: app_index,
-                    slot: slot_index,
-                },
-            );
+            slot.last_exit = Some(reason.clone());
+            match after_exit(
+                &policy,
+                &mut slot.history,
+                self.stopping.is_some(),
+                Duration::ZERO,
+                false,
+                None,
+            ) {
+                AfterExit::Restart(delay) => {
+                    slot.restarts += 1;
+                    error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
+                    self.after(
+                        delay,
+                        Event::RestartDue {
+                            app: app_index,
+                            slot: slot_index,
+                        },
+                    );
+                }
+                AfterExit::Errored | AfterExit::Stopped => {
+                    slot.parked = Some("errored");
+                    error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; giving up (max_restarts)");
+                }
+                AfterExit::Forget => {}
+            }
         }
     }
 
@@ -822,7 +849,7 @@ impl Supervisor {
                             generation: None,
                             pid: None,
                             port: None,
-                            state: "waiting".into(),
+                            state: slot.parked.unwrap_or("waiting").into(),
                             uptime_ms: 0,
                             restarts: slot.restarts,
                             requests: 0,

@@ -364,6 +364,11 @@ impl Supervisor {
         if state.slots.len() < phase.instances {
             state.slots.resize_with(phase.instances, Default::default);
         }
+        // A new version gets a clean slate: errored and stopped slots run again.
+        for slot in &mut state.slots {
+            slot.parked = None;
+            slot.history = Default::default();
+        }
         let waiting = phase.retiring.len();
         say(
             &run.progress,

@@ -13,7 +13,6 @@
 //! are functions of the state, tested below; the supervisor carries out their side effects.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,31 +57,6 @@ impl WorkerState {
             WorkerState::Stopping(_) => "stopping",
         }
     }
-}
-
-/// What to do once a worker has exited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterExit {
-    /// Leave the slot empty: corral is stopping.
-    Forget,
-    /// Start a new worker in the slot after this delay.
-    Restart(Duration),
-}
-
-/// Decides what follows an exit. `failures` is the slot's consecutive-failure count and is
-/// updated in place.
-pub fn after_exit(
-    shutting_down: bool,
-    backoff: &super::backoff::Backoff,
-    failures: &mut u32,
-    uptime: Duration,
-    was_ready: bool,
-) -> AfterExit {
-    if shutting_down {
-        return AfterExit::Forget;
-    }
-    *failures = backoff.failures_after_exit(*failures, uptime, was_ready);
-    AfterExit::Restart(backoff.delay(*failures))
 }
 
 /// A running worker process.
@@ -187,45 +161,9 @@ pub fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> Stri
 
 #[cfg(test)]
 mod tests {
-    use super::super::backoff::Backoff;
     use super::*;
     use std::os::unix::process::ExitStatusExt;
     use std::process::ExitStatus;
-
-    #[test]
-    fn exits_while_stopping_are_not_restarted() {
-        let mut failures = 3;
-        let decision = after_exit(true, &Backoff::default(), &mut failures, Duration::ZERO, false);
-        assert_eq!(decision, AfterExit::Forget);
-        assert_eq!(failures, 3);
-    }
-
-    #[test]
-    fn quick_failures_back_off_and_a_stable_run_restarts_at_once() {
-        let backoff = Backoff::default();
-        let mut failures = 0;
-        let table = [
-            (
-                Duration::from_millis(30),
-                false,
-                AfterExit::Restart(Duration::from_millis(100)),
-            ),
-            (
-                Duration::from_millis(30),
-                false,
-                AfterExit::Restart(Duration::from_millis(200)),
-            ),
-            (
-                Duration::from_secs(2),
-                true,
-                AfterExit::Restart(Duration::from_millis(400)),
-            ),
-            (Duration::from_secs(3600), true, AfterExit::Restart(Duration::ZERO)),
-        ];
-        for (uptime, ready, want) in table {
-            assert_eq!(after_exit(false, &backoff, &mut failures, uptime, ready), want);
-        }
-    }
 
     #[test]
     fn exit_descriptions() {

@@ -1,0 +1,93 @@
+//! PM2's restart policy: backoff, max_restarts, stop_exit_codes, autorestart.
+
+mod support;
+
+use std::time::Instant;
+
+use support::http::get;
+use support::{poll_until, Corral, Options, TestResult, DEADLINE};
+
+fn slot_state(corral: &Corral) -> Option<(String, u64)> {
+    let workers = corral.workers().ok()?;
+    let w = workers.first()?;
+    Some((w["state"].as_str()?.to_owned(), w["restarts"].as_u64()?))
+}
+
+#[test]
+fn a_crash_loop_backs_off_then_is_errored_and_the_front_answers_503() -> TestResult {
+    let started = Instant::now();
+    let corral = Corral::start(Options {
+        wait_online: Some(0),
+        ..Options::default()
+            .instances(1)
+            .key("listen_timeout = \"1s\"")
+            .key("max_restarts = 5")
+            .env("FIXTURE_BOOT", "crash")
+    })?;
+    poll_until(DEADLINE, "five restarts", || {
+        (slot_state(&corral)?.1 >= 5).then_some(())
+    })?;
+    // Restart n is counted at the n-th crash; 100 + 200 + 400 + 800 ms of backoff lie between
+    // the first crash and the fifth: a crash loop is slowed down, not hammered (a slow machine
+    // only makes this longer).
+    assert!(
+        started.elapsed().as_millis() >= 1500,
+        "five restarts in {:?}",
+        started.elapsed()
+    );
+    let (state, restarts) = poll_until(DEADLINE, "the slot to be errored", || {
+        let (state, restarts) = slot_state(&corral)?;
+        (state == "errored").then_some((state, restarts))
+    })
+    .map_err(|e| corral.explain(e))?;
+    assert_eq!(state, "errored");
+    assert!(restarts <= 6, "{restarts} restarts with max_restarts = 5");
+    assert!(corral.logs().contains("the slot is errored"), "{}", corral.logs());
+
+    let asked = Instant::now();
+    let response = get(corral.addr, "/")?;
+    eprintln!("503 answered in {:?}", asked.elapsed());
+    assert_eq!(response.status, 503);
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert!(response.text().contains("no worker is ready"));
+    // Still errored a moment later: nothing restarts it but a reload.
+    assert_eq!(slot_state(&corral).map(|s| s.0).as_deref(), Some("errored"));
+    Ok(())
+}
+
+#[test]
+fn an_exit_code_in_stop_exit_codes_is_not_restarted() -> TestResult {
+    let corral = Corral::start(Options {
+        wait_online: Some(0),
+        ..Options::default()
+            .instances(1)
+            .key("stop_exit_codes = [3]")
+            .env("FIXTURE_EXIT_AFTER_MS", "300")
+            .env("FIXTURE_EXIT_CODE", "3")
+    })?;
+    let (state, restarts) = poll_until(DEADLINE, "the slot to be stopped", || {
+        let (state, restarts) = slot_state(&corral)?;
+        (state == "stopped").then_some((state, restarts))
+    })
+    .map_err(|e| corral.explain(e))?;
+    assert_eq!((state.as_str(), restarts), ("stopped", 0));
+    Ok(())
+}
+
+#[test]
+fn autorestart_false_leaves_an_exited_worker_down_and_a_reload_brings_it_back() -> TestResult {
+    let options = Options::default().instances(1).key("autorestart = false");
+    let corral = Corral::start(Options {
+        wait_online: Some(0),
+        ..options.clone().env("FIXTURE_EXIT_AFTER_MS", "300")
+    })?;
+    poll_until(DEADLINE, "the slot to be stopped", || {
+        (slot_state(&corral)?.0 == "stopped").then_some(())
+    })
+    .map_err(|e| corral.explain(e))?;
+    corral.rewrite_config(&options)?;
+    let reload = corral.cli(&["reload"])?;
+    assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200);
+    Ok(())
+}
