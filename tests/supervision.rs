@@ -91,3 +91,33 @@ fn autorestart_false_leaves_an_exited_worker_down_and_a_reload_brings_it_back() 
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
     Ok(())
 }
+
+#[test]
+fn a_worker_over_max_memory_restart_is_replaced_without_failing_a_request() -> TestResult {
+    let corral = Corral::start(Options::default().instances(2).key("max_memory_restart = \"200M\""))?;
+    let workers = corral.workers()?;
+    let leaky = &workers[0];
+    let (pid, slot) = (leaky["pid"].as_u64().ok_or("pid")?, leaky["slot"].clone());
+    let port = leaky["port"].as_u64().ok_or("port")? as u16;
+    let load = support::load::Load::start(corral.addr, 2, 1);
+    let response = get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/leak?mb=250")?;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let replacement = poll_until(DEADLINE, "a replacement for the leaking worker", || {
+        let workers = corral.workers().ok()?;
+        let old_gone = !workers.iter().any(|w| w["pid"] == pid);
+        let new = workers
+            .iter()
+            .find(|w| w["slot"] == slot && w["state"] == "online" && w["pid"] != pid)?;
+        old_gone.then(|| new.clone())
+    })
+    .map_err(|e| corral.explain(e))?;
+    let tally = load.finish();
+    assert_eq!(tally.failed, 0, "failed requests: {:?}", tally.failures);
+    let why = replacement["last_exit"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("over max_memory_restart 200.0M"),
+        "status shows the reason: {replacement}"
+    );
+    assert!(corral.logs().contains("replacing it without downtime"));
+    Ok(())
+}

@@ -21,7 +21,6 @@ use super::{AppConfig, Balance, HealthCheck, HttpLimits, Instances, Network, Pro
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
 const NOT_YET: &[&str] = &[
-    "max_memory_restart",
     "out_file",
     "error_file",
     "merge_logs",
@@ -58,6 +57,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "restart_delay",
     "exp_backoff_restart_delay",
     "stop_exit_codes",
+    "max_memory_restart",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -167,6 +167,10 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .optional("exp_backoff_restart_delay", r, read_duration)
         .unwrap_or(Duration::from_millis(100));
     let stop_exit_codes = t.optional("stop_exit_codes", r, read_exit_codes).unwrap_or_default();
+    let max_memory_restart = t.optional("max_memory_restart", r, |v| match read_size(v)? {
+        0 => Err("must be greater than zero".into()),
+        n => Ok(n),
+    });
     let defaults = HttpLimits::default();
     let http = HttpLimits {
         max_header_size: t
@@ -220,6 +224,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         restart_delay,
         exp_backoff_restart_delay,
         stop_exit_codes,
+        max_memory_restart,
         http,
     })
 }

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
-use crate::config::{AppConfig, Config};
+use crate::config::{units, AppConfig, Config};
 use crate::logs::{OutputSink, OutputTail, Stream};
 use policy::{after_exit, AfterExit, History, RestartPolicy};
 use reload::ReloadRun;
@@ -138,6 +138,7 @@ enum Event {
         id: u64,
         ok: bool,
     },
+    MemoryTick,
     RestartDue {
         app: usize,
         slot: usize,
@@ -233,6 +234,18 @@ impl Supervisor {
 
     /// Starts every worker, then serves commands and events until a shutdown completes.
     pub async fn run(mut self) {
+        // Memory caps are checked every 2 s (the tick is cheap when no app sets one).
+        let ticks = self.events.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(2));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if ticks.send(Event::MemoryTick).is_err() {
+                    return;
+                }
+            }
+        });
         for app in 0..self.apps.len() {
             let config = Arc::clone(&self.apps[app].config);
             info!(app = %config.name, instances = self.apps[app].instances, command = ?config.command, "starting workers");
@@ -296,6 +309,7 @@ impl Supervisor {
             Event::Drained { id } => self.on_drained(id),
             Event::Unreachable { id } => self.on_unreachable(id),
             Event::Health { id, ok } => self.on_health(id, ok),
+            Event::MemoryTick => self.check_memory(),
             Event::RestartDue { app, slot } => {
                 let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live())
                     || self.apps[app].slots.get(slot).is_some_and(|s| s.parked.is_some());
@@ -398,27 +412,67 @@ impl Supervisor {
             return;
         }
         worker.health_failures += 1;
-        let (failures, slot, pid, spec, generation) = (
-            worker.health_failures,
-            worker.slot,
-            worker.pid,
-            Arc::clone(&worker.spec),
-            worker.generation,
-        );
+        let failures = worker.health_failures;
         if !worker.unhealthy {
             worker.unhealthy = true;
-            warn!(app = %spec.name, slot, pid, "worker failed its health check ({}); out of rotation", check.path);
+            warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker failed its health check ({}); out of rotation", check.path);
             self.publish(app);
         }
+        if failures % check.unhealthy_threshold == 0 {
+            self.replace(app, id, format!("failed {failures} health checks in a row"));
+        }
+    }
+
+    /// Starts a new worker for the slot of worker `id`; once it is ready, `id` drains and stops.
+    /// Nothing happens while corral stops or reloads, or if a replacement is already starting.
+    fn replace(&mut self, app: usize, id: u64, why: String) {
         let busy = self.stopping.is_some() || self.reload.is_some() || self.replacing.values().any(|&old| old == id);
-        if failures % check.unhealthy_threshold == 0 && !busy {
-            warn!(app = %spec.name, slot, pid, "worker failed {failures} health checks in a row; replacing it");
-            match self.spawn_worker(app, slot, spec, generation) {
-                Ok(new) => {
-                    self.replacing.insert(new, id);
-                }
-                Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
+        let Some(worker) = self.apps[app].workers.iter().find(|w| w.id == id) else {
+            return;
+        };
+        if busy {
+            return;
+        }
+        let (slot, pid, spec, generation) = (worker.slot, worker.pid, Arc::clone(&worker.spec), worker.generation);
+        warn!(app = %spec.name, slot, pid, "worker {why}; replacing it without downtime");
+        if let Some(s) = self.apps[app].slots.get_mut(slot) {
+            s.last_exit = Some(format!("pid {pid} replaced: {why}"));
+        }
+        match self.spawn_worker(app, slot, spec, generation) {
+            Ok(new) => {
+                self.replacing.insert(new, id);
             }
+            Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
+        }
+    }
+
+    /// Replaces every ready worker whose process tree is over its app's `max_memory_restart`.
+    fn check_memory(&mut self) {
+        if !self.apps.iter().any(|a| a.config.max_memory_restart.is_some()) {
+            return;
+        }
+        let groups = status::group_rss();
+        let mut over = Vec::new();
+        for (app_index, app) in self.apps.iter().enumerate() {
+            for worker in app.workers.iter().filter(|w| w.state == WorkerState::Ready) {
+                let (Some(cap), Some(&rss)) = (worker.spec.max_memory_restart, groups.get(&worker.pid)) else {
+                    continue;
+                };
+                if rss > cap {
+                    over.push((
+                        app_index,
+                        worker.id,
+                        format!(
+                            "uses {} of memory, over max_memory_restart {}",
+                            units::format_size(rss),
+                            units::format_size(cap)
+                        ),
+                    ));
+                }
+            }
+        }
+        for (app, id, why) in over {
+            self.replace(app, id, why);
         }
     }
 

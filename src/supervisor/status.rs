@@ -87,3 +87,37 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
         .flatten()?;
     Some(pages * page_size as u64)
 }
+
+/// Resident memory of every process group on the machine, by group id: a worker's process tree
+/// (it leads its own group), from one pass over `/proc`.
+pub fn group_rss() -> std::collections::HashMap<u32, u64> {
+    let mut groups = std::collections::HashMap::new();
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state ppid pgrp ... rss is the 22nd.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if let (Some(pgrp), Some(rss)) = (
+            fields.get(2).and_then(|f| f.parse::<u32>().ok()),
+            fields.get(21).and_then(|f| f.parse::<u64>().ok()),
+        ) {
+            *groups.entry(pgrp).or_insert(0) += rss * page;
+        }
+    }
+    groups
+}
