@@ -48,6 +48,16 @@ enum Command {
     },
     /// Stop the running instance gracefully and wait until it has exited.
     Stop,
+    /// Change an app's worker count without a reload: `N`, `+N` or `-N`. New workers enter
+    /// rotation when ready; removed ones drain first. The next reload applies the file's
+    /// `instances` again.
+    Scale {
+        /// The app.
+        app: String,
+        /// `N`, `+N` or `-N`.
+        #[arg(allow_hyphen_values = true)]
+        count: String,
+    },
     /// Rolling reload of the running instance: re-read the config, replace every worker (or
     /// only APP's) without dropping a request; roll back if the new workers do not come up.
     Reload {
@@ -105,6 +115,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
+        Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
         Command::Reload { app } => control_with_deadline(
             &cli.config,
             Request::Reload { app },

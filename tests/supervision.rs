@@ -121,3 +121,38 @@ fn a_worker_over_max_memory_restart_is_replaced_without_failing_a_request() -> T
     assert!(corral.logs().contains("replacing it without downtime"));
     Ok(())
 }
+
+#[test]
+fn scaling_2_to_4_to_1_under_load_fails_no_request() -> TestResult {
+    let corral = Corral::start(Options::default().instances(2))?;
+    let load = support::load::Load::start(corral.addr, 2, 1);
+    let up = corral.cli(&["scale", "web", "+2"])?;
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(String::from_utf8_lossy(&up.stdout).contains("from 2 to 4"));
+    corral.wait_online(4)?;
+    let four = corral.online_pids()?;
+    let down = corral.cli(&["scale", "web", "1"])?;
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    poll_until(DEADLINE, "three workers to drain and stop", || {
+        let workers = corral.workers().ok()?;
+        (workers.len() == 1 && workers[0]["state"] == "online").then_some(())
+    })
+    .map_err(|e| corral.explain(e))?;
+    let tally = load.finish();
+    assert_eq!(tally.failed, 0, "failed requests: {:?}", tally.failures);
+    let left = corral.online_pids()?;
+    assert!(
+        left.is_subset(&four),
+        "scaling down keeps a running worker: {left:?} of {four:?}"
+    );
+    for pid in four.difference(&left) {
+        poll_until(DEADLINE, "a removed worker to exit", || {
+            (!support::alive(*pid)).then_some(())
+        })?;
+    }
+    let bad = corral.cli(&["scale", "nope", "3"])?;
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no app named"));
+    let zero = corral.cli(&["scale", "web", "0"])?;
+    assert!(!zero.status.success());
+    Ok(())
+}

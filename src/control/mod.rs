@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::supervisor::status::Status;
-use crate::supervisor::Handle;
+use crate::supervisor::{Handle, Scale};
 
 /// A request from the CLI.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +33,13 @@ pub enum Request {
     Status,
     /// Graceful stop of the whole instance.
     Stop,
+    /// Change an app's worker count.
+    Scale {
+        /// The app.
+        app: String,
+        /// `N`, `+N` or `-N`.
+        count: String,
+    },
     /// Rolling reload, re-reading the config file.
     Reload {
         /// Only this app.
@@ -236,6 +243,17 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
             // The connection stays open until the process exits: the client's EOF tells it
             // that the stop is complete.
             std::future::pending::<()>().await;
+        }
+        Request::Scale { app, count } => {
+            let reply = match count.parse::<Scale>() {
+                Err(message) => Reply::Error { message },
+                Ok(change) => match supervisor.scale(app, change).await {
+                    Ok(Ok(message)) => Reply::Done { message },
+                    Ok(Err(message)) => Reply::Error { message },
+                    Err(e) => Reply::Error { message: e.to_string() },
+                },
+            };
+            send(&mut write, &reply).await;
         }
         Request::Reload { app } => {
             info!(

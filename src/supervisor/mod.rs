@@ -85,10 +85,47 @@ impl Handle {
         self.ask(|reply| Command::Reload { app, progress, reply }).await
     }
 
+    /// Changes the worker count of `app` (until the next reload, which applies the file's
+    /// `instances`). New workers enter rotation when ready; removed ones drain, then stop.
+    pub async fn scale(&self, app: String, change: Scale) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::Scale { app, change, reply }).await
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
         answer.await.map_err(|_| SupervisorGone)
+    }
+}
+
+/// A change of worker count: `N`, `+N` or `-N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Exactly this many.
+    To(usize),
+    /// This many more.
+    Up(usize),
+    /// This many fewer (never below 1).
+    Down(usize),
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scale, String> {
+        let number = |digits: &str| {
+            digits
+                .parse::<usize>()
+                .map_err(|_| format!("{text:?} is not N, +N or -N"))
+        };
+        match text.as_bytes().first() {
+            Some(b'+') => number(&text[1..]).map(Scale::Up),
+            Some(b'-') => number(&text[1..]).map(Scale::Down),
+            _ => match number(text)? {
+                0 => Err("an app needs at least one worker (use `corral stop` to stop everything)".into()),
+                n => Ok(Scale::To(n)),
+            },
+        }
     }
 }
 
@@ -101,6 +138,15 @@ pub enum Command {
     Shutdown(oneshot::Sender<()>),
     /// SIGKILL all workers; reply at once.
     Kill(oneshot::Sender<()>),
+    /// Change an app's worker count.
+    Scale {
+        /// The app.
+        app: String,
+        /// The change.
+        change: Scale,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// Rolling reload; reply when it succeeded or was rolled back.
     Reload {
         /// Only this app.
@@ -287,6 +333,9 @@ impl Supervisor {
                 let _receiver_gone = reply.send(());
             }
             Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
+            Command::Scale { app, change, reply } => {
+                let _client_gone = reply.send(self.scale(&app, change));
+            }
         }
     }
 
@@ -444,6 +493,65 @@ impl Supervisor {
             }
             Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
         }
+    }
+
+    fn scale(&mut self, name: &str, change: Scale) -> Result<String, String> {
+        if self.stopping.is_some() {
+            return Err("corral is stopping".into());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is running; scale again when it has finished".into());
+        }
+        let app = self
+            .apps
+            .iter()
+            .position(|a| a.config.name == name)
+            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        let from = self.apps[app].instances;
+        let to = match change {
+            Scale::To(n) => n,
+            Scale::Up(n) => from.saturating_add(n),
+            Scale::Down(n) => from.saturating_sub(n).max(1),
+        };
+        if to > 1024 {
+            return Err(format!("{to} workers is more than the limit of 1024"));
+        }
+        let state = &mut self.apps[app];
+        state.instances = to;
+        if state.slots.len() < to {
+            state.slots.resize_with(to, Default::default);
+        }
+        info!(app = %name, from, to, "scaling");
+        let config = Arc::clone(&state.config);
+        let generation = state.generation;
+        for slot in from..to {
+            self.apps[app].slots[slot].parked = None;
+            if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
+                self.start(app, slot, Arc::clone(&config), generation);
+            }
+        }
+        let removed: Vec<u64> = self.apps[app]
+            .workers
+            .iter()
+            .filter(|w| w.slot >= to && w.is_live())
+            .map(|w| w.id)
+            .collect();
+        for id in &removed {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        Ok(match to.cmp(&from) {
+            std::cmp::Ordering::Greater => {
+                format!("{name}: scaling from {from} to {to} workers; the new ones enter rotation when ready")
+            }
+            std::cmp::Ordering::Less => format!(
+                "{name}: scaling from {from} to {to} workers; {} drain, then stop",
+                removed.len()
+            ),
+            std::cmp::Ordering::Equal => format!("{name}: already {to} workers"),
+        })
     }
 
     /// Replaces every ready worker whose process tree is over its app's `max_memory_restart`.
