@@ -156,3 +156,52 @@ fn scaling_2_to_4_to_1_under_load_fails_no_request() -> TestResult {
     assert!(!zero.status.success());
     Ok(())
 }
+
+#[test]
+fn with_wait_ready_a_worker_enters_rotation_only_after_process_send_ready() -> TestResult {
+    let corral = Corral::start(
+        Options::default()
+            .instances(1)
+            .key("wait_ready = true")
+            .env("FIXTURE_READY_AFTER_MS", "1500"),
+    )?;
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200);
+    let logs = corral.logs();
+    let listening = logs.find("listening on").ok_or("the worker never listened")?;
+    let said_ready = logs
+        .find("fixture: sending ready")
+        .ok_or("the worker never sent ready")?;
+    let ready = logs.find("worker ready").ok_or("corral never saw it ready")?;
+    assert!(listening < said_ready, "{logs}");
+    // corral counted the worker ready only after the message, which came 1.5 s after listening.
+    let boot_ms: u64 = logs[ready..]
+        .split("boot_ms=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .ok_or("boot_ms")?;
+    assert!(
+        boot_ms >= 1500,
+        "ready after {boot_ms} ms, before the worker said so\n{logs}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_wait_ready_a_worker_that_never_says_so_is_reported() -> TestResult {
+    let corral = Corral::start(Options {
+        wait_online: Some(0),
+        ..Options::default()
+            .instances(1)
+            .key("wait_ready = true")
+            .key("listen_timeout = \"1s\"")
+    })?;
+    poll_until(DEADLINE, "the listen_timeout report", || {
+        corral.logs().contains("within listen_timeout").then_some(())
+    })?;
+    assert!(
+        corral.logs().contains("listening on"),
+        "it listened, but never said ready"
+    );
+    Ok(())
+}

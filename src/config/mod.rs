@@ -100,6 +100,9 @@ pub struct AppConfig {
     pub exp_backoff_restart_delay: Duration,
     /// Exit codes after which a worker is not restarted. Default: none.
     pub stop_exit_codes: Vec<i32>,
+    /// PM2's ready message: a worker is ready when it calls `process.send('ready')` (Node IPC
+    /// channel on fd 3), not when its port accepts TCP. Default: false.
+    pub wait_ready: bool,
     /// RSS cap of a worker's process tree, bytes; over it the worker is replaced without
     /// downtime. Checked every 2 s. Default: none.
     pub max_memory_restart: Option<u64>,

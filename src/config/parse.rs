@@ -27,7 +27,6 @@ const NOT_YET: &[&str] = &[
     "log_date_format",
     "log_max_size",
     "log_retain",
-    "wait_ready",
     "ready",
     "tls",
 ];
@@ -58,6 +57,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "exp_backoff_restart_delay",
     "stop_exit_codes",
     "max_memory_restart",
+    "wait_ready",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -167,6 +167,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .optional("exp_backoff_restart_delay", r, read_duration)
         .unwrap_or(Duration::from_millis(100));
     let stop_exit_codes = t.optional("stop_exit_codes", r, read_exit_codes).unwrap_or_default();
+    let wait_ready = t.optional("wait_ready", r, read_bool).unwrap_or(false);
     let max_memory_restart = t.optional("max_memory_restart", r, |v| match read_size(v)? {
         0 => Err("must be greater than zero".into()),
         n => Ok(n),
@@ -225,6 +226,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         exp_backoff_restart_delay,
         stop_exit_codes,
         max_memory_restart,
+        wait_ready,
         http,
     })
 }

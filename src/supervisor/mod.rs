@@ -634,9 +634,10 @@ impl Supervisor {
         if worker.state != WorkerState::Starting {
             return;
         }
-        let what = match &worker.spec.ready_path {
-            Some(path) => format!("did not answer 2xx on {path}"),
-            None => "did not accept connections on its port".to_owned(),
+        let what = match (&worker.spec.ready_path, worker.spec.wait_ready) {
+            (_, true) => "did not call process.send('ready')".to_owned(),
+            (Some(path), false) => format!("did not answer 2xx on {path}"),
+            (None, false) => "did not accept connections on its port".to_owned(),
         };
         let message = format!(
             "worker pid {} (slot {}) {what} within listen_timeout ({:?}). Last output:{}",
@@ -795,7 +796,7 @@ impl Supervisor {
             .then(|| spawn::free_port(&taken))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let mut child = spawn::spawn(&spec, slot, port).map_err(|e| e.to_string())?;
+        let spawn::Spawned { mut child, channel } = spawn::spawn(&spec, slot, port).map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("the process exited at once")?;
         let id = self.next_id;
         self.next_id += 1;
@@ -821,8 +822,17 @@ impl Supervisor {
             let _supervisor_gone = events.send(Event::Exited { id, status });
         });
         let probe = CancellationToken::new();
-        match port {
-            Some(port) => {
+        match (channel, port) {
+            (Some(channel), _) => {
+                tokio::spawn(wait_for_ready_message(
+                    id,
+                    channel,
+                    spec.listen_timeout,
+                    probe.clone(),
+                    self.events.clone(),
+                ));
+            }
+            (None, Some(port)) => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 let check = Readiness {
                     addr,
@@ -831,7 +841,7 @@ impl Supervisor {
                 };
                 tokio::spawn(check.run(id, probe.clone(), self.events.clone()));
             }
-            None => {
+            (None, None) => {
                 let _supervisor_gone = self.events.send(Event::Ready { id });
             }
         }
@@ -1119,4 +1129,52 @@ async fn http_ok(addr: SocketAddr, path: Option<&str>) -> bool {
     }
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
+}
+
+/// PM2's `wait_ready`: reports `Ready` when the worker's `process.send('ready')` arrives on its
+/// IPC channel (newline-delimited JSON), or `NeverReady` at the deadline. Other messages are
+/// ignored; the channel is read until the worker closes it, so the worker never blocks on it.
+async fn wait_for_ready_message(
+    id: u64,
+    channel: tokio::net::UnixStream,
+    timeout: Duration,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(channel).lines();
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled(), if !ready => return,
+            _ = &mut deadline, if !ready => {
+                let _supervisor_gone = events.send(Event::NeverReady { id });
+                return;
+            }
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    let message: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    if !ready && (message == "ready" || message["type"] == "ready") {
+                        ready = true;
+                        let _supervisor_gone = events.send(Event::Ready { id });
+                    }
+                }
+                // Closed or broken: the worker exited (its exit is reported) or closed its
+                // channel without saying it is ready (the deadline reports that).
+                Ok(None) | Err(_) => {
+                    if !ready {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = &mut deadline => {
+                                let _supervisor_gone = events.send(Event::NeverReady { id });
+                            }
+                        }
+                    }
+                    return;
+                }
+            },
+        }
+    }
 }

@@ -14,6 +14,8 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Stdio;
 
+use std::os::fd::AsRawFd;
+
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -38,8 +40,24 @@ pub enum SpawnError {
     },
 }
 
+/// The file descriptor of Node's IPC channel in a worker (`NODE_CHANNEL_FD`).
+const CHANNEL_FD: i32 = 3;
+
+/// A started worker: the process, and with `wait_ready` corral's end of its IPC channel.
+pub struct Spawned {
+    /// The process.
+    pub child: Child,
+    /// Messages from `process.send()` arrive here (newline-delimited JSON).
+    pub channel: Option<tokio::net::UnixStream>,
+}
+
 /// Starts one worker of `app` in `slot`, listening on `port` if the app is proxied.
-pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, SpawnError> {
+pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned, SpawnError> {
+    let exec_error = |source| SpawnError::Exec {
+        program: app.command[0].clone(),
+        cwd: app.cwd.display().to_string(),
+        source,
+    };
     let mut command = Command::new(&app.command[0]);
     command
         .args(&app.command[1..])
@@ -54,9 +72,23 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, S
     if let Some(port) = port {
         command.env(&app.port_env, port.to_string()).env("HOST", "127.0.0.1");
     }
+    // PM2's `wait_ready`: a Node worker gets an IPC channel (a socketpair, its end on fd 3,
+    // NODE_CHANNEL_FD=3), so its `process.send('ready')` reaches corral.
+    let channel = if app.wait_ready {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| exec_error(e.into()))?;
+        command
+            .env("NODE_CHANNEL_FD", CHANNEL_FD.to_string())
+            .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+        Some((ours, theirs))
+    } else {
+        None
+    };
+    let child_channel = channel.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (prctl, getppid); it allocates nothing.
+    // system calls (prctl, getppid, dup2, fcntl); it allocates nothing.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
@@ -65,14 +97,37 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Child, S
             if nix::unistd::getppid().as_raw() as u32 != parent {
                 return Err(std::io::Error::other("corral exited while starting the worker"));
             }
+            if let Some(fd) = child_channel {
+                if fd == CHANNEL_FD {
+                    // Already in place: only drop close-on-exec.
+                    if libc_fcntl_clear_cloexec(fd) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if nix::libc::dup2(fd, CHANNEL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    command.spawn().map_err(|source| SpawnError::Exec {
-        program: app.command[0].clone(),
-        cwd: app.cwd.display().to_string(),
-        source,
-    })
+    let child = command.spawn().map_err(exec_error)?;
+    let channel = match channel {
+        None => None,
+        Some((ours, theirs)) => {
+            drop(theirs);
+            let stream = std::os::unix::net::UnixStream::from(ours);
+            stream.set_nonblocking(true).map_err(exec_error)?;
+            Some(tokio::net::UnixStream::from_std(stream).map_err(exec_error)?)
+        }
+    };
+    Ok(Spawned { child, channel })
+}
+
+/// Clears FD_CLOEXEC on `fd` (async-signal-safe; for the pre-exec hook).
+#[allow(unsafe_code)]
+unsafe fn libc_fcntl_clear_cloexec(fd: i32) -> i32 {
+    // SAFETY: fcntl on a descriptor we own; no memory is touched.
+    unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) }
 }
 
 /// A free loopback port not in `taken`. The kernel picks it; it is free when we look, and the
