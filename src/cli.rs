@@ -48,6 +48,17 @@ enum Command {
     },
     /// Stop the running instance gracefully and wait until it has exited.
     Stop,
+    /// Show the last lines of the worker log files (`out_file`, `error_file`), and follow them.
+    Logs {
+        /// Only this app.
+        app: Option<String>,
+        /// Lines per file.
+        #[arg(short = 'n', long, default_value_t = 15)]
+        lines: usize,
+        /// Keep printing new lines (through rotations) until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Change an app's worker count without a reload: `N`, `+N` or `-N`. New workers enter
     /// rotation when ready; removed ones drain first. The next reload applies the file's
     /// `instances` again.
@@ -115,6 +126,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
+        Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
         Command::Reload { app } => control_with_deadline(
             &cli.config,
@@ -153,6 +165,69 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) -> anyhow::Result<ExitCode> {
+    use crate::logs::files::slot_path;
+    use crate::logs::tail::{self, Source};
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return Ok(config_error(&e)),
+    };
+    let apps: Vec<_> = config
+        .apps
+        .iter()
+        .filter(|a| only.is_none_or(|name| a.name == name))
+        .collect();
+    if apps.is_empty() {
+        anyhow::bail!(
+            "there is no app named {:?} in {}",
+            only.unwrap_or_default(),
+            path.display()
+        );
+    }
+    let cpus = crate::config::usable_cpus();
+    let mut sources = Vec::new();
+    for app in apps {
+        if app.logs.out_file.is_none() && app.logs.error_file.is_none() {
+            eprintln!(
+                "{}: no out_file or error_file: its output goes to the stdout and stderr of `corral run`",
+                app.name
+            );
+            continue;
+        }
+        let slots: Vec<Option<usize>> = if app.logs.merge_logs {
+            vec![None]
+        } else {
+            (0..app.instances.resolve(cpus)).map(Some).collect()
+        };
+        for slot in slots {
+            for (kind, file) in [("out", &app.logs.out_file), ("err", &app.logs.error_file)] {
+                let Some(file) = file else { continue };
+                let label = slot.map_or_else(
+                    || format!("{} {kind}", app.name),
+                    |s| format!("{}.{s} {kind}", app.name),
+                );
+                let path = slot.map_or_else(|| file.clone(), |s| slot_path(file, s, false));
+                sources.push(Source { label, path });
+            }
+        }
+    }
+    for source in &sources {
+        match tail::last_lines(&source.path, lines) {
+            Ok(found) => {
+                println!("==> {} ({}) <==", source.label, source.path.display());
+                for line in found {
+                    println!("{line}");
+                }
+            }
+            Err(e) => eprintln!("==> {} ({}): {e}", source.label, source.path.display()),
+        }
+    }
+    if follow && !sources.is_empty() {
+        tail::follow(&sources, &mut std::io::stdout().lock())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

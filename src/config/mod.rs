@@ -100,6 +100,8 @@ pub struct AppConfig {
     pub exp_backoff_restart_delay: Duration,
     /// Exit codes after which a worker is not restarted. Default: none.
     pub stop_exit_codes: Vec<i32>,
+    /// Worker log files.
+    pub logs: LogFiles,
     /// PM2's ready message: a worker is ready when it calls `process.send('ready')` (Node IPC
     /// channel on fd 3), not when its port accepts TCP. Default: false.
     pub wait_ready: bool,
@@ -108,6 +110,23 @@ pub struct AppConfig {
     pub max_memory_restart: Option<u64>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
+}
+
+/// Where worker output is written (PM2's log keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFiles {
+    /// stdout lines go here (per slot `name-N.ext` unless `merge_logs`); none: corral's stdout.
+    pub out_file: Option<PathBuf>,
+    /// stderr lines go here; none: corral's stderr.
+    pub error_file: Option<PathBuf>,
+    /// One file for all slots instead of one per slot. Default false.
+    pub merge_logs: bool,
+    /// Line timestamp format (moment.js tokens, UTC). Default `YYYY-MM-DDTHH:mm:ss.SSSZ`.
+    pub date_format: String,
+    /// Rotate a file at this size. Default: never.
+    pub max_size: Option<u64>,
+    /// Rotated files kept. Default 5.
+    pub retain: usize,
 }
 
 /// `health_check = { path, interval, timeout, unhealthy_threshold }`.

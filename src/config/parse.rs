@@ -16,20 +16,11 @@ use toml::de::{DeString, DeTable, DeValue};
 use toml::Spanned;
 
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
-use super::{AppConfig, Balance, HealthCheck, HttpLimits, Instances, Network, Problem, Sticky};
+use super::{AppConfig, Balance, HealthCheck, HttpLimits, Instances, LogFiles, Network, Problem, Sticky};
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
-const NOT_YET: &[&str] = &[
-    "out_file",
-    "error_file",
-    "merge_logs",
-    "log_date_format",
-    "log_max_size",
-    "log_retain",
-    "ready",
-    "tls",
-];
+const NOT_YET: &[&str] = &["ready", "tls"];
 
 pub(super) const APP_KEYS: &[&str] = &[
     "name",
@@ -58,6 +49,12 @@ pub(super) const APP_KEYS: &[&str] = &[
     "stop_exit_codes",
     "max_memory_restart",
     "wait_ready",
+    "out_file",
+    "error_file",
+    "merge_logs",
+    "log_date_format",
+    "log_max_size",
+    "log_retain",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -168,6 +165,19 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .unwrap_or(Duration::from_millis(100));
     let stop_exit_codes = t.optional("stop_exit_codes", r, read_exit_codes).unwrap_or_default();
     let wait_ready = t.optional("wait_ready", r, read_bool).unwrap_or(false);
+    let logs = LogFiles {
+        out_file: t.optional("out_file", r, read_string).map(|p| base.join(p)),
+        error_file: t.optional("error_file", r, read_string).map(|p| base.join(p)),
+        merge_logs: t.optional("merge_logs", r, read_bool).unwrap_or(false),
+        date_format: t
+            .optional("log_date_format", r, read_string)
+            .unwrap_or_else(|| "YYYY-MM-DDTHH:mm:ss.SSSZ".into()),
+        max_size: t.optional("log_max_size", r, |v| match read_size(v)? {
+            n if n < 1024 => Err("must be at least 1K".into()),
+            n => Ok(n),
+        }),
+        retain: t.optional("log_retain", r, |v| read_count(v, 0, 1000)).unwrap_or(5),
+    };
     let max_memory_restart = t.optional("max_memory_restart", r, |v| match read_size(v)? {
         0 => Err("must be greater than zero".into()),
         n => Ok(n),
@@ -227,6 +237,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         stop_exit_codes,
         max_memory_restart,
         wait_ready,
+        logs,
         http,
     })
 }

@@ -56,7 +56,7 @@ kill_timeout = "10x"
 instances = 0
 listen = "nowhere"
 kill_signal = "SIGFOO"
-out_file = "out.log"
+tls = true
 "#;
     let got = messages(text);
     let want = [
@@ -65,7 +65,7 @@ out_file = "out.log"
         "6: app \"web\": instances: expected a positive integer, \"max\", or a negative integer (max - n), found 0",
         "7: app \"web\": listen: expected an address such as",
         "8: app \"web\": kill_signal: \"SIGFOO\" is not a signal name",
-        "9: app \"web\": out_file: not supported by this version of corral yet",
+        "9: app \"web\": tls: not supported by this version of corral yet",
     ];
     assert_eq!(got.len(), want.len(), "{got:#?}");
     for (got, want) in got.iter().zip(want) {

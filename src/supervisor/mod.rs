@@ -41,7 +41,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
 use crate::config::{units, AppConfig, Config};
-use crate::logs::{OutputSink, OutputTail, Stream};
+use crate::logs::files::{self, LogFile};
+use crate::logs::{OutputSink, OutputTail, Stream, Target};
 use policy::{after_exit, AfterExit, History, RestartPolicy};
 use reload::ReloadRun;
 use status::{AppStatus, ReloadOutcome, Status, WorkerStatus};
@@ -803,18 +804,20 @@ impl Supervisor {
         let output = Arc::new(OutputTail::default());
         let prefix = format!("{}.{slot}", spec.name);
         if let Some(pipe) = child.stdout.take() {
-            tokio::spawn(
-                self.output
-                    .clone()
-                    .pump(pipe, Stream::Stdout, prefix.clone(), Arc::clone(&output)),
-            );
+            tokio::spawn(self.output.clone().pump(
+                pipe,
+                log_target(&spec, slot, Stream::Stdout),
+                prefix.clone(),
+                Arc::clone(&output),
+            ));
         }
         if let Some(pipe) = child.stderr.take() {
-            tokio::spawn(
-                self.output
-                    .clone()
-                    .pump(pipe, Stream::Stderr, prefix, Arc::clone(&output)),
-            );
+            tokio::spawn(self.output.clone().pump(
+                pipe,
+                log_target(&spec, slot, Stream::Stderr),
+                prefix,
+                Arc::clone(&output),
+            ));
         }
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -1057,6 +1060,26 @@ impl Supervisor {
             .iter()
             .enumerate()
             .find_map(|(a, app)| app.workers.iter().position(|w| w.id == id).map(|i| (a, i)))
+    }
+}
+
+/// Where a worker's stdout or stderr goes: its log file, or corral's own stream.
+fn log_target(config: &AppConfig, slot: usize, stream: Stream) -> Target {
+    let path = match stream {
+        Stream::Stdout => config.logs.out_file.as_ref(),
+        Stream::Stderr => config.logs.error_file.as_ref(),
+    };
+    match path {
+        None => Target::Terminal(stream),
+        Some(path) => Target::File {
+            file: Arc::new(LogFile {
+                path: files::slot_path(path, slot, config.logs.merge_logs),
+                max_size: config.logs.max_size,
+                retain: config.logs.retain,
+            }),
+            date_format: Arc::from(config.logs.date_format.as_str()),
+            merged: config.logs.merge_logs,
+        },
     }
 }
 

@@ -9,6 +9,11 @@
 //! that is writing (as if it wrote to the terminal itself), never the proxy, and lines from
 //! different workers are never interleaved mid-line. The last lines of each worker are also
 //! kept in memory ([`OutputTail`]) so a worker that fails can be reported with what it said.
+//! With `out_file` / `error_file`, lines go to those files instead, timestamped, rotated by
+//! size ([`files`]).
+
+pub mod files;
+pub mod tail;
 
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
@@ -89,23 +94,55 @@ impl OutputTail {
     }
 }
 
-/// Where worker output goes: a handle to the writer thread. Cheap to clone.
+/// Where one stream of a worker's output goes.
 #[derive(Debug, Clone)]
+pub enum Target {
+    /// corral's own stdout or stderr, each line prefixed with `app.slot | `.
+    Terminal(Stream),
+    /// A log file, each line prefixed with a timestamp.
+    File {
+        /// The file and its rotation.
+        file: Arc<files::LogFile>,
+        /// `log_date_format`.
+        date_format: Arc<str>,
+        /// Merged files also name the slot on each line.
+        merged: bool,
+    },
+}
+
+enum Line {
+    Terminal(Stream, String),
+    File(Arc<files::LogFile>, String),
+}
+
+/// Where worker output goes: a handle to the writer thread. Cheap to clone.
+#[derive(Clone)]
 pub struct OutputSink {
-    tx: mpsc::Sender<(Stream, String)>,
+    tx: mpsc::Sender<Line>,
+}
+
+impl std::fmt::Debug for OutputSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputSink")
+    }
 }
 
 impl OutputSink {
     /// Starts the writer thread that prints worker lines on corral's stdout and stderr.
     pub fn start() -> OutputSink {
-        let (tx, mut rx) = mpsc::channel::<(Stream, String)>(1024);
+        let (tx, mut rx) = mpsc::channel::<Line>(1024);
         let spawned = std::thread::Builder::new().name("corral-output".into()).spawn(move || {
             let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-            while let Some((stream, line)) = rx.blocking_recv() {
+            let mut files = files::Writers::default();
+            while let Some(line) = rx.blocking_recv() {
                 // A closed stdout (corral piped into `head`) must not stop supervision.
-                let _ignored = match stream {
-                    Stream::Stdout => stdout.lock().write_all(line.as_bytes()),
-                    Stream::Stderr => stderr.lock().write_all(line.as_bytes()),
+                let _ignored = match line {
+                    Line::Terminal(Stream::Stdout, text) => stdout.lock().write_all(text.as_bytes()),
+                    Line::Terminal(Stream::Stderr, text) => stderr.lock().write_all(text.as_bytes()),
+                    Line::File(file, text) => {
+                        files.write(&file, &text);
+                        Ok(())
+                    }
                 };
             }
         });
@@ -117,7 +154,7 @@ impl OutputSink {
 
     /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
     /// in `tail`.
-    pub async fn pump(self, reader: impl AsyncRead + Unpin, stream: Stream, prefix: String, tail: Arc<OutputTail>) {
+    pub async fn pump(self, reader: impl AsyncRead + Unpin, target: Target, prefix: String, tail: Arc<OutputTail>) {
         let mut reader = BufReader::new(reader);
         let mut line = Vec::with_capacity(256);
         loop {
@@ -133,7 +170,23 @@ impl OutputSink {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             tail.push(text);
-            if self.tx.send((stream, format!("{prefix} | {text}\n"))).await.is_err() {
+            let line = match &target {
+                Target::Terminal(stream) => Line::Terminal(*stream, format!("{prefix} | {text}\n")),
+                Target::File {
+                    file,
+                    date_format,
+                    merged,
+                } => {
+                    let at = files::timestamp(date_format, std::time::SystemTime::now());
+                    let text = if *merged {
+                        format!("{at} {prefix} | {text}\n")
+                    } else {
+                        format!("{at} {text}\n")
+                    };
+                    Line::File(Arc::clone(file), text)
+                }
+            };
+            if self.tx.send(line).await.is_err() {
                 return;
             }
         }
