@@ -14,7 +14,7 @@ fn all_lines(file: &Path) -> Vec<String> {
         .map(|n| (n, std::path::PathBuf::from(format!("{}.{n}", file.display()))))
         .filter(|(_, p)| p.exists())
         .collect();
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
     let mut lines = Vec::new();
     for (_, path) in rotated.iter().chain(std::iter::once(&(0, file.to_path_buf()))) {
         lines.extend(
