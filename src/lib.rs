@@ -33,6 +33,8 @@ pub mod cli;
 pub mod config;
 /// The control socket between the CLI and a running instance.
 pub mod control;
+/// The state file; stopping what a killed earlier run left behind.
+pub mod leftovers;
 /// Public sockets: bind once, accept, drain.
 pub mod listener;
 /// tracing setup and worker output capture.

@@ -57,7 +57,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
     let balancers: Vec<Option<Arc<Balancer>>> = sockets.iter().map(|s| s.as_ref().map(|_| Arc::default())).collect();
+    // The control socket is ours, so no live instance runs this config: whatever its state file
+    // still lists was left behind by a killed front process.
+    let state_file = crate::leftovers::path_for(control.path());
+    crate::leftovers::clean(&state_file);
     let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
+    let supervisor = supervisor.with_state_file(state_file.clone());
     let supervisor = tokio::spawn(supervisor.run());
 
     let shutdown = CancellationToken::new();
@@ -113,6 +118,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     };
     control_task.abort();
+    if outcome.is_ok() {
+        // Everything stopped cleanly: nothing is left for a next run to clean up.
+        if let Err(e) = std::fs::remove_file(&state_file) {
+            tracing::debug!(error = %e, "no state file to remove");
+        }
+    }
     if outcome.is_ok() {
         if let Err(e) = supervisor.await {
             error!(error = %e, "supervisor task failed");

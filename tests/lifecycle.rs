@@ -254,3 +254,41 @@ fn a_proxied_app_and_a_plain_process_run_side_by_side() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn after_the_front_is_sigkilled_a_new_run_stops_the_leftovers_and_starts_cleanly() -> TestResult {
+    let mut corral = Corral::start(Options::default().instances(1).env("FIXTURE_SPAWN_CHILD", "1"))?;
+    let child: u32 = poll_until(DEADLINE, "the worker's child pid", || {
+        corral
+            .logs()
+            .split("fixture: child pid ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })?;
+    let worker = *corral.online_pids()?.iter().next().ok_or("no worker")?;
+    corral.signal(Signal::SIGKILL)?;
+    corral.wait_exit(DEADLINE)?;
+    poll_until(DEADLINE, "the worker to die with the front", || {
+        (!alive(worker)).then_some(())
+    })?;
+    assert!(
+        alive(child),
+        "the worker's own child outlives it (what leftovers cleanup is for)"
+    );
+
+    corral.respawn()?;
+    let workers = corral.wait_online(1)?;
+    assert_eq!(workers.len(), 1, "no duplicate workers");
+    poll_until(DEADLINE, "the leftover to be stopped", || (!alive(child)).then_some(()))?;
+    assert!(
+        corral.logs().contains("stopping a leftover process of a previous run"),
+        "{}",
+        corral.logs()
+    );
+    assert!(!corral.logs().contains("cannot listen"), "no port error on restart");
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200);
+    Ok(())
+}

@@ -227,6 +227,8 @@ pub struct Supervisor {
     stopping: Option<Vec<oneshot::Sender<()>>>,
     /// The rolling reload in progress, if any.
     reload: Option<ReloadRun>,
+    /// Where the list of running workers is kept for the next run (see [`crate::leftovers`]).
+    state_file: Option<PathBuf>,
     /// Replacements of unhealthy workers in progress: new worker id -> old worker id.
     replacing: HashMap<u64, u64>,
     last_reload: Option<ReloadOutcome>,
@@ -274,9 +276,33 @@ impl Supervisor {
             stopping: None,
             reload: None,
             replacing: HashMap::new(),
+            state_file: None,
             last_reload: None,
         };
         (supervisor, Handle { tx })
+    }
+
+    /// Keeps the state file at `path` up to date (pids of the running workers).
+    pub fn with_state_file(mut self, path: PathBuf) -> Supervisor {
+        self.state_file = Some(path);
+        self
+    }
+
+    fn save_state(&self) {
+        let Some(path) = &self.state_file else { return };
+        let state = crate::leftovers::State {
+            front: crate::leftovers::Proc::of(std::process::id()).unwrap_or_default(),
+            workers: self
+                .apps
+                .iter()
+                .flat_map(|a| a.workers.iter())
+                .map(|w| crate::leftovers::Proc {
+                    pid: w.pid,
+                    start: w.start_time,
+                })
+                .collect(),
+        };
+        crate::leftovers::save(path, &state);
     }
 
     /// Starts every worker, then serves commands and events until a shutdown completes.
@@ -671,6 +697,7 @@ impl Supervisor {
         let how = describe_exit(&status);
         let name = app.config.name.clone();
         let slot_index = worker.slot;
+        self.save_state();
         if worker.state == WorkerState::Ready {
             self.publish(app_index);
         }
@@ -855,6 +882,7 @@ impl Supervisor {
             generation,
             spec,
             pid,
+            start_time: crate::leftovers::Proc::of(pid).map_or(0, |p| p.start),
             port,
             state: WorkerState::Starting,
             started: Instant::now(),
@@ -870,6 +898,7 @@ impl Supervisor {
             health_failures: 0,
             health: None,
         });
+        self.save_state();
         Ok(id)
     }
 

@@ -72,6 +72,8 @@ pub struct Worker {
     pub spec: Arc<AppConfig>,
     /// Process id, also its process group id.
     pub pid: u32,
+    /// Kernel start time (for the state file).
+    pub start_time: u64,
     /// Its loopback port (proxied apps only).
     pub port: Option<u16>,
     /// Lifecycle state.

@@ -207,6 +207,27 @@ impl Corral {
         Ok(corral)
     }
 
+    /// Starts `corral run` again on the same config (after the previous one exited).
+    pub fn respawn(&self) -> std::io::Result<()> {
+        let log = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+        };
+        let child = self
+            .command(&["run"])
+            .stdout(log("stdout.log")?)
+            .stderr(log("stderr.log")?)
+            .stdin(Stdio::null())
+            .spawn()?;
+        if let Some(mut old) = self.child.replace(Some(child)) {
+            let _already_gone = old.kill();
+            let _reaped = old.wait();
+        }
+        Ok(())
+    }
+
     /// A `corral` command for this instance's config and control-socket dir.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(corral_bin());
@@ -323,7 +344,10 @@ impl Drop for Corral {
                 let _reaped = child.wait();
             }
         }
+        // Workers lead their own process groups: kill the groups, so whatever a worker forked
+        // goes too.
         for pid in self.seen_pids.borrow().iter() {
+            let _already_gone = nix::sys::signal::killpg(Pid::from_raw(*pid as i32), Signal::SIGKILL);
             let _already_gone = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
         if std::thread::panicking() {
