@@ -59,6 +59,8 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Print a systemd unit that runs this config at boot, and how to install it.
+    Startup,
     /// Change an app's worker count without a reload: `N`, `+N` or `-N`. New workers enter
     /// rotation when ready; removed ones drain first. The next reload applies the file's
     /// `instances` again.
@@ -126,6 +128,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
+        Command::Startup => startup(&cli.config),
         Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
         Command::Reload { app } => control_with_deadline(
@@ -227,6 +230,57 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
     if follow && !sources.is_empty() {
         tail::follow(&sources, &mut std::io::stdout().lock())?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn startup(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return Ok(config_error(&e)),
+    };
+    let exe = std::env::current_exe().context("cannot find the corral binary")?;
+    let dir = config.path.parent().unwrap_or(std::path::Path::new("/"));
+    let stem = config
+        .path
+        .file_stem()
+        .map_or_else(|| "corral".into(), |s| s.to_string_lossy().into_owned());
+    let unit = format!("corral-{stem}.service");
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "root".into(), |u| u.name);
+    let stop = crate::run::stop_deadline(&config).as_secs();
+    let path_env = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    println!(
+        "# {unit}: runs {config} with corral at boot.\n\
+         # Install:  save this as /etc/systemd/system/{unit}, then\n\
+         #           systemctl daemon-reload && systemctl enable --now {unit}\n\
+         # Deploy:   systemctl reload {unit}   (a rolling reload, like `corral reload`)\n\
+         [Unit]\n\
+         Description=corral: {config}\n\
+         After=network-online.target\n\
+         Wants=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=notify\n\
+         NotifyAccess=main\n\
+         User={user}\n\
+         WorkingDirectory={dir}\n\
+         Environment=PATH={path_env}\n\
+         ExecStart={exe} run -c {config}\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
+         # Only corral gets SIGTERM: it drains connections, then stops its workers itself.\n\
+         KillMode=mixed\n\
+         TimeoutStopSec={stop}\n\
+         Restart=on-failure\n\
+         RestartSec=1\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target",
+        config = config.path.display(),
+        dir = dir.display(),
+        exe = exe.display(),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -39,6 +39,8 @@ pub mod leftovers;
 pub mod listener;
 /// tracing setup and worker output capture.
 pub mod logs;
+/// systemd's notify protocol (`Type=notify` units).
+pub mod notify;
 /// The HTTP proxy service.
 pub mod proxy;
 /// The front process's start and stop sequence.

@@ -66,6 +66,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let supervisor = tokio::spawn(supervisor.run());
 
     let shutdown = CancellationToken::new();
+    let balancers_ready: Vec<(Arc<Balancer>, std::time::Duration)> = config
+        .apps
+        .iter()
+        .zip(&balancers)
+        .filter_map(|(app, b)| b.as_ref().map(|b| (Arc::clone(b), app.listen_timeout)))
+        .collect();
     let mut accept_loops = JoinSet::new();
     for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
         let (Some(socket), Some(balancer)) = (socket, balancer) else {
@@ -88,12 +94,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         });
     }
     let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
+    // READY=1 once every proxied app accepts connections (or its boot wait is over).
+    let ready: Vec<_> = balancers_ready.into_iter().collect();
+    tokio::spawn(async move {
+        for (balancer, boot) in ready {
+            if tokio::time::timeout(boot, balancer.wait_ready()).await.is_err() {
+                break;
+            }
+        }
+        crate::notify::ready();
+    });
 
     let reason = tokio::select! {
         intent = wait_for_stop(&mut signals, &handle) => intent,
         _ = shutdown.cancelled() => "corral stop",
     };
     info!("{reason}: stopping gracefully");
+    crate::notify::stopping();
     shutdown.cancel();
 
     let graceful = async {

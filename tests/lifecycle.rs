@@ -292,3 +292,58 @@ fn after_the_front_is_sigkilled_a_new_run_stops_the_leftovers_and_starts_cleanly
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
     Ok(())
 }
+
+#[test]
+fn systemd_notifications_follow_start_reload_and_stop() -> TestResult {
+    support::require_node();
+    let hold = support::PortHold::new()?;
+    let sockets = tempfile::tempdir()?;
+    let notify_path = sockets.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(DEADLINE))?;
+    let config = Options::default().instances(1).config_text(hold.addr);
+    let notify_env = notify_path.to_string_lossy().into_owned();
+    let mut corral = Corral::spawn_with_env(&config, hold.addr, &[("NOTIFY_SOCKET", &notify_env)])?;
+    let mut next = || -> Result<String, Box<dyn std::error::Error>> {
+        let mut buffer = [0u8; 512];
+        let n = notify.recv(&mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer[..n]).into_owned())
+    };
+    let ready = next()?;
+    assert!(
+        ready.starts_with("READY=1") && ready.contains(&format!("MAINPID={}", corral.pid())),
+        "{ready}"
+    );
+    hold.release();
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200, "READY=1 means serving");
+
+    corral.signal(Signal::SIGHUP)?;
+    assert!(next()?.starts_with("RELOADING=1"));
+    assert!(next()?.starts_with("READY=1"));
+    corral.signal(Signal::SIGTERM)?;
+    assert!(next()?.starts_with("STOPPING=1"));
+    assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn startup_prints_a_notify_unit_for_this_config() -> TestResult {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
+    let output = std::process::Command::new(support::corral_bin())
+        .args(["startup", "-c"])
+        .arg(&example)
+        .output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let unit = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "KillMode=mixed",
+        "systemctl enable --now",
+        "[Install]",
+    ] {
+        assert!(unit.contains(needle), "{needle} missing:\n{unit}");
+    }
+    assert!(unit.contains(&format!("run -c {}", example.display())), "{unit}");
+    Ok(())
+}

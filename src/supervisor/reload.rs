@@ -149,6 +149,7 @@ impl Supervisor {
             ),
         );
         self.reload = Some(run);
+        crate::notify::reloading();
         self.next_phase();
     }
 
@@ -418,6 +419,7 @@ impl Supervisor {
         let Some(mut run) = self.reload.take() else {
             return;
         };
+        crate::notify::ready();
         let message = format!(
             "reload done: {} worker(s) replaced in {:.1?} ({})",
             run.replaced,
@@ -440,6 +442,7 @@ impl Supervisor {
         let Some(mut run) = self.reload.take() else {
             return;
         };
+        crate::notify::ready();
         if let Some(phase) = run.phase.take().filter(|p| !p.committed) {
             let app = phase.app;
             for id in &phase.candidates {

@@ -186,6 +186,11 @@ impl Corral {
 
     /// Writes `config` and runs `corral run` on it, without waiting for anything.
     pub fn spawn_with_config(config: &str, addr: SocketAddr) -> Result<Corral, Box<dyn Error>> {
+        Corral::spawn_with_env(config, addr, &[])
+    }
+
+    /// Like [`Corral::spawn_with_config`], with extra environment for `corral run`.
+    pub fn spawn_with_env(config: &str, addr: SocketAddr, env: &[(&str, &str)]) -> Result<Corral, Box<dyn Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config)?;
@@ -199,6 +204,7 @@ impl Corral {
         };
         let child = corral
             .command(&["run"])
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
             .stderr(std::fs::File::create(corral.dir.path().join("stderr.log"))?)
             .stdin(Stdio::null())
