@@ -304,7 +304,7 @@ fn systemd_notifications_follow_start_reload_and_stop() -> TestResult {
     let config = Options::default().instances(1).config_text(hold.addr);
     let notify_env = notify_path.to_string_lossy().into_owned();
     let mut corral = Corral::spawn_with_env(&config, hold.addr, &[("NOTIFY_SOCKET", &notify_env)])?;
-    let mut next = || -> Result<String, Box<dyn std::error::Error>> {
+    let next = || -> Result<String, Box<dyn std::error::Error>> {
         let mut buffer = [0u8; 512];
         let n = notify.recv(&mut buffer)?;
         Ok(String::from_utf8_lossy(&buffer[..n]).into_owned())
