@@ -40,14 +40,20 @@ enum Command {
     Run,
     /// Validate the config and print what it would run; exit non-zero naming every problem.
     Check,
-    /// Show the workers of the running instance.
+    /// Show the workers of the running instance (like `pm2 ls`).
     Status {
+        /// Only this app.
+        app: Option<String>,
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Stop the running instance gracefully and wait until it has exited.
-    Stop,
+    /// Stop the running instance gracefully and wait until it has exited; with APP, stop only
+    /// that app's workers (`corral reload APP` starts them again).
+    Stop {
+        /// Only this app.
+        app: Option<String>,
+    },
     /// Show the last lines of the worker log files (`out_file`, `error_file`), and follow them.
     Logs {
         /// Only this app.
@@ -108,8 +114,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(crate::run::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => control(&cli.config, Request::Status, |reply| match reply {
-            Reply::Status(status) => {
+        Command::Status { app, json } => control(&cli.config, Request::Status, |reply| match reply {
+            Reply::Status(mut status) => {
+                if let Some(name) = &app {
+                    status.apps.retain(|a| &a.name == name);
+                }
                 if json {
                     println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
                 } else {
@@ -118,7 +127,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             other => print_reply(other),
         }),
-        Command::Stop => {
+        Command::Stop { app: Some(app) } => control(&cli.config, Request::StopApp { app }, print_reply),
+        Command::Stop { app: None } => {
             let deadline = Config::load(&cli.config)
                 .map(|c| crate::run::stop_deadline(&c))
                 .unwrap_or(Duration::from_secs(120));
@@ -344,8 +354,10 @@ fn control_with_deadline(
     })
 }
 
-/// The `corral status` table.
+/// The `corral status` table; coloured states on a terminal (unless `NO_COLOR` is set).
 fn table(status: &Status) -> String {
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let header = [
         "APP",
         "SLOT",
@@ -355,6 +367,7 @@ fn table(status: &Status) -> String {
         "STATE",
         "UPTIME",
         "RESTARTS",
+        "CPU",
         "MEMORY",
         "REQUESTS",
         "IN FLIGHT",
@@ -372,6 +385,7 @@ fn table(status: &Status) -> String {
                 w.state.clone(),
                 if w.pid.is_some() { uptime(w.uptime_ms) } else { dash() },
                 w.restarts.to_string(),
+                w.cpu_percent.map_or_else(dash, |c| format!("{c:.0}%")),
                 w.memory_bytes.map_or_else(dash, units::format_size),
                 w.requests.to_string(),
                 w.in_flight.to_string(),
@@ -382,8 +396,20 @@ fn table(status: &Status) -> String {
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+    for (index, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(column, (cell, w))| {
+                let padded = format!("{cell:<w$}");
+                if colour && column == 5 && index > 0 {
+                    paint(cell, padded)
+                } else {
+                    padded
+                }
+            })
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -409,6 +435,17 @@ fn table(status: &Status) -> String {
         out.push_str(&format!("last reload FAILED {ago} ago: {}\n", last.message));
     }
     out
+}
+
+/// A padded state cell in its colour: green serving, yellow in transition, red failing.
+fn paint(state: &str, padded: String) -> String {
+    let code = match state {
+        "online" => "32",
+        "starting" | "draining" | "stopping" | "waiting" => "33",
+        "errored" | "unhealthy" | "unreachable" => "31",
+        _ => "2",
+    };
+    format!("\x1b[{code}m{padded}\x1b[0m")
 }
 
 fn uptime(ms: u64) -> String {

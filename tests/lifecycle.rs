@@ -245,7 +245,47 @@ fn a_proxied_app_and_a_plain_process_run_side_by_side() -> TestResult {
         .then_some(())
     })?;
 
-    let pids = corral.seen_pids();
+    // Per-app commands: status, stop and reload of one app leave the other alone.
+    let only_jobs = corral.cli(&["status", "jobs", "--json"])?;
+    let only_jobs: serde_json::Value = serde_json::from_slice(&only_jobs.stdout)?;
+    assert_eq!(only_jobs["apps"].as_array().map(Vec::len), Some(1));
+    let jobs: Vec<u32> = only_jobs["apps"][0]["workers"]
+        .as_array()
+        .ok_or("workers")?
+        .iter()
+        .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    let stop = corral.cli(&["stop", "jobs"])?;
+    assert!(stop.status.success(), "{}", String::from_utf8_lossy(&stop.stderr));
+    poll_until(DEADLINE, "the jobs workers to stop", || {
+        let status = corral.status()?;
+        let workers = status["apps"][1]["workers"].as_array()?.clone();
+        workers.iter().all(|w| w["state"] == "stopped").then_some(())
+    })
+    .map_err(|e| corral.explain(e))?;
+    for pid in &jobs {
+        assert!(!alive(*pid), "jobs worker {pid} still runs");
+    }
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200, "the other app still serves");
+    let reload = corral.cli(&["reload", "jobs"])?;
+    assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
+    poll_until(DEADLINE, "jobs running again", || {
+        (corral.status()?["apps"][1]["ready"] == 2).then_some(())
+    })?;
+    let table = String::from_utf8_lossy(&corral.cli(&["status"])?.stdout).into_owned();
+    assert!(table.contains("CPU") && table.contains("MEMORY"), "{table}");
+
+    let pids: std::collections::BTreeSet<u32> = corral
+        .online_pids()?
+        .into_iter()
+        .chain(
+            corral.status().ok_or("status")?["apps"][1]["workers"]
+                .as_array()
+                .ok_or("workers")?
+                .iter()
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32)),
+        )
+        .collect();
     assert_eq!(pids.len(), 3);
     corral.signal(Signal::SIGTERM)?;
     assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));

@@ -76,8 +76,14 @@ fn log_files_get_timestamped_lines_from_every_slot_and_rotation_keeps_every_line
                 "{line}"
             );
         }
-        let errors = std::fs::read_to_string(logs.join(format!("web-err-{slot}.log")))?;
-        assert!(errors.contains("printed 300 lines"), "{errors}");
+        // stderr is read by its own task: its line lands when it lands.
+        let errors = logs.join(format!("web-err-{slot}.log"));
+        poll_until(DEADLINE, "the stderr line in the error file", || {
+            std::fs::read_to_string(&errors)
+                .ok()?
+                .contains("printed 300 lines")
+                .then_some(())
+        })?;
     }
 
     let shown = corral.cli(&["logs", "web", "-n", "3"])?;

@@ -33,6 +33,11 @@ pub enum Request {
     Status,
     /// Graceful stop of the whole instance.
     Stop,
+    /// Stop one app's workers; corral keeps running.
+    StopApp {
+        /// The app.
+        app: String,
+    },
     /// Change an app's worker count.
     Scale {
         /// The app.
@@ -243,6 +248,14 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
             // The connection stays open until the process exits: the client's EOF tells it
             // that the stop is complete.
             std::future::pending::<()>().await;
+        }
+        Request::StopApp { app } => {
+            let reply = match supervisor.stop_app(app).await {
+                Ok(Ok(message)) => Reply::Done { message },
+                Ok(Err(message)) => Reply::Error { message },
+                Err(e) => Reply::Error { message: e.to_string() },
+            };
+            send(&mut write, &reply).await;
         }
         Request::Scale { app, count } => {
             let reply = match count.parse::<Scale>() {

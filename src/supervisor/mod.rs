@@ -92,6 +92,11 @@ impl Handle {
         self.ask(|reply| Command::Scale { app, change, reply }).await
     }
 
+    /// Stops one app's workers (draining them first); they stay stopped until a reload of it.
+    pub async fn stop_app(&self, app: String) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::StopApp { app, reply }).await
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
         let (reply, answer) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
@@ -139,6 +144,13 @@ pub enum Command {
     Shutdown(oneshot::Sender<()>),
     /// SIGKILL all workers; reply at once.
     Kill(oneshot::Sender<()>),
+    /// Stop one app's workers.
+    StopApp {
+        /// The app.
+        app: String,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// Change an app's worker count.
     Scale {
         /// The app.
@@ -307,7 +319,7 @@ impl Supervisor {
 
     /// Starts every worker, then serves commands and events until a shutdown completes.
     pub async fn run(mut self) {
-        // Memory caps are checked every 2 s (the tick is cheap when no app sets one).
+        // Every 2 s: CPU and memory of each worker's process tree, and the memory caps.
         let ticks = self.events.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_secs(2));
@@ -360,6 +372,9 @@ impl Supervisor {
                 let _receiver_gone = reply.send(());
             }
             Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
+            Command::StopApp { app, reply } => {
+                let _client_gone = reply.send(self.stop_app(&app));
+            }
             Command::Scale { app, change, reply } => {
                 let _client_gone = reply.send(self.scale(&app, change));
             }
@@ -522,6 +537,37 @@ impl Supervisor {
         }
     }
 
+    fn stop_app(&mut self, name: &str) -> Result<String, String> {
+        if self.reload.is_some() {
+            return Err("a reload is running; stop the app when it has finished".into());
+        }
+        let app = self
+            .apps
+            .iter()
+            .position(|a| a.config.name == name)
+            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        for slot in &mut self.apps[app].slots {
+            slot.parked = Some("stopped");
+        }
+        let live: Vec<u64> = self.apps[app]
+            .workers
+            .iter()
+            .filter(|w| w.is_live())
+            .map(|w| w.id)
+            .collect();
+        for id in &live {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        info!(app = %name, workers = live.len(), "app stopped on request");
+        Ok(format!(
+            "{name}: stopping {} worker(s) after their in-flight requests; `corral reload {name}` starts them again",
+            live.len()
+        ))
+    }
+
     fn scale(&mut self, name: &str, change: Scale) -> Result<String, String> {
         if self.stopping.is_some() {
             return Err("corral is stopping".into());
@@ -583,14 +629,26 @@ impl Supervisor {
 
     /// Replaces every ready worker whose process tree is over its app's `max_memory_restart`.
     fn check_memory(&mut self) {
-        if !self.apps.iter().any(|a| a.config.max_memory_restart.is_some()) {
-            return;
+        let groups = status::group_usage();
+        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let now = Instant::now();
+        for worker in self.apps.iter_mut().flat_map(|a| a.workers.iter_mut()) {
+            let Some(&usage) = groups.get(&worker.pid) else {
+                continue;
+            };
+            let cpu = worker.usage.map(|(before, at, _)| {
+                let seconds = now.duration_since(at).as_secs_f64().max(0.001);
+                (usage.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / ticks_per_second) / seconds * 100.0
+            });
+            worker.usage = Some((usage, now, cpu));
         }
-        let groups = status::group_rss();
         let mut over = Vec::new();
         for (app_index, app) in self.apps.iter().enumerate() {
             for worker in app.workers.iter().filter(|w| w.state == WorkerState::Ready) {
-                let (Some(cap), Some(&rss)) = (worker.spec.max_memory_restart, groups.get(&worker.pid)) else {
+                let (Some(cap), Some(rss)) = (worker.spec.max_memory_restart, worker.usage.map(|u| u.0.rss)) else {
                     continue;
                 };
                 if rss > cap {
@@ -883,6 +941,7 @@ impl Supervisor {
             spec,
             pid,
             start_time: crate::leftovers::Proc::of(pid).map_or(0, |p| p.start),
+            usage: None,
             port,
             state: WorkerState::Starting,
             started: Instant::now(),
@@ -1039,7 +1098,8 @@ impl Supervisor {
                             restarts: slot.map_or(0, |s| s.restarts),
                             requests: w.stats.requests(),
                             in_flight: w.stats.in_flight(),
-                            memory_bytes: status::rss_bytes(w.pid),
+                            memory_bytes: w.usage.map(|u| u.0.rss).or_else(|| status::rss_bytes(w.pid)),
+                            cpu_percent: w.usage.and_then(|u| u.2),
                             last_exit: slot.and_then(|s| s.last_exit.clone()),
                         }
                     })
@@ -1059,6 +1119,7 @@ impl Supervisor {
                             requests: 0,
                             in_flight: 0,
                             memory_bytes: None,
+                            cpu_percent: None,
                             last_exit: slot.last_exit.clone(),
                         });
                     }

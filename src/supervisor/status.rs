@@ -72,8 +72,10 @@ pub struct WorkerStatus {
     pub requests: u64,
     /// Requests in flight on it now.
     pub in_flight: usize,
-    /// Resident memory of the process, bytes.
+    /// Resident memory of the worker's process tree, bytes.
     pub memory_bytes: Option<u64>,
+    /// CPU use of the worker's process tree over the last 2 s, percent of one core.
+    pub cpu_percent: Option<f64>,
     /// How the slot's previous worker ended, if it did.
     pub last_exit: Option<String>,
 }
@@ -88,10 +90,18 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * page_size as u64)
 }
 
-/// Resident memory of every process group on the machine, by group id: a worker's process tree
-/// (it leads its own group), from one pass over `/proc`.
-pub fn group_rss() -> std::collections::HashMap<u32, u64> {
-    let mut groups = std::collections::HashMap::new();
+/// Resources of one process group (a worker's process tree).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Resident memory, bytes.
+    pub rss: u64,
+    /// CPU time used so far (user + system), clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Usage of every process group on the machine, by group id, from one pass over `/proc`.
+pub fn group_usage() -> std::collections::HashMap<u32, Usage> {
+    let mut groups: std::collections::HashMap<u32, Usage> = std::collections::HashMap::new();
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
@@ -107,16 +117,16 @@ pub fn group_rss() -> std::collections::HashMap<u32, u64> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        // Fields after the parenthesised command name: state ppid pgrp ... rss is the 22nd.
+        // Fields after the parenthesised command name: state ppid pgrp ... utime stime ... rss.
         let Some((_, rest)) = stat.rsplit_once(')') else {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if let (Some(pgrp), Some(rss)) = (
-            fields.get(2).and_then(|f| f.parse::<u32>().ok()),
-            fields.get(21).and_then(|f| f.parse::<u64>().ok()),
-        ) {
-            *groups.entry(pgrp).or_insert(0) += rss * page;
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(pgrp), Some(utime), Some(stime), Some(rss)) = (number(2), number(11), number(12), number(21)) {
+            let usage = groups.entry(pgrp as u32).or_default();
+            usage.rss += rss * page;
+            usage.cpu_ticks += utime + stime;
         }
     }
     groups

@@ -74,6 +74,8 @@ pub struct Worker {
     pub pid: u32,
     /// Kernel start time (for the state file).
     pub start_time: u64,
+    /// Last resource sample: usage, when, and CPU percent since the sample before.
+    pub usage: Option<(crate::supervisor::status::Usage, Instant, Option<f64>)>,
     /// Its loopback port (proxied apps only).
     pub port: Option<u16>,
     /// Lifecycle state.
