@@ -222,6 +222,53 @@ http {{
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Haproxy(Target):
+    name = "haproxy"
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="haproxy-bench-")
+        ports = [free_port() for _ in range(workers)]
+        self.workers = [start_worker(p) for p in ports]
+        for p in ports:
+            wait_for("a worker", lambda p=p: answers(p))
+        servers = "".join(f"    server w{i} 127.0.0.1:{p}\n" for i, p in enumerate(ports))
+        conf = Path(self.dir) / "haproxy.cfg"
+        conf.write_text(f"""global
+    nbthread {os.cpu_count()}
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend web
+    bind 127.0.0.1:{self.port}
+    default_backend app
+backend app
+    balance roundrobin
+{servers}""")
+        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("haproxy", lambda: answers(self.port))
+
+    def proxy_pids(self):
+        return [self.proc.pid] + children(self.proc.pid)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGUSR1)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        for w in self.workers:
+            w.terminate()
+            w.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Pm2(Target):
     name = "pm2 cluster"
 
@@ -251,7 +298,7 @@ def pm2_binary():
     return TOOLS / "node_modules" / ".bin" / "pm2"
 
 
-TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "pm2": Pm2}
+TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "haproxy": Haproxy, "pm2": Pm2}
 
 
 def run_wrk(port, duration, connections, sample_pids):
@@ -362,7 +409,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--targets", default="direct,corral,nginx,pm2")
+    ap.add_argument("--targets", default="direct,corral,nginx,haproxy,pm2")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
     ap.add_argument("--mode", choices=["throughput", "reload"], default="throughput")
     ap.add_argument("--reload-every", type=float, default=3.0)
@@ -377,8 +424,8 @@ def main():
         subprocess.run(["npm", "install", "--silent", "--prefix", str(TOOLS), "pm2@latest"], check=True)
     names = []
     for name in args.targets.split(","):
-        if name == "nginx" and not shutil.which("nginx"):
-            print("skipping nginx: not installed", file=sys.stderr)
+        if name in ("nginx", "haproxy") and not shutil.which(name):
+            print(f"skipping {name}: not installed (apt-get install {name})", file=sys.stderr)
         elif name == "pm2" and not pm2_binary().exists():
             print("skipping pm2: not installed (use --install)", file=sys.stderr)
         else:
@@ -402,15 +449,21 @@ def main():
 
     print(f"\n{args.rounds} rounds x {args.duration} s, wrk -c{args.connections}, {args.workers} Node hello workers, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
-    print("| target | req/s | p50 ms | p99 ms | errors | proxy CPU us/req | proxy RSS idle MB | proxy RSS peak MB | req/s vs corral |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = med("corral", "rps") if "corral" in results else None
+    print("| target | req/s | p50 ms | p99 ms | errors | proxy CPU us/req | proxy RSS idle MB | proxy RSS peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
-        ratio = f"{med(name, 'rps') / base:.2f}" if base else "-"
         cls = TARGETS[name]
         print(f"| {cls.name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
               f"{int(med(name, 'errors'))} | {med(name, 'cpu_us_per_req'):.1f} | {med(name, 'idle_rss') / 2**20:.1f} | "
-              f"{med(name, 'peak_rss') / 2**20:.1f} | {ratio} |")
+              f"{med(name, 'peak_rss') / 2**20:.1f} |")
+    if "corral" in results:
+        print()
+        for other in ("nginx", "haproxy", "pm2"):
+            if other in results:
+                print(f"- corral / {TARGETS[other].name}: throughput {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
+                      f"proxy CPU per request {med('corral', 'cpu_us_per_req') / med(other, 'cpu_us_per_req'):.2f}x")
+        if "direct" in results:
+            print(f"- p99 added by corral vs one worker direct: {med('corral', 'p99') - med('direct', 'p99'):+.2f} ms")
 
 
 if __name__ == "__main__":
