@@ -43,10 +43,12 @@ enum Scan {
 pub struct FramingGuard<IO> {
     io: IO,
     scan: Scan,
-    /// Bytes of the current head, or the current chunk-size/trailer line.
+    /// The current chunk-size or trailer line (reused, so steady state allocates nothing).
     line: Vec<u8>,
-    /// Checked bytes waiting for hyper to read them.
+    /// Bytes waiting for hyper to read them; from `head_start` on, an incomplete request head
+    /// that is held back until it is complete and checked.
     ready: BytesMut,
+    head_start: Option<usize>,
     /// A head longer than this is hyper's to refuse (431); we stop holding it back.
     max_head: usize,
 }
@@ -59,6 +61,7 @@ impl<IO> FramingGuard<IO> {
             scan: Scan::Head,
             line: Vec::new(),
             ready: BytesMut::new(),
+            head_start: None,
             max_head,
         }
     }
@@ -84,29 +87,34 @@ impl<IO> FramingGuard<IO> {
                     };
                 }
                 Scan::Head => {
-                    // Blank lines before a request line are allowed (RFC 9112 §2.2).
-                    if self.line.is_empty() {
-                        let skip = input.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
-                        self.ready.extend_from_slice(&input[..skip]);
-                        input = &input[skip..];
-                        if input.is_empty() {
+                    let start = match self.head_start {
+                        Some(start) => start,
+                        None => {
+                            // Blank lines before a request line are allowed (RFC 9112 §2.2).
+                            let skip = input.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                            self.ready.extend_from_slice(&input[..skip]);
+                            input = &input[skip..];
+                            if input.is_empty() {
+                                return;
+                            }
+                            self.ready.len()
+                        }
+                    };
+                    match head_end(&self.ready[start..], input) {
+                        Some(end) => {
+                            self.ready.extend_from_slice(&input[..end]);
+                            input = &input[end..];
+                            self.head_start = None;
+                            self.scan = check_head(&mut self.ready[start..]);
+                        }
+                        None => {
+                            self.ready.extend_from_slice(input);
+                            self.head_start = Some(start);
+                            if self.ready.len() - start > self.max_head {
+                                self.give_up();
+                            }
                             return;
                         }
-                    }
-                    let searched_from = self.line.len().saturating_sub(3);
-                    self.line.extend_from_slice(input);
-                    input = &[];
-                    match find_head_end(&self.line[searched_from..]) {
-                        Some(end) => {
-                            let end = searched_from + end;
-                            let rest = self.line.split_off(end);
-                            let mut head = std::mem::take(&mut self.line);
-                            self.scan = check_head(&mut head);
-                            self.ready.extend_from_slice(&head);
-                            self.feed_owned(rest);
-                        }
-                        None if self.line.len() > self.max_head => self.give_up(),
-                        None => {}
                     }
                 }
                 Scan::ChunkSize | Scan::Trailers => {
@@ -121,8 +129,7 @@ impl<IO> FramingGuard<IO> {
                     self.line.extend_from_slice(&input[..=newline]);
                     self.ready.extend_from_slice(&input[..=newline]);
                     input = &input[newline + 1..];
-                    let line = std::mem::take(&mut self.line);
-                    let text = trim_line(&line);
+                    let text = trim_line(&self.line);
                     self.scan = match self.scan {
                         Scan::Trailers if text.is_empty() => Scan::Head,
                         Scan::Trailers => Scan::Trailers,
@@ -132,33 +139,39 @@ impl<IO> FramingGuard<IO> {
                             None => Scan::Off,
                         },
                     };
+                    self.line.clear();
                 }
             }
         }
     }
 
-    fn feed_owned(&mut self, rest: Vec<u8>) {
-        if !rest.is_empty() {
-            self.feed(&rest);
-        }
-    }
-
     /// Stops scanning; everything held back goes to hyper as it is.
     fn give_up(&mut self) {
-        self.ready.extend_from_slice(&self.line);
-        self.line.clear();
+        self.head_start = None;
         self.scan = Scan::Off;
     }
 }
 
-/// Index just past the blank line ending a head, if present.
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Where, in `input`, the head whose first bytes are `pending` ends (just past its blank line).
+fn head_end(pending: &[u8], input: &[u8]) -> Option<usize> {
+    // The blank line may straddle the two: look at the last 3 pending bytes first.
+    let carry = &pending[pending.len().saturating_sub(3)..];
+    let mut joint = [0u8; 6];
+    let n = carry.len() + input.len().min(3);
+    joint[..carry.len()].copy_from_slice(carry);
+    joint[carry.len()..n].copy_from_slice(&input[..input.len().min(3)]);
+    let ends = |bytes: &[u8]| {
+        let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+        match (crlf, lf) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    };
+    if let Some(end) = ends(&joint[..n]).filter(|&end| end > carry.len()) {
+        return Some(end - carry.len());
     }
+    ends(input)
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
@@ -232,34 +245,36 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
+            let deliverable = this.head_start.unwrap_or(this.ready.len());
+            if deliverable > 0 {
+                let n = deliverable.min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
+                if let Some(start) = this.head_start.as_mut() {
+                    *start -= n;
+                }
                 return Poll::Ready(Ok(()));
             }
             // Body bytes and unguarded streams go straight into hyper's buffer.
-            match this.scan {
-                Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
-                Scan::Fixed(n) => {
-                    let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());
-                    let mut limited = ReadBuf::new(buf.initialize_unfilled_to(limit));
-                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
-                    let read = limited.filled().len();
-                    buf.advance(read);
-                    if read > 0 {
-                        this.scan = if n == read as u64 {
-                            Scan::Head
-                        } else {
-                            Scan::Fixed(n - read as u64)
-                        };
+            if this.head_start.is_none() {
+                match this.scan {
+                    Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
+                    Scan::Fixed(n) => {
+                        let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());
+                        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(limit));
+                        ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+                        let read = limited.filled().len();
+                        buf.advance(read);
+                        if read > 0 {
+                            this.scan = if n == read as u64 { Scan::Head } else { Scan::Fixed(n - read as u64) };
+                        }
+                        return Poll::Ready(Ok(()));
                     }
-                    return Poll::Ready(Ok(()));
+                    _ => {}
                 }
-                _ => {}
             }
-            let mut scratch = [0u8; 8192];
-            let mut chunk = ReadBuf::new(&mut scratch);
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+            let mut chunk = ReadBuf::uninit(&mut scratch);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
             if chunk.filled().is_empty() {
                 // EOF: release a partial head so the parser reports it as it sees fit.
@@ -269,8 +284,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                 }
                 continue;
             }
-            let filled = chunk.filled().to_vec();
-            this.feed(&filled);
+            this.feed(chunk.filled());
         }
     }
 }
@@ -311,7 +325,11 @@ mod tests {
         for piece in input.chunks(step) {
             guard.feed(piece);
         }
-        (guard.ready.to_vec(), guard.scan)
+        // What hyper would read: everything but a head still held back.
+        let deliverable = guard.head_start.unwrap_or(guard.ready.len());
+        let held = guard.ready.len() - deliverable;
+        assert!(held == 0 || guard.scan == Scan::Head, "bytes held back outside a head");
+        (guard.ready[..deliverable].to_vec(), guard.scan)
     }
 
     const PIPELINE: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nworld\r\n0\r\nX-Trailer: 1\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n";
