@@ -91,6 +91,11 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
     Ok(PublicSocket { addr, socket })
 }
 
+/// hyper's own limit on header fields (kept on the stack); `max_headers` defaults to it.
+const fn hyper_default_max_headers() -> usize {
+    100
+}
+
 /// Where to knock to see whether someone already listens on `addr`.
 fn probe_addr(addr: SocketAddr) -> SocketAddr {
     let mut probe = addr;
@@ -118,8 +123,11 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_size)
-        .max_headers(limits.max_headers);
+        .max_header_size(limits.max_header_size);
+    if limits.max_headers != hyper_default_max_headers() {
+        // Any explicit value makes hyper allocate the header array on the heap per request.
+        http.max_headers(limits.max_headers);
+    }
     // Every connection task is tracked; on stop each connection is asked to finish its
     // in-flight request and close (hyper's graceful shutdown), and the drain waits for all.
     let connections = TaskTracker::new();

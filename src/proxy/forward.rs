@@ -50,7 +50,24 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     }))
 }
 
+const HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+];
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none or one of them: one pass over the names is cheaper than nine
+    // hashed removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name)) {
+        return;
+    }
     if let Some(listed) = connection_tokens(headers) {
         for name in listed {
             // `Connection: host` must not strip the Host the worker routes on.
@@ -59,17 +76,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
