@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
+use crate::proxy::forward::Peer;
 use crate::proxy::framing::FramingGuard;
 use crate::proxy::Proxy;
 
@@ -150,7 +151,8 @@ pub async fn serve(
             debug!(%peer, error = %e, "TCP_NODELAY failed");
         }
         let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |req| Arc::clone(&proxy).serve(req, peer));
+        let client = Peer::new(peer);
+        let service = service_fn(move |req| Arc::clone(&proxy).serve(req, client.clone()));
         let stream = FramingGuard::new(stream, limits.max_header_size);
         let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let stop = shutdown.clone();

@@ -6,7 +6,7 @@
 //! client sent it, so the app builds correct absolute URLs. Towards the client: the worker's
 //! hop-by-hop headers are removed; hyper frames the body itself.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -16,16 +16,36 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The client end of a connection, with its address already formatted for `X-Forwarded-For`
+/// (once per connection rather than once per request).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TCP peer.
+    pub addr: SocketAddr,
+    /// Its address, IPv4-mapped IPv6 shown as IPv4.
+    pub ip: IpAddr,
+    /// `ip` as a header value.
+    pub ip_header: HeaderValue,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        let ip_header = HeaderValue::try_from(ip.to_string()).expect("UNWRAP: an IP address is a valid header value");
+        Peer { addr, ip, ip_header }
+    }
+}
+
 /// Rewrites a client's request headers for the worker.
-pub fn request_headers(headers: &mut HeaderMap, peer: IpAddr) {
+pub fn request_headers(headers: &mut HeaderMap, peer: &Peer) {
     remove_hop_by_hop(headers);
 
-    let peer = peer.to_canonical();
     let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(earlier) => HeaderValue::try_from(format!("{earlier}, {peer}")),
-        None => HeaderValue::try_from(peer.to_string()),
+        Some(earlier) => HeaderValue::try_from(format!("{earlier}, {}", peer.ip)).ok(),
+        None => Some(peer.ip_header.clone()),
     };
-    if let Ok(value) = forwarded_for {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -62,10 +82,26 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
     &header::PROXY_AUTHORIZATION,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // A match on the lower-case name compiles to a length switch and one comparison.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none or one of them: one pass over the names is cheaper than nine
     // hashed removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if let Some(listed) = connection_tokens(headers) {
@@ -125,7 +161,7 @@ mod tests {
             ("proxy-authorization", "basic x"),
             ("accept", "*/*"),
         ]);
-        request_headers(&mut h, "10.0.0.9".parse().expect("ip"));
+        request_headers(&mut h, &Peer::new("10.0.0.9:1234".parse().expect("addr")));
         for gone in [
             "connection",
             "keep-alive",
@@ -146,7 +182,7 @@ mod tests {
     #[test]
     fn forwarded_for_is_appended_to_every_earlier_value() {
         let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")]);
-        request_headers(&mut h, "::ffff:127.0.0.1".parse().expect("ip"));
+        request_headers(&mut h, &Peer::new("[::ffff:127.0.0.1]:1234".parse().expect("addr")));
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }

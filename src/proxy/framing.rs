@@ -160,18 +160,25 @@ fn head_end(pending: &[u8], input: &[u8]) -> Option<usize> {
     let n = carry.len() + input.len().min(3);
     joint[..carry.len()].copy_from_slice(carry);
     joint[carry.len()..n].copy_from_slice(&input[..input.len().min(3)]);
-    let ends = |bytes: &[u8]| {
-        let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-        let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-        match (crlf, lf) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    };
-    if let Some(end) = ends(&joint[..n]).filter(|&end| end > carry.len()) {
+    if let Some(end) = blank_line_end(&joint[..n]).filter(|&end| end > carry.len()) {
         return Some(end - carry.len());
     }
-    ends(input)
+    blank_line_end(input)
+}
+
+/// Just past the first empty line (`\n\n` or `\n\r\n`): jumps from line feed to line feed.
+fn blank_line_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(offset) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let i = from + offset;
+        match bytes.get(i + 1) {
+            Some(b'\n') => return Some(i + 2),
+            Some(b'\r') if bytes.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+            _ => {}
+        }
+        from = i + 1;
+    }
+    None
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
@@ -266,7 +273,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                         let read = limited.filled().len();
                         buf.advance(read);
                         if read > 0 {
-                            this.scan = if n == read as u64 { Scan::Head } else { Scan::Fixed(n - read as u64) };
+                            this.scan = if n == read as u64 {
+                                Scan::Head
+                            } else {
+                                Scan::Fixed(n - read as u64)
+                            };
                         }
                         return Poll::Ready(Ok(()));
                     }

@@ -22,7 +22,6 @@ pub mod pool;
 pub mod tunnel;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +38,7 @@ use crate::balancer::Balancer;
 use crate::config::Sticky;
 use body::ProxyBody;
 use error::ProxyError;
+use forward::Peer;
 use http::header::SET_COOKIE;
 use pool::{Conn, UpstreamBody};
 
@@ -89,15 +89,11 @@ impl Proxy {
     }
 
     /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
-    pub async fn serve(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, Infallible> {
         Ok(self.handle(req, peer).await)
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         match self.forward(req, peer).await {
             Ok(response) => response,
             Err(e) => {
@@ -111,10 +107,10 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(&self, mut req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (mut head, body) = req.into_parts();
-        forward::request_headers(&mut head.headers, peer.ip());
+        forward::request_headers(&mut head.headers, &peer);
         if let Some((protocol, _)) = &upgrade {
             tunnel::restore(&mut head.headers, protocol.clone());
         }
@@ -135,7 +131,7 @@ impl Proxy {
             Sticky::None => None,
             Sticky::Cookie => self.cookies.slot_from(&head.headers, &routing.cookie),
             Sticky::Ip => Some(sticky::ip_slot(
-                sticky::client_ip(peer.ip(), &head.headers, &routing.trusted),
+                sticky::client_ip(peer.ip, &head.headers, &routing.trusted),
                 routing.instances,
             )),
         };
