@@ -458,10 +458,13 @@ def main():
               f"{med(name, 'peak_rss') / 2**20:.1f} |")
     if "corral" in results:
         print()
-        for other in ("nginx", "haproxy", "pm2"):
+        for other in ("nginx", "haproxy"):
             if other in results:
                 print(f"- corral / {TARGETS[other].name}: throughput {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
                       f"proxy CPU per request {med('corral', 'cpu_us_per_req') / med(other, 'cpu_us_per_req'):.2f}x")
+        if "pm2" in results:
+            # PM2's daemon hands whole connections to workers: it does no per-request work.
+            print(f"- corral / {TARGETS['pm2'].name}: throughput {med('corral', 'rps') / med('pm2', 'rps'):.2f}x")
         if "direct" in results:
             print(f"- p99 added by corral vs one worker direct: {med('corral', 'p99') - med('direct', 'p99'):+.2f} ms")
 
