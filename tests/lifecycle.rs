@@ -50,12 +50,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0_leaving_no_worker() -> Te
     let addr = corral.addr;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=2000"));
     poll_until(DEADLINE, "the slow request to be in flight", || {
-        let busy: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["in_flight"].as_u64())
-            .sum();
+        let busy: u64 = corral.total("in_flight")?;
         (busy == 1).then_some(())
     })?;
 
@@ -82,12 +77,7 @@ fn new_connections_are_refused_while_stopping_but_open_ones_finish() -> TestResu
     let addr = corral.addr;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=1500"));
     poll_until(DEADLINE, "the slow request to be in flight", || {
-        let busy: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["in_flight"].as_u64())
-            .sum();
+        let busy: u64 = corral.total("in_flight")?;
         (busy == 1).then_some(())
     })?;
     corral.signal(Signal::SIGINT)?;

@@ -35,18 +35,9 @@ fn two_reloads_back_to_back_under_load_fail_no_request_and_replace_every_worker(
     let third = corral.online_pids()?;
 
     // Keep the load going a moment on the final generation before counting.
-    let seen = corral
-        .workers()?
-        .iter()
-        .filter_map(|w| w["requests"].as_u64())
-        .sum::<u64>();
+    let seen = corral.total("requests").ok_or("status")?;
     poll_until(DEADLINE, "requests on the new generation", || {
-        let now: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["requests"].as_u64())
-            .sum();
+        let now: u64 = corral.total("requests")?;
         (now > seen + 50).then_some(())
     })?;
     let tally = load.finish();
@@ -206,14 +197,7 @@ fn a_slow_request_on_an_old_worker_completes_and_a_second_reload_is_refused_mean
     let addr = corral.addr;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=3000"));
     poll_until(DEADLINE, "the slow request to be in flight", || {
-        (corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["in_flight"].as_u64())
-            .sum::<u64>()
-            == 1)
-            .then_some(())
+        (corral.total("in_flight")? == 1).then_some(())
     })?;
 
     let first = corral

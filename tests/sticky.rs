@@ -215,22 +215,12 @@ fn websocket_frames_flow_both_ways_through_corral() -> TestResult {
     assert_eq!(pids.len(), 2, "two handshakes are balanced over two workers: {pids:?}");
     // Open tunnels count as in flight.
     poll_until(DEADLINE, "tunnels in status", || {
-        let busy: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["in_flight"].as_u64())
-            .sum();
+        let busy: u64 = corral.total("in_flight")?;
         (busy == 2).then_some(())
     })?;
     drop(sockets);
     poll_until(DEADLINE, "closed tunnels to leave status", || {
-        let busy: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["in_flight"].as_u64())
-            .sum();
+        let busy: u64 = corral.total("in_flight")?;
         (busy == 0).then_some(())
     })?;
     Ok(())
@@ -266,14 +256,9 @@ fn a_worker_killed_under_load_fails_no_request() -> TestResult {
         let pids = corral.online_pids().ok()?;
         (pids.len() == 2 && !pids.contains(&victim)).then_some(())
     })?;
-    let seen: u64 = corral.workers()?.iter().filter_map(|w| w["requests"].as_u64()).sum();
+    let seen: u64 = corral.total("requests").ok_or("status")?;
     poll_until(DEADLINE, "requests on the replacement", || {
-        let now: u64 = corral
-            .workers()
-            .ok()?
-            .iter()
-            .filter_map(|w| w["requests"].as_u64())
-            .sum();
+        let now: u64 = corral.total("requests")?;
         (now > seen + 50).then_some(())
     })?;
     let tally = load.finish();

@@ -279,6 +279,11 @@ impl Corral {
         Ok(status["apps"][0]["workers"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The sum of a numeric field (`requests`, `in_flight`, ...) over the first app's workers.
+    pub fn total(&self, field: &str) -> Option<u64> {
+        Some(self.workers().ok()?.iter().filter_map(|w| w[field].as_u64()).sum())
+    }
+
     /// Waits until `n` workers are online.
     pub fn wait_online(&self, n: usize) -> Result<Vec<Value>, Box<dyn Error>> {
         poll_until(DEADLINE, &format!("{n} workers online"), || {
