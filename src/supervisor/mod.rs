@@ -20,8 +20,16 @@
 //!
 //! Rolling reloads ([`reload`]) run inside the same actor as a state machine driven by the
 //! same events, so a reload, a crash and a status request never race each other.
+//!
+//! The actor's methods are split by concern: this file has the event loop, spawning, exits and
+//! stops; [`reload`] the rolling reload; [`health`] passive and active health checks, the
+//! memory cap and replacements; [`admin`] `status`, `scale` and `stop APP`; [`probe`] the
+//! readiness checks; [`policy`] the restart decisions; [`spawn`] the process-level work.
 
+mod admin;
+mod health;
 mod policy;
+mod probe;
 mod reload;
 mod spawn;
 pub mod status;
@@ -40,12 +48,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
-use crate::config::{units, AppConfig, Config};
+use crate::config::{AppConfig, Config};
 use crate::logs::files::{self, LogFile};
 use crate::logs::{OutputSink, OutputTail, Stream, Target};
 use policy::{after_exit, AfterExit, History, RestartPolicy};
+use probe::{wait_for_ready_message, Readiness};
 use reload::ReloadRun;
-use status::{AppStatus, ReloadOutcome, Status, WorkerStatus};
+use status::{ReloadOutcome, Status};
 use worker::{describe_exit, StopReason, Worker, WorkerState};
 
 /// The supervisor task has ended; nothing more can be asked of it.
@@ -456,219 +465,6 @@ impl Supervisor {
         self.announce(app);
     }
 
-    /// Starts the app's active health checks (if configured) on a ready worker.
-    fn watch_health(&mut self, app: usize, index: usize) {
-        let worker = &mut self.apps[app].workers[index];
-        let (Some(check), Some(port)) = (worker.spec.health_check.clone(), worker.port) else {
-            return;
-        };
-        let token = CancellationToken::new();
-        if let Some(previous) = worker.health.replace(token.clone()) {
-            previous.cancel();
-        }
-        let (id, events) = (worker.id, self.events.clone());
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(check.interval) => {}
-                }
-                let ok = tokio::time::timeout(check.timeout, http_ok(addr, Some(&check.path))).await == Ok(true);
-                if events.send(Event::Health { id, ok }).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// An active health check result: a failing worker leaves rotation; past the threshold it
-    /// is replaced (the new worker is ready before the old one drains).
-    fn on_health(&mut self, id: u64, ok: bool) {
-        let Some((app, index)) = self.find(id) else { return };
-        let worker = &mut self.apps[app].workers[index];
-        if worker.state != WorkerState::Ready {
-            return;
-        }
-        let Some(check) = worker.spec.health_check.clone() else {
-            return;
-        };
-        if ok {
-            worker.health_failures = 0;
-            if worker.unhealthy {
-                worker.unhealthy = false;
-                info!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker passes its health check again; back in rotation");
-                self.publish(app);
-            }
-            return;
-        }
-        worker.health_failures += 1;
-        let failures = worker.health_failures;
-        if !worker.unhealthy {
-            worker.unhealthy = true;
-            warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker failed its health check ({}); out of rotation", check.path);
-            self.publish(app);
-        }
-        if failures % check.unhealthy_threshold == 0 {
-            self.replace(app, id, format!("failed {failures} health checks in a row"));
-        }
-    }
-
-    /// Starts a new worker for the slot of worker `id`; once it is ready, `id` drains and stops.
-    /// Nothing happens while corral stops or reloads, or if a replacement is already starting.
-    fn replace(&mut self, app: usize, id: u64, why: String) {
-        let busy = self.stopping.is_some() || self.reload.is_some() || self.replacing.values().any(|&old| old == id);
-        let Some(worker) = self.apps[app].workers.iter().find(|w| w.id == id) else {
-            return;
-        };
-        if busy {
-            return;
-        }
-        let (slot, pid, spec, generation) = (worker.slot, worker.pid, Arc::clone(&worker.spec), worker.generation);
-        warn!(app = %spec.name, slot, pid, "worker {why}; replacing it without downtime");
-        if let Some(s) = self.apps[app].slots.get_mut(slot) {
-            s.last_exit = Some(format!("pid {pid} replaced: {why}"));
-        }
-        match self.spawn_worker(app, slot, spec, generation) {
-            Ok(new) => {
-                self.replacing.insert(new, id);
-            }
-            Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
-        }
-    }
-
-    fn stop_app(&mut self, name: &str) -> Result<String, String> {
-        if self.reload.is_some() {
-            return Err("a reload is running; stop the app when it has finished".into());
-        }
-        let app = self
-            .apps
-            .iter()
-            .position(|a| a.config.name == name)
-            .ok_or_else(|| format!("there is no app named {name:?}"))?;
-        for slot in &mut self.apps[app].slots {
-            slot.parked = Some("stopped");
-        }
-        let live: Vec<u64> = self.apps[app]
-            .workers
-            .iter()
-            .filter(|w| w.is_live())
-            .map(|w| w.id)
-            .collect();
-        for id in &live {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
-                self.begin_drain(app, index);
-            }
-        }
-        self.publish(app);
-        info!(app = %name, workers = live.len(), "app stopped on request");
-        Ok(format!(
-            "{name}: stopping {} worker(s) after their in-flight requests; `corral reload {name}` starts them again",
-            live.len()
-        ))
-    }
-
-    fn scale(&mut self, name: &str, change: Scale) -> Result<String, String> {
-        if self.stopping.is_some() {
-            return Err("corral is stopping".into());
-        }
-        if self.reload.is_some() {
-            return Err("a reload is running; scale again when it has finished".into());
-        }
-        let app = self
-            .apps
-            .iter()
-            .position(|a| a.config.name == name)
-            .ok_or_else(|| format!("there is no app named {name:?}"))?;
-        let from = self.apps[app].instances;
-        let to = match change {
-            Scale::To(n) => n,
-            Scale::Up(n) => from.saturating_add(n),
-            Scale::Down(n) => from.saturating_sub(n).max(1),
-        };
-        if to > 1024 {
-            return Err(format!("{to} workers is more than the limit of 1024"));
-        }
-        let state = &mut self.apps[app];
-        state.instances = to;
-        if state.slots.len() < to {
-            state.slots.resize_with(to, Default::default);
-        }
-        info!(app = %name, from, to, "scaling");
-        let config = Arc::clone(&state.config);
-        let generation = state.generation;
-        for slot in from..to {
-            self.apps[app].slots[slot].parked = None;
-            if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
-                self.start(app, slot, Arc::clone(&config), generation);
-            }
-        }
-        let removed: Vec<u64> = self.apps[app]
-            .workers
-            .iter()
-            .filter(|w| w.slot >= to && w.is_live())
-            .map(|w| w.id)
-            .collect();
-        for id in &removed {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
-                self.begin_drain(app, index);
-            }
-        }
-        self.publish(app);
-        Ok(match to.cmp(&from) {
-            std::cmp::Ordering::Greater => {
-                format!("{name}: scaling from {from} to {to} workers; the new ones enter rotation when ready")
-            }
-            std::cmp::Ordering::Less => format!(
-                "{name}: scaling from {from} to {to} workers; {} drain, then stop",
-                removed.len()
-            ),
-            std::cmp::Ordering::Equal => format!("{name}: already {to} workers"),
-        })
-    }
-
-    /// Replaces every ready worker whose process tree is over its app's `max_memory_restart`.
-    fn check_memory(&mut self) {
-        let groups = status::group_usage();
-        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
-        let now = Instant::now();
-        for worker in self.apps.iter_mut().flat_map(|a| a.workers.iter_mut()) {
-            let Some(&usage) = groups.get(&worker.pid) else {
-                continue;
-            };
-            let cpu = worker.usage.map(|(before, at, _)| {
-                let seconds = now.duration_since(at).as_secs_f64().max(0.001);
-                (usage.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / ticks_per_second) / seconds * 100.0
-            });
-            worker.usage = Some((usage, now, cpu));
-        }
-        let mut over = Vec::new();
-        for (app_index, app) in self.apps.iter().enumerate() {
-            for worker in app.workers.iter().filter(|w| w.state == WorkerState::Ready) {
-                let (Some(cap), Some(rss)) = (worker.spec.max_memory_restart, worker.usage.map(|u| u.0.rss)) else {
-                    continue;
-                };
-                if rss > cap {
-                    over.push((
-                        app_index,
-                        worker.id,
-                        format!(
-                            "uses {} of memory, over max_memory_restart {}",
-                            units::format_size(rss),
-                            units::format_size(cap)
-                        ),
-                    ));
-                }
-            }
-        }
-        for (app, id, why) in over {
-            self.replace(app, id, why);
-        }
-    }
-
     fn announce(&mut self, app: usize) {
         let app = &mut self.apps[app];
         let ready = app.workers.iter().filter(|w| w.state == WorkerState::Ready).count();
@@ -681,30 +477,6 @@ impl Supervisor {
                 None => info!(app = %app.config.name, "all {ready} workers running"),
             }
         }
-    }
-
-    /// The proxy could not connect to a ready worker: out of rotation, and probe it again.
-    fn on_unreachable(&mut self, id: u64) {
-        let Some((app, index)) = self.find(id) else {
-            return;
-        };
-        let worker = &mut self.apps[app].workers[index];
-        if worker.state != WorkerState::Ready || worker.unreachable {
-            return;
-        }
-        worker.unreachable = true;
-        warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker refused a connection; out of rotation until it accepts again");
-        if let Some(port) = worker.port {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let check = Readiness {
-                addr,
-                path: worker.spec.ready_path.clone(),
-                timeout: worker.spec.listen_timeout,
-            };
-            worker.probe = CancellationToken::new();
-            tokio::spawn(check.run(id, worker.probe.clone(), self.events.clone()));
-        }
-        self.publish(app);
     }
 
     fn on_never_ready(&mut self, id: u64) {
@@ -1076,75 +848,6 @@ impl Supervisor {
         }
     }
 
-    fn status(&self) -> Status {
-        let apps = self
-            .apps
-            .iter()
-            .map(|app| {
-                let mut workers: Vec<WorkerStatus> = app
-                    .workers
-                    .iter()
-                    .map(|w| {
-                        let slot = app.slots.get(w.slot);
-                        WorkerStatus {
-                            app: app.config.name.clone(),
-                            slot: w.slot,
-                            id: Some(w.id),
-                            generation: Some(w.generation),
-                            pid: Some(w.pid),
-                            port: w.port,
-                            state: w.label().to_owned(),
-                            uptime_ms: w.started.elapsed().as_millis() as u64,
-                            restarts: slot.map_or(0, |s| s.restarts),
-                            requests: w.stats.requests(),
-                            in_flight: w.stats.in_flight(),
-                            memory_bytes: w.usage.map(|u| u.0.rss).or_else(|| status::rss_bytes(w.pid)),
-                            cpu_percent: w.usage.and_then(|u| u.2),
-                            last_exit: slot.and_then(|s| s.last_exit.clone()),
-                        }
-                    })
-                    .collect();
-                for (index, slot) in app.slots.iter().enumerate().take(app.instances) {
-                    if !app.workers.iter().any(|w| w.slot == index && w.is_live()) {
-                        workers.push(WorkerStatus {
-                            app: app.config.name.clone(),
-                            slot: index,
-                            id: None,
-                            generation: None,
-                            pid: None,
-                            port: None,
-                            state: slot.parked.unwrap_or("waiting").into(),
-                            uptime_ms: 0,
-                            restarts: slot.restarts,
-                            requests: 0,
-                            in_flight: 0,
-                            memory_bytes: None,
-                            cpu_percent: None,
-                            last_exit: slot.last_exit.clone(),
-                        });
-                    }
-                }
-                workers.sort_by_key(|w| (w.slot, w.generation, w.id));
-                AppStatus {
-                    name: app.config.name.clone(),
-                    listen: app.config.listen.map(|a| a.to_string()),
-                    instances: app.instances,
-                    ready: workers.iter().filter(|w| w.state == "online").count(),
-                    workers,
-                }
-            })
-            .collect();
-        Status {
-            pid: std::process::id(),
-            config: self.config_path.display().to_string(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            stopping: self.stopping.is_some(),
-            reloading: self.reload.is_some(),
-            last_reload: self.last_reload.clone(),
-            apps,
-        }
-    }
-
     fn find(&self, id: u64) -> Option<(usize, usize)> {
         self.apps
             .iter()
@@ -1187,107 +890,5 @@ fn routing(config: &AppConfig, instances: usize) -> Arc<Routing> {
 fn kill_group(pid: u32, signal: Signal) {
     if let Err(e) = spawn::signal_group(pid, signal) {
         warn!(pid, %signal, error = %e, "cannot signal worker process group");
-    }
-}
-
-/// How to tell that a new worker is ready.
-struct Readiness {
-    addr: SocketAddr,
-    /// `GET` this and expect 2xx; `None` means a TCP connect is enough.
-    path: Option<String>,
-    timeout: Duration,
-}
-
-impl Readiness {
-    /// Reports `Ready` once the check passes, or `NeverReady` at the deadline.
-    async fn run(self, id: u64, cancel: CancellationToken, events: mpsc::UnboundedSender<Event>) {
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                passed = tokio::time::timeout_at(deadline, self.check()) => if passed == Ok(true) {
-                    let _supervisor_gone = events.send(Event::Ready { id });
-                    return;
-                },
-            }
-            if Instant::now() >= deadline {
-                let _supervisor_gone = events.send(Event::NeverReady { id });
-                return;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until((Instant::now() + pause).min(deadline)) => {}
-            }
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    async fn check(&self) -> bool {
-        http_ok(self.addr, self.path.as_deref()).await
-    }
-}
-
-/// True if `addr` accepts a connection and, with a `path`, answers `GET path` with 2xx.
-async fn http_ok(addr: SocketAddr, path: Option<&str>) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    let Some(path) = path else { return true };
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-health\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
-}
-
-/// PM2's `wait_ready`: reports `Ready` when the worker's `process.send('ready')` arrives on its
-/// IPC channel (newline-delimited JSON), or `NeverReady` at the deadline. Other messages are
-/// ignored; the channel is read until the worker closes it, so the worker never blocks on it.
-async fn wait_for_ready_message(
-    id: u64,
-    channel: tokio::net::UnixStream,
-    timeout: Duration,
-    cancel: CancellationToken,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(channel).lines();
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut ready = false;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled(), if !ready => return,
-            _ = &mut deadline, if !ready => {
-                let _supervisor_gone = events.send(Event::NeverReady { id });
-                return;
-            }
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => {
-                    let message: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    if !ready && (message == "ready" || message["type"] == "ready") {
-                        ready = true;
-                        let _supervisor_gone = events.send(Event::Ready { id });
-                    }
-                }
-                // Closed or broken: the worker exited (its exit is reported) or closed its
-                // channel without saying it is ready (the deadline reports that).
-                Ok(None) | Err(_) => {
-                    if !ready {
-                        tokio::select! {
-                            _ = cancel.cancelled() => {}
-                            _ = &mut deadline => {
-                                let _supervisor_gone = events.send(Event::NeverReady { id });
-                            }
-                        }
-                    }
-                    return;
-                }
-            },
-        }
     }
 }

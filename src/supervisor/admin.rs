@@ -1,0 +1,169 @@
+//! Operator commands that change or report the table: `status`, `scale`, `stop APP`.
+
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::status::{self, AppStatus, Status, WorkerStatus};
+use super::{Scale, Supervisor};
+
+impl Supervisor {
+    pub(super) fn stop_app(&mut self, name: &str) -> Result<String, String> {
+        if self.reload.is_some() {
+            return Err("a reload is running; stop the app when it has finished".into());
+        }
+        let app = self
+            .apps
+            .iter()
+            .position(|a| a.config.name == name)
+            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        for slot in &mut self.apps[app].slots {
+            slot.parked = Some("stopped");
+        }
+        let live: Vec<u64> = self.apps[app]
+            .workers
+            .iter()
+            .filter(|w| w.is_live())
+            .map(|w| w.id)
+            .collect();
+        for id in &live {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        info!(app = %name, workers = live.len(), "app stopped on request");
+        Ok(format!(
+            "{name}: stopping {} worker(s) after their in-flight requests; `corral reload {name}` starts them again",
+            live.len()
+        ))
+    }
+
+    pub(super) fn scale(&mut self, name: &str, change: Scale) -> Result<String, String> {
+        if self.stopping.is_some() {
+            return Err("corral is stopping".into());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is running; scale again when it has finished".into());
+        }
+        let app = self
+            .apps
+            .iter()
+            .position(|a| a.config.name == name)
+            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        let from = self.apps[app].instances;
+        let to = match change {
+            Scale::To(n) => n,
+            Scale::Up(n) => from.saturating_add(n),
+            Scale::Down(n) => from.saturating_sub(n).max(1),
+        };
+        if to > 1024 {
+            return Err(format!("{to} workers is more than the limit of 1024"));
+        }
+        let state = &mut self.apps[app];
+        state.instances = to;
+        if state.slots.len() < to {
+            state.slots.resize_with(to, Default::default);
+        }
+        info!(app = %name, from, to, "scaling");
+        let config = Arc::clone(&state.config);
+        let generation = state.generation;
+        for slot in from..to {
+            self.apps[app].slots[slot].parked = None;
+            if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
+                self.start(app, slot, Arc::clone(&config), generation);
+            }
+        }
+        let removed: Vec<u64> = self.apps[app]
+            .workers
+            .iter()
+            .filter(|w| w.slot >= to && w.is_live())
+            .map(|w| w.id)
+            .collect();
+        for id in &removed {
+            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
+                self.begin_drain(app, index);
+            }
+        }
+        self.publish(app);
+        Ok(match to.cmp(&from) {
+            std::cmp::Ordering::Greater => {
+                format!("{name}: scaling from {from} to {to} workers; the new ones enter rotation when ready")
+            }
+            std::cmp::Ordering::Less => format!(
+                "{name}: scaling from {from} to {to} workers; {} drain, then stop",
+                removed.len()
+            ),
+            std::cmp::Ordering::Equal => format!("{name}: already {to} workers"),
+        })
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let apps = self
+            .apps
+            .iter()
+            .map(|app| {
+                let mut workers: Vec<WorkerStatus> = app
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let slot = app.slots.get(w.slot);
+                        WorkerStatus {
+                            app: app.config.name.clone(),
+                            slot: w.slot,
+                            id: Some(w.id),
+                            generation: Some(w.generation),
+                            pid: Some(w.pid),
+                            port: w.port,
+                            state: w.label().to_owned(),
+                            uptime_ms: w.started.elapsed().as_millis() as u64,
+                            restarts: slot.map_or(0, |s| s.restarts),
+                            requests: w.stats.requests(),
+                            in_flight: w.stats.in_flight(),
+                            memory_bytes: w.usage.map(|u| u.0.rss).or_else(|| status::rss_bytes(w.pid)),
+                            cpu_percent: w.usage.and_then(|u| u.2),
+                            last_exit: slot.and_then(|s| s.last_exit.clone()),
+                        }
+                    })
+                    .collect();
+                for (index, slot) in app.slots.iter().enumerate().take(app.instances) {
+                    if !app.workers.iter().any(|w| w.slot == index && w.is_live()) {
+                        workers.push(WorkerStatus {
+                            app: app.config.name.clone(),
+                            slot: index,
+                            id: None,
+                            generation: None,
+                            pid: None,
+                            port: None,
+                            state: slot.parked.unwrap_or("waiting").into(),
+                            uptime_ms: 0,
+                            restarts: slot.restarts,
+                            requests: 0,
+                            in_flight: 0,
+                            memory_bytes: None,
+                            cpu_percent: None,
+                            last_exit: slot.last_exit.clone(),
+                        });
+                    }
+                }
+                workers.sort_by_key(|w| (w.slot, w.generation, w.id));
+                AppStatus {
+                    name: app.config.name.clone(),
+                    listen: app.config.listen.map(|a| a.to_string()),
+                    instances: app.instances,
+                    ready: workers.iter().filter(|w| w.state == "online").count(),
+                    workers,
+                }
+            })
+            .collect();
+        Status {
+            pid: std::process::id(),
+            config: self.config_path.display().to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            stopping: self.stopping.is_some(),
+            reloading: self.reload.is_some(),
+            last_reload: self.last_reload.clone(),
+            apps,
+        }
+    }
+}

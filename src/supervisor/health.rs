@@ -1,0 +1,170 @@
+//! Health of ready workers, and their replacement without downtime.
+//!
+//! Passive: the proxy reports a worker that refused a connection; it leaves rotation and is
+//! probed until it accepts again (or is replaced). Active (`health_check`): a periodic GET; a
+//! failing worker leaves rotation, and past `unhealthy_threshold` it is replaced. Memory
+//! (`max_memory_restart`): every 2 s the process-tree usage of every worker is sampled (also for
+//! `status`), and a worker over its cap is replaced. A replacement starts a new worker for the
+//! slot; once it is ready, the old one drains and stops, so capacity never drops.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::probe::{http_ok, Readiness};
+use super::status;
+use super::worker::WorkerState;
+use super::{Event, Supervisor};
+use crate::config::units;
+
+impl Supervisor {
+    /// The proxy could not connect to a ready worker: out of rotation, and probe it again.
+    pub(super) fn on_unreachable(&mut self, id: u64) {
+        let Some((app, index)) = self.find(id) else {
+            return;
+        };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Ready || worker.unreachable {
+            return;
+        }
+        worker.unreachable = true;
+        warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker refused a connection; out of rotation until it accepts again");
+        if let Some(port) = worker.port {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let check = Readiness {
+                addr,
+                path: worker.spec.ready_path.clone(),
+                timeout: worker.spec.listen_timeout,
+            };
+            worker.probe = CancellationToken::new();
+            tokio::spawn(check.run(id, worker.probe.clone(), self.events.clone()));
+        }
+        self.publish(app);
+    }
+
+    /// Starts the app's active health checks (if configured) on a ready worker.
+    pub(super) fn watch_health(&mut self, app: usize, index: usize) {
+        let worker = &mut self.apps[app].workers[index];
+        let (Some(check), Some(port)) = (worker.spec.health_check.clone(), worker.port) else {
+            return;
+        };
+        let token = CancellationToken::new();
+        if let Some(previous) = worker.health.replace(token.clone()) {
+            previous.cancel();
+        }
+        let (id, events) = (worker.id, self.events.clone());
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(check.interval) => {}
+                }
+                let ok = tokio::time::timeout(check.timeout, http_ok(addr, Some(&check.path))).await == Ok(true);
+                if events.send(Event::Health { id, ok }).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// An active health check result: a failing worker leaves rotation; past the threshold it
+    /// is replaced (the new worker is ready before the old one drains).
+    pub(super) fn on_health(&mut self, id: u64, ok: bool) {
+        let Some((app, index)) = self.find(id) else { return };
+        let worker = &mut self.apps[app].workers[index];
+        if worker.state != WorkerState::Ready {
+            return;
+        }
+        let Some(check) = worker.spec.health_check.clone() else {
+            return;
+        };
+        if ok {
+            worker.health_failures = 0;
+            if worker.unhealthy {
+                worker.unhealthy = false;
+                info!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker passes its health check again; back in rotation");
+                self.publish(app);
+            }
+            return;
+        }
+        worker.health_failures += 1;
+        let failures = worker.health_failures;
+        if !worker.unhealthy {
+            worker.unhealthy = true;
+            warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker failed its health check ({}); out of rotation", check.path);
+            self.publish(app);
+        }
+        if failures % check.unhealthy_threshold == 0 {
+            self.replace(app, id, format!("failed {failures} health checks in a row"));
+        }
+    }
+
+    /// Starts a new worker for the slot of worker `id`; once it is ready, `id` drains and stops.
+    /// Nothing happens while corral stops or reloads, or if a replacement is already starting.
+    pub(super) fn replace(&mut self, app: usize, id: u64, why: String) {
+        let busy = self.stopping.is_some() || self.reload.is_some() || self.replacing.values().any(|&old| old == id);
+        let Some(worker) = self.apps[app].workers.iter().find(|w| w.id == id) else {
+            return;
+        };
+        if busy {
+            return;
+        }
+        let (slot, pid, spec, generation) = (worker.slot, worker.pid, Arc::clone(&worker.spec), worker.generation);
+        warn!(app = %spec.name, slot, pid, "worker {why}; replacing it without downtime");
+        if let Some(s) = self.apps[app].slots.get_mut(slot) {
+            s.last_exit = Some(format!("pid {pid} replaced: {why}"));
+        }
+        match self.spawn_worker(app, slot, spec, generation) {
+            Ok(new) => {
+                self.replacing.insert(new, id);
+            }
+            Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
+        }
+    }
+
+    /// Replaces every ready worker whose process tree is over its app's `max_memory_restart`.
+    pub(super) fn check_memory(&mut self) {
+        let groups = status::group_usage();
+        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let now = Instant::now();
+        for worker in self.apps.iter_mut().flat_map(|a| a.workers.iter_mut()) {
+            let Some(&usage) = groups.get(&worker.pid) else {
+                continue;
+            };
+            let cpu = worker.usage.map(|(before, at, _)| {
+                let seconds = now.duration_since(at).as_secs_f64().max(0.001);
+                (usage.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / ticks_per_second) / seconds * 100.0
+            });
+            worker.usage = Some((usage, now, cpu));
+        }
+        let mut over = Vec::new();
+        for (app_index, app) in self.apps.iter().enumerate() {
+            for worker in app.workers.iter().filter(|w| w.state == WorkerState::Ready) {
+                let (Some(cap), Some(rss)) = (worker.spec.max_memory_restart, worker.usage.map(|u| u.0.rss)) else {
+                    continue;
+                };
+                if rss > cap {
+                    over.push((
+                        app_index,
+                        worker.id,
+                        format!(
+                            "uses {} of memory, over max_memory_restart {}",
+                            units::format_size(rss),
+                            units::format_size(cap)
+                        ),
+                    ));
+                }
+            }
+        }
+        for (app, id, why) in over {
+            self.replace(app, id, why);
+        }
+    }
+}
