@@ -234,6 +234,9 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
                     println!("{line}");
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("==> {} ({}) <==\n(nothing written yet)", source.label, source.path.display());
+            }
             Err(e) => eprintln!("==> {} ({}): {e}", source.label, source.path.display()),
         }
     }
