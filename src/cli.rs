@@ -235,7 +235,11 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                println!("==> {} ({}) <==\n(nothing written yet)", source.label, source.path.display());
+                println!(
+                    "==> {} ({}) <==\n(nothing written yet)",
+                    source.label,
+                    source.path.display()
+                );
             }
             Err(e) => eprintln!("==> {} ({}): {e}", source.label, source.path.display()),
         }
