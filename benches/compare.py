@@ -380,19 +380,22 @@ def measure_reloads(cls, args):
         target.stop()
 
 
-def reload_report(names, args):
+def run_rounds(names, args, measure_one, describe):
+    """Measures every target once per round, rotating the order; returns a median getter."""
     results = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            result = measure_reloads(TARGETS[name], args)
+            result = measure_one(TARGETS[name], args)
             results[name].append(result)
-            print(f"round {r + 1} {name:>7}: {result['reloads']} reloads ({result['reload_failures']} failed), "
-                  f"{result['errors']} failed requests of {result['requests']}, p99 {result['p99_base']:.2f} ms -> "
-                  f"{result['p99_reload']:.2f} ms", file=sys.stderr, flush=True)
+            print(f"round {r + 1} {name:>7}: {describe(result)}", file=sys.stderr, flush=True)
+    return lambda name, key: statistics.median(r[key] for r in results[name])
 
-    def med(name, key):
-        return statistics.median(r[key] for r in results[name])
+
+def reload_report(names, args):
+    med = run_rounds(names, args, measure_reloads, lambda r: (
+        f"{r['reloads']} reloads ({r['reload_failures']} failed), {r['errors']} failed requests of {r['requests']}, "
+        f"p99 {r['p99_base']:.2f} ms -> {r['p99_reload']:.2f} ms"))
 
     print(f"\n{args.rounds} rounds; wrk -c{args.connections} for {args.reload_duration} s with a reload every "
           f"{args.reload_every} s ({args.workers} Node hello workers), {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
@@ -434,18 +437,9 @@ def main():
     if args.mode == "reload":
         return reload_report([n for n in names if n != "direct"], args)
 
-    results = {n: [] for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            result = measure(TARGETS[name], args)
-            results[name].append(result)
-            print(f"round {r + 1} {name:>7}: {result['rps']:9.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
-                  f"  errors {result['errors']}  cpu {result['cpu_us_per_req']:.1f} us/req  rss idle {result['idle_rss'] / 2**20:.1f} MB"
-                  f"  peak {result['peak_rss'] / 2**20:.1f} MB", file=sys.stderr, flush=True)
-
-    def med(name, key):
-        return statistics.median(r[key] for r in results[name])
+    med = run_rounds(names, args, measure, lambda r: (
+        f"{r['rps']:9.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']}  "
+        f"cpu {r['cpu_us_per_req']:.1f} us/req  rss idle {r['idle_rss'] / 2**20:.1f} MB  peak {r['peak_rss'] / 2**20:.1f} MB"))
 
     print(f"\n{args.rounds} rounds x {args.duration} s, wrk -c{args.connections}, {args.workers} Node hello workers, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
@@ -456,16 +450,16 @@ def main():
         print(f"| {cls.name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
               f"{int(med(name, 'errors'))} | {med(name, 'cpu_us_per_req'):.1f} | {med(name, 'idle_rss') / 2**20:.1f} | "
               f"{med(name, 'peak_rss') / 2**20:.1f} |")
-    if "corral" in results:
+    if "corral" in names:
         print()
         for other in ("nginx", "haproxy"):
-            if other in results:
+            if other in names:
                 print(f"- corral / {TARGETS[other].name}: throughput {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
                       f"proxy CPU per request {med('corral', 'cpu_us_per_req') / med(other, 'cpu_us_per_req'):.2f}x")
-        if "pm2" in results:
+        if "pm2" in names:
             # PM2's daemon hands whole connections to workers: it does no per-request work.
             print(f"- corral / {TARGETS['pm2'].name}: throughput {med('corral', 'rps') / med('pm2', 'rps'):.2f}x")
-        if "direct" in results:
+        if "direct" in names:
             print(f"- p99 added by corral vs one worker direct: {med('corral', 'p99') - med('direct', 'p99'):+.2f} ms")
 
 
