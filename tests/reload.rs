@@ -133,7 +133,8 @@ fn a_build_that_crashes_at_boot_is_rolled_back_without_failing_a_request() -> Te
             "exited with code 1 before it was ready",
             "fixture: crashing at boot as asked",
         ],
-    )
+    )?;
+    Ok(())
 }
 
 #[test]
