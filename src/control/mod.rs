@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::supervisor::status::Status;
-use crate::supervisor::{Handle, Scale};
+use crate::supervisor::{Handle, Scale, SupervisorGone};
 
 /// A request from the CLI.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -250,21 +250,13 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
             std::future::pending::<()>().await;
         }
         Request::StopApp { app } => {
-            let reply = match supervisor.stop_app(app).await {
-                Ok(Ok(message)) => Reply::Done { message },
-                Ok(Err(message)) => Reply::Error { message },
-                Err(e) => Reply::Error { message: e.to_string() },
-            };
+            let reply = outcome(supervisor.stop_app(app).await);
             send(&mut write, &reply).await;
         }
         Request::Scale { app, count } => {
             let reply = match count.parse::<Scale>() {
                 Err(message) => Reply::Error { message },
-                Ok(change) => match supervisor.scale(app, change).await {
-                    Ok(Ok(message)) => Reply::Done { message },
-                    Ok(Err(message)) => Reply::Error { message },
-                    Err(e) => Reply::Error { message: e.to_string() },
-                },
+                Ok(change) => outcome(supervisor.scale(app, change).await),
             };
             send(&mut write, &reply).await;
         }
@@ -274,16 +266,12 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
                 "reload requested over the control socket"
             );
             let (progress, mut lines) = mpsc::unbounded_channel();
-            let outcome = supervisor.reload(app, progress);
-            tokio::pin!(outcome);
+            let reloaded = supervisor.reload(app, progress);
+            tokio::pin!(reloaded);
             let reply = loop {
                 tokio::select! {
                     Some(message) = lines.recv() => send(&mut write, &Reply::Progress { message }).await,
-                    result = &mut outcome => break match result {
-                        Ok(Ok(message)) => Reply::Done { message },
-                        Ok(Err(message)) => Reply::Error { message },
-                        Err(e) => Reply::Error { message: e.to_string() },
-                    },
+                    result = &mut reloaded => break outcome(result),
                 }
             };
             while let Ok(message) = lines.try_recv() {
@@ -291,6 +279,15 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
             }
             send(&mut write, &reply).await;
         }
+    }
+}
+
+/// The final reply for a supervisor's answer: its summary, or why it failed.
+fn outcome(answer: Result<Result<String, String>, SupervisorGone>) -> Reply {
+    match answer {
+        Ok(Ok(message)) => Reply::Done { message },
+        Ok(Err(message)) => Reply::Error { message },
+        Err(e) => Reply::Error { message: e.to_string() },
     }
 }
 

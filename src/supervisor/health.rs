@@ -7,7 +7,6 @@
 //! `status`), and a worker over its cap is replaced. A replacement starts a new worker for the
 //! slot; once it is ready, the old one drains and stops, so capacity never drops.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -32,13 +31,8 @@ impl Supervisor {
         }
         worker.unreachable = true;
         warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker refused a connection; out of rotation until it accepts again");
-        if let Some(port) = worker.port {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let check = Readiness {
-                addr,
-                path: worker.spec.ready_path.clone(),
-                timeout: worker.spec.listen_timeout,
-            };
+        if let Some(addr) = worker.addr() {
+            let check = Readiness::of(addr, &worker.spec);
             worker.probe = CancellationToken::new();
             tokio::spawn(check.run(id, worker.probe.clone(), self.events.clone()));
         }
@@ -48,7 +42,7 @@ impl Supervisor {
     /// Starts the app's active health checks (if configured) on a ready worker.
     pub(super) fn watch_health(&mut self, app: usize, index: usize) {
         let worker = &mut self.apps[app].workers[index];
-        let (Some(check), Some(port)) = (worker.spec.health_check.clone(), worker.port) else {
+        let (Some(check), Some(addr)) = (worker.spec.health_check.clone(), worker.addr()) else {
             return;
         };
         let token = CancellationToken::new();
@@ -56,7 +50,6 @@ impl Supervisor {
             previous.cancel();
         }
         let (id, events) = (worker.id, self.events.clone());
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         tokio::spawn(async move {
             loop {
                 tokio::select! {

@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::balancer::{Balancer, Pool, Routing, Upstream, WorkerStats};
+use crate::balancer::{Balancer, Pool, Routing, WorkerStats};
 use crate::config::{AppConfig, Config};
 use crate::logs::files::{self, LogFile};
 use crate::logs::{OutputSink, OutputTail, Stream, Target};
@@ -441,10 +441,7 @@ impl Supervisor {
         }
         worker.was_ready = true;
         let (pid, port, slot, boot) = (worker.pid, worker.port, worker.slot, worker.started.elapsed());
-        if let Some(port) = port {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            worker.upstream = Some(Arc::new(Upstream::new(id, slot, addr, Arc::clone(&worker.stats))));
-        }
+        worker.make_upstream();
         if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
             // A reload's new worker waits out of rotation until its batch is ready.
             self.reload_candidate_ready(id, boot);
@@ -693,12 +690,7 @@ impl Supervisor {
                 ));
             }
             (None, Some(port)) => {
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                let check = Readiness {
-                    addr,
-                    path: spec.ready_path.clone(),
-                    timeout: spec.listen_timeout,
-                };
+                let check = Readiness::of(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), &spec);
                 tokio::spawn(check.run(id, probe.clone(), self.events.clone()));
             }
             (None, None) => {

@@ -19,6 +19,15 @@ pub(super) struct Readiness {
 }
 
 impl Readiness {
+    /// The readiness check `spec` asks for, of a worker at `addr`.
+    pub(super) fn of(addr: SocketAddr, spec: &crate::config::AppConfig) -> Readiness {
+        Readiness {
+            addr,
+            path: spec.ready_path.clone(),
+            timeout: spec.listen_timeout,
+        }
+    }
+
     /// Reports `Ready` once the check passes, or `NeverReady` at the deadline.
     pub(super) async fn run(self, id: u64, cancel: CancellationToken, events: mpsc::UnboundedSender<Event>) {
         let deadline = Instant::now() + self.timeout;

@@ -35,7 +35,6 @@ use tracing::{error, info};
 use super::status::ReloadOutcome;
 use super::worker::{StopReason, WorkerState};
 use super::Supervisor;
-use crate::balancer::Upstream;
 use crate::config::{AppConfig, Config};
 
 /// A reload in progress.
@@ -470,15 +469,7 @@ impl Supervisor {
                 worker.state = WorkerState::Ready;
                 worker.drained = false;
                 worker.stats.reset_draining();
-                if let Some(port) = worker.port {
-                    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-                    worker.upstream = Some(Arc::new(Upstream::new(
-                        worker.id,
-                        worker.slot,
-                        addr,
-                        Arc::clone(&worker.stats),
-                    )));
-                }
+                worker.make_upstream();
                 if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
                     self.watch_health(app, index);
                 }

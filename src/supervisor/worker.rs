@@ -12,6 +12,7 @@
 //! of rotation) until its whole batch is ready, then the batch is swapped in at once. The decisions (is this exit a failure, restart or not)
 //! are functions of the state, tested below; the supervisor carries out their side effects.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -107,6 +108,19 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Its loopback address (proxied apps only).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.port.map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    }
+
+    /// Gives it a fresh entry for the pool (a new connection pool, and a drain token nobody
+    /// has cancelled). Publishing is the caller's.
+    pub fn make_upstream(&mut self) {
+        self.upstream = self
+            .addr()
+            .map(|addr| Arc::new(Upstream::new(self.id, self.slot, addr, Arc::clone(&self.stats))));
+    }
+
     /// True when it should be in the pool.
     pub fn in_rotation(&self) -> bool {
         self.state == WorkerState::Ready && !self.unreachable && !self.unhealthy
