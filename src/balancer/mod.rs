@@ -240,9 +240,10 @@ impl Balancer {
         self.pick_for(None, &[])
     }
 
-    /// How the current pool routes.
-    pub fn routing(&self) -> Arc<Routing> {
-        Arc::clone(&self.pool.load().routing)
+    /// Reads how the current pool routes, without taking a reference count on it (a shared
+    /// counter every request would otherwise bounce between cores).
+    pub fn with_routing<T>(&self, read: impl FnOnce(&Routing) -> T) -> T {
+        read(&self.pool.load().routing)
     }
 
     /// A worker for a request: the ready worker of slot `affinity` if there is one, else the

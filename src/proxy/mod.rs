@@ -126,29 +126,31 @@ impl Proxy {
         // Kept only for requests that may be repeated after they were sent (see below).
         let mut resend = (is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty)).then(|| head.clone());
 
-        let routing = self.balancer.routing();
-        let affinity = match routing.sticky {
-            Sticky::None => None,
-            Sticky::Cookie => self.cookies.slot_from(&head.headers, &routing.cookie),
-            Sticky::Ip => Some(sticky::ip_slot(
-                sticky::client_ip(peer.ip, &head.headers, &routing.trusted),
-                routing.instances,
-            )),
-        };
+        let (sticky_mode, affinity) = self.balancer.with_routing(|routing| {
+            let affinity = match routing.sticky {
+                Sticky::None => None,
+                Sticky::Cookie => self.cookies.slot_from(&head.headers, &routing.cookie),
+                Sticky::Ip => Some(sticky::ip_slot(
+                    sticky::client_ip(peer.ip, &head.headers, &routing.trusted),
+                    routing.instances,
+                )),
+            };
+            (routing.sticky, affinity)
+        });
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
             let Some(guard) = self.balancer.pick_for(affinity, &tried) else {
                 return Err(last_error);
             };
-            let upstream = Arc::clone(guard.upstream());
+            let upstream = guard.upstream();
             let conn = match upstream.pool.checkout().await {
                 Some(conn) => conn,
                 None => match upstream.pool.connect().await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Nothing was sent: any request may go to another worker.
-                        self.balancer.report_unreachable(&upstream);
+                        self.balancer.report_unreachable(upstream);
                         tried.push(upstream.id);
                         last_error = ProxyError::Connect {
                             worker: upstream.addr,
@@ -185,11 +187,10 @@ impl Proxy {
                     let (mut parts, incoming) = response.into_parts();
                     forward::response_headers(&mut parts.headers);
                     let slot = guard.upstream().slot;
-                    if routing.sticky == Sticky::Cookie && affinity != Some(slot) {
+                    if sticky_mode == Sticky::Cookie && affinity != Some(slot) {
                         // No valid cookie, or its slot is not serving: pin the client here.
-                        parts
-                            .headers
-                            .append(SET_COOKIE, self.cookies.set_cookie(&routing.cookie, slot));
+                        let cookie = self.balancer.with_routing(|r| self.cookies.set_cookie(&r.cookie, slot));
+                        parts.headers.append(SET_COOKIE, cookie);
                     }
                     return Ok(Response::from_parts(
                         parts,
