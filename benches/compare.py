@@ -92,6 +92,22 @@ def start_worker(port):
     return subprocess.Popen(["node", str(HELLO)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_workers(count):
+    """`count` hello workers on free ports, answering; as [(port, process)]."""
+    ports = [free_port() for _ in range(count)]
+    procs = [start_worker(p) for p in ports]
+    for p in ports:
+        wait_for("a worker", lambda p=p: answers(p))
+    return list(zip(ports, procs))
+
+
+def stop_workers(workers):
+    for _, w in workers:
+        w.terminate()
+    for _, w in workers:
+        w.wait(10)
+
+
 class Target:
     """A proxy (or none) in front of hello workers, listening on self.port."""
 
@@ -162,18 +178,11 @@ class Nginx(Target):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="nginx-bench-")
         self.count = workers
-        self.workers = self.start_workers()
+        self.workers = start_workers(workers)
         self.conf = Path(self.dir) / "nginx.conf"
         self.write_conf()
         self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for("nginx", lambda: answers(self.port))
-
-    def start_workers(self):
-        ports = [free_port() for _ in range(self.count)]
-        procs = [start_worker(p) for p in ports]
-        for p in ports:
-            wait_for("a worker", lambda p=p: answers(p))
-        return list(zip(ports, procs))
 
     def write_conf(self):
         servers = "".join(f"    server 127.0.0.1:{p};\n" for p, _ in self.workers)
@@ -203,22 +212,17 @@ http {{
 
     def reload(self):
         old = self.workers
-        self.workers = self.start_workers()
+        self.workers = start_workers(self.count)
         self.write_conf()
         ok = subprocess.run(["nginx", "-c", str(self.conf), "-p", self.dir, "-s", "reload"], capture_output=True).returncode == 0
         time.sleep(1)
-        for _, w in old:
-            w.terminate()
-        for _, w in old:
-            w.wait(10)
+        stop_workers(old)
         return ok
 
     def stop(self):
         self.proc.send_signal(signal.SIGQUIT)
         self.proc.wait(30)
-        for _, w in self.workers:
-            w.terminate()
-            w.wait(10)
+        stop_workers(self.workers)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -228,11 +232,8 @@ class Haproxy(Target):
     def __init__(self, workers):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="haproxy-bench-")
-        ports = [free_port() for _ in range(workers)]
-        self.workers = [start_worker(p) for p in ports]
-        for p in ports:
-            wait_for("a worker", lambda p=p: answers(p))
-        servers = "".join(f"    server w{i} 127.0.0.1:{p}\n" for i, p in enumerate(ports))
+        self.workers = start_workers(workers)
+        servers = "".join(f"    server w{i} 127.0.0.1:{p}\n" for i, (p, _) in enumerate(self.workers))
         conf = Path(self.dir) / "haproxy.cfg"
         conf.write_text(f"""global
     nbthread {os.cpu_count()}
@@ -263,9 +264,7 @@ backend app
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        for w in self.workers:
-            w.terminate()
-            w.wait(10)
+        stop_workers(self.workers)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -35,11 +35,7 @@ fn two_reloads_back_to_back_under_load_fail_no_request_and_replace_every_worker(
     let third = corral.online_pids()?;
 
     // Keep the load going a moment on the final generation before counting.
-    let seen = corral.total("requests").ok_or("status")?;
-    poll_until(DEADLINE, "requests on the new generation", || {
-        let now: u64 = corral.total("requests")?;
-        (now > seen + 50).then_some(())
-    })?;
+    corral.wait_for_requests(50)?;
     let tally = load.finish();
     assert_eq!(
         tally.failed,

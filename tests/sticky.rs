@@ -256,11 +256,7 @@ fn a_worker_killed_under_load_fails_no_request() -> TestResult {
         let pids = corral.online_pids().ok()?;
         (pids.len() == 2 && !pids.contains(&victim)).then_some(())
     })?;
-    let seen: u64 = corral.total("requests").ok_or("status")?;
-    poll_until(DEADLINE, "requests on the replacement", || {
-        let now: u64 = corral.total("requests")?;
-        (now > seen + 50).then_some(())
-    })?;
+    corral.wait_for_requests(50)?;
     let tally = load.finish();
     assert_eq!(
         tally.failed,

@@ -284,6 +284,16 @@ impl Corral {
         Some(self.workers().ok()?.iter().filter_map(|w| w[field].as_u64()).sum())
     }
 
+    /// Waits until the workers have served more than `n` further requests (under a load, on
+    /// the workers now in the pool).
+    pub fn wait_for_requests(&self, n: u64) -> Result<(), Box<dyn Error>> {
+        let seen = self.total("requests").ok_or("status")?;
+        poll_until(DEADLINE, &format!("{n} more requests"), || {
+            (self.total("requests")? > seen + n).then_some(())
+        })
+        .map_err(|e| self.explain(e))
+    }
+
     /// Waits until `n` workers are online.
     pub fn wait_online(&self, n: usize) -> Result<Vec<Value>, Box<dyn Error>> {
         poll_until(DEADLINE, &format!("{n} workers online"), || {
