@@ -12,25 +12,11 @@ impl Supervisor {
         if self.reload.is_some() {
             return Err("a reload is running; stop the app when it has finished".into());
         }
-        let app = self
-            .apps
-            .iter()
-            .position(|a| a.config.name == name)
-            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        let app = self.app_named(name)?;
         for slot in &mut self.apps[app].slots {
             slot.parked = Some("stopped");
         }
-        let live: Vec<u64> = self.apps[app]
-            .workers
-            .iter()
-            .filter(|w| w.is_live())
-            .map(|w| w.id)
-            .collect();
-        for id in &live {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
-                self.begin_drain(app, index);
-            }
-        }
+        let live = self.drain_where(app, |_| true);
         self.publish(app);
         info!(app = %name, workers = live.len(), "app stopped on request");
         Ok(format!(
@@ -46,11 +32,7 @@ impl Supervisor {
         if self.reload.is_some() {
             return Err("a reload is running; scale again when it has finished".into());
         }
-        let app = self
-            .apps
-            .iter()
-            .position(|a| a.config.name == name)
-            .ok_or_else(|| format!("there is no app named {name:?}"))?;
+        let app = self.app_named(name)?;
         let from = self.apps[app].instances;
         let to = match change {
             Scale::To(n) => n,
@@ -74,17 +56,7 @@ impl Supervisor {
                 self.start(app, slot, Arc::clone(&config), generation);
             }
         }
-        let removed: Vec<u64> = self.apps[app]
-            .workers
-            .iter()
-            .filter(|w| w.slot >= to && w.is_live())
-            .map(|w| w.id)
-            .collect();
-        for id in &removed {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
-                self.begin_drain(app, index);
-            }
-        }
+        let removed = self.drain_where(app, |w| w.slot >= to);
         self.publish(app);
         Ok(match to.cmp(&from) {
             std::cmp::Ordering::Greater => {

@@ -817,6 +817,30 @@ impl Supervisor {
         });
     }
 
+    /// Starts draining every live worker of `app` that `which` selects; returns their ids.
+    fn drain_where(&mut self, app: usize, which: impl Fn(&Worker) -> bool) -> Vec<u64> {
+        let chosen: Vec<(usize, u64)> = self.apps[app]
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.is_live() && which(w))
+            .map(|(index, w)| (index, w.id))
+            .collect();
+        // Draining changes states, not positions: the indexes stay valid through the loop.
+        for &(index, _) in &chosen {
+            self.begin_drain(app, index);
+        }
+        chosen.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// The index of the app called `name`.
+    fn app_named(&self, name: &str) -> Result<usize, String> {
+        self.apps
+            .iter()
+            .position(|a| a.config.name == name)
+            .ok_or_else(|| format!("there is no app named {name:?}"))
+    }
+
     /// Sends `event` to the actor after `delay`.
     fn after(&self, delay: Duration, event: Event) {
         let events = self.events.clone();

@@ -312,11 +312,7 @@ impl Supervisor {
             });
             retiring.extend(old.into_iter().map(|(id, _)| id));
         }
-        for &id in &retiring {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
-                self.begin_drain(app, index);
-            }
-        }
+        self.drain_where(app, |w| retiring.contains(&w.id));
         for &(id, _) in &batch {
             if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
                 self.watch_health(app, index);
@@ -342,17 +338,7 @@ impl Supervisor {
         };
         let (app, generation) = (phase.app, phase.generation);
         // Old workers no batch replaced (slots removed by a smaller `instances`, restarts).
-        let leftovers: Vec<u64> = self.apps[app]
-            .workers
-            .iter()
-            .filter(|w| w.generation < generation && w.is_live())
-            .map(|w| w.id)
-            .collect();
-        for &id in &leftovers {
-            if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
-                self.begin_drain(app, index);
-            }
-        }
+        let leftovers = self.drain_where(app, |w| w.generation < generation);
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
         phase.retiring.extend(leftovers);
