@@ -106,9 +106,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(config) => config,
                 Err(e) => return Ok(config_error(&e)),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // The supervisor, control socket and signals; the proxy runs on its own threads
+            // (crate::shards).
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .thread_name("corral")
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(crate::run::run(config))?;

@@ -4,8 +4,10 @@
 //!
 //! One front process, a few clear owners:
 //!
-//! - the **listener** ([`listener`]) owns each app's public socket: bound once with
-//!   `SO_REUSEPORT`, served by an accept loop, drained on stop;
+//! - the **listener** ([`listener`]) owns each app's public sockets: bound once with
+//!   `SO_REUSEPORT` (one per shard), each served by an accept loop, drained on stop;
+//! - the **shards** ([`shards`]) are the proxy's threads, one single-threaded runtime per CPU:
+//!   a connection and everything its requests do stay on the shard that accepted it;
 //! - the **proxy** ([`proxy`]) is the hyper service on every connection: it picks a worker from
 //!   the app's [`balancer`] (a lock-free read of an immutable pool snapshot), forwards the
 //!   request on a pooled connection, and streams the response back;
@@ -45,6 +47,8 @@ pub mod notify;
 pub mod proxy;
 /// The front process's start and stop sequence.
 pub mod run;
+/// The proxy's threads: one current-thread runtime per CPU.
+pub mod shards;
 /// Unix signals mapped to intents.
 pub mod signals;
 /// The actor that owns every worker process.

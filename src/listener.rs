@@ -1,16 +1,19 @@
 //! The public sockets: bound once, served until stop.
 //!
-//! [`bind`] creates each app's listening socket with socket2 (`SO_REUSEADDR`, `SO_REUSEPORT`,
+//! [`bind`] creates an app's listening sockets with socket2 (`SO_REUSEADDR`, `SO_REUSEPORT`,
 //! backlog 1024) before any worker starts, so an address in use fails `corral run` at once and
-//! names the address. The socket is never closed and re-bound while corral runs; handing it to a
-//! new corral process (binary upgrade) will start from the same [`PublicSocket`].
+//! names the address. There is one socket per shard ([`crate::shards`]), all on the same
+//! address: the kernel spreads incoming connections over them, and each shard accepts only from
+//! its own. The sockets are never closed and re-bound while corral runs; handing them to a new
+//! corral process (binary upgrade) will start from the same [`PublicSocket`].
 //!
-//! [`serve`] is the accept loop. It owns the socket from then on, turns every connection into
-//! a hyper HTTP/1.1 connection (with upgrades, for WebSocket) running the [`Proxy`] service, and
-//! on shutdown stops accepting, closes the socket, and lets open connections finish their
-//! in-flight request within the drain deadline; tunnels still open then are closed. (hyper-util's
-//! `GracefulShutdown` cannot watch upgradeable connections, so each connection task selects on
-//! the shutdown token itself and the tasks are tracked by a `TaskTracker`.)
+//! [`serve`] is one shard's accept loop. It owns its socket from then on, turns every
+//! connection into a hyper HTTP/1.1 connection (with upgrades, for WebSocket) running the
+//! [`Proxy`] service, and on shutdown stops accepting, closes the socket, and lets open
+//! connections finish their in-flight request within the drain deadline; tunnels still open
+//! then are closed. (hyper-util's `GracefulShutdown` cannot watch upgradeable connections, so
+//! each connection task selects on the shutdown token itself and the tasks are tracked by a
+//! `TaskTracker`.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,12 +36,13 @@ use crate::proxy::Proxy;
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
 const BACKLOG: i32 = 1024;
 
-/// A bound, listening public socket.
+/// An app's bound, listening public sockets: one per shard, all on one address.
 #[derive(Debug)]
 pub struct PublicSocket {
-    /// The address it is bound to (with the real port when the config asked for port 0).
+    /// The address they are bound to (with the real port when the config asked for port 0).
     pub addr: SocketAddr,
-    socket: std::net::TcpListener,
+    /// The sockets, one for each shard's accept loop.
+    pub sockets: Vec<std::net::TcpListener>,
 }
 
 /// The public address could not be bound.
@@ -54,8 +58,8 @@ pub enum ListenError {
     },
 }
 
-/// Binds `addr` for the public side of an app.
-pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
+/// Binds `addr` for the public side of an app, `count` sockets (at least one) sharing it.
+pub fn bind(addr: SocketAddr, count: usize) -> Result<PublicSocket, ListenError> {
     let fail = |e: std::io::Error| {
         let reason = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
@@ -71,25 +75,36 @@ pub fn bind(addr: SocketAddr) -> Result<PublicSocket, ListenError> {
         };
         ListenError::Bind { addr, reason }
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
-    socket.set_reuse_address(true).map_err(fail)?;
-    // SO_REUSEPORT lets a new corral binary bind beside this one during an upgrade. It also
-    // lets an unrelated process bind the same port, so refuse to share with a live listener:
-    // probe first, the way a plain bind would have failed.
+    // SO_REUSEPORT spreads connections over the shards' sockets and lets a new corral binary
+    // bind beside this one during an upgrade. It also lets an unrelated process bind the same
+    // port, so refuse to share with a live listener: probe first, the way a plain bind would
+    // have failed.
     if addr.port() != 0 && std::net::TcpStream::connect_timeout(&probe_addr(addr), Duration::from_millis(200)).is_ok() {
         return Err(fail(std::io::Error::from(std::io::ErrorKind::AddrInUse)));
     }
-    socket.set_reuse_port(true).map_err(fail)?;
-    socket.set_nonblocking(true).map_err(fail)?;
+    let first = listen_on(addr).map_err(fail)?;
+    // With port 0 the kernel chose a port: the other shards join that one.
+    let addr = first.local_addr().map_err(fail)?;
+    let mut sockets = vec![first];
+    for _ in 1..count.max(1) {
+        sockets.push(listen_on(addr).map_err(fail)?);
+    }
+    Ok(PublicSocket { addr, sockets })
+}
+
+/// One non-blocking listening socket on `addr`, in the port's `SO_REUSEPORT` group.
+fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
     if addr.is_ipv6() {
         // "[::]:80" serves IPv6 only; list "0.0.0.0:80" too for IPv4, as nginx does.
-        socket.set_only_v6(true).map_err(fail)?;
+        socket.set_only_v6(true)?;
     }
-    socket.bind(&addr.into()).map_err(fail)?;
-    socket.listen(BACKLOG).map_err(fail)?;
-    let socket: std::net::TcpListener = socket.into();
-    let addr = socket.local_addr().map_err(fail)?;
-    Ok(PublicSocket { addr, socket })
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// hyper's own limit on header fields (kept on the stack); `max_headers` defaults to it.
@@ -109,17 +124,18 @@ fn probe_addr(addr: SocketAddr) -> SocketAddr {
     probe
 }
 
-/// Accepts connections on `socket` and serves each with `proxy` until `shutdown` fires; then
-/// closes the socket and drains open connections for at most `drain`.
+/// Accepts connections on `socket` (one of the sockets bound for `addr`) and serves each with
+/// `proxy` until `shutdown` fires; then closes the socket and drains open connections for at
+/// most `drain`. Runs on a shard: the connections it accepts are served on the same thread.
 pub async fn serve(
-    socket: PublicSocket,
+    socket: std::net::TcpListener,
+    addr: SocketAddr,
     proxy: Arc<Proxy>,
     limits: HttpLimits,
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let addr = socket.addr;
-    let listener = TcpListener::from_std(socket.socket)?;
+    let listener = TcpListener::from_std(socket)?;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .keep_alive(true)
@@ -141,7 +157,7 @@ pub async fn serve(
                 Ok(conn) => conn,
                 Err(e) => {
                     // EMFILE and friends: keep the socket, slow down, and let clients queue.
-                    warn!(%addr, error = %e, "accept failed");
+                    warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -173,12 +189,61 @@ pub async fn serve(
 
     drop(listener);
     connections.close();
-    info!(%addr, open_connections = connections.len(), "stopped accepting; draining connections");
+    info!(%addr, shard = crate::shards::current(), open_connections = connections.len(), "stopped accepting; draining connections");
     let deadline = tokio::time::Instant::now() + drain;
     if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
-        warn!(%addr, ?drain, "drain deadline passed; closing the remaining connections");
+        warn!(%addr, shard = crate::shards::current(), ?drain, "drain deadline passed; closing the remaining connections");
     }
     // Tunnels (WebSocket) are not HTTP connections any more: they get the same deadline.
     proxy.drain_tunnels(deadline).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{ErrorKind, Read, Write};
+
+    #[test]
+    fn every_shard_socket_shares_the_port_the_kernel_chose_and_together_they_take_every_connection() {
+        let public = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 3).expect("bind");
+        assert_ne!(public.addr.port(), 0);
+        assert_eq!(public.sockets.len(), 3);
+        for socket in &public.sockets {
+            assert_eq!(socket.local_addr().expect("bound"), public.addr);
+        }
+        let mut clients: Vec<_> = (0..12)
+            .map(|_| std::net::TcpStream::connect(public.addr).expect("connect"))
+            .collect();
+        for client in &mut clients {
+            client.write_all(b"x").expect("write");
+        }
+        // Every connection is queued on one of the sockets: accept them all, without waiting.
+        let mut accepted = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while accepted < clients.len() && std::time::Instant::now() < deadline {
+            for socket in &public.sockets {
+                match socket.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).expect("blocking");
+                        let mut byte = [0u8; 1];
+                        conn.read_exact(&mut byte).expect("read");
+                        assert_eq!(&byte, b"x");
+                        accepted += 1;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::yield_now(),
+                    Err(e) => panic!("accept failed: {e}"),
+                }
+            }
+        }
+        assert_eq!(accepted, clients.len());
+    }
+
+    #[test]
+    fn a_port_with_a_live_listener_is_refused() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("bound");
+        let err = bind(addr, 2).expect_err("the port is taken");
+        assert!(err.to_string().contains("already in use"), "{err}");
+    }
 }

@@ -1,10 +1,11 @@
 //! The front process: wires the parts together and runs the stop sequence.
 //!
-//! Start: bind every public socket (so a taken address fails before any worker starts), bind
-//! the control socket (so a second `corral run` of the same config is refused), start the
-//! supervisor, then one accept loop per proxied app. Each accept loop waits for its app's first
-//! ready worker before accepting (up to `listen_timeout`), so clients that connect during boot
-//! queue in the kernel's backlog instead of getting 503s.
+//! Start: start the proxy's shard threads, bind every public socket (so a taken address fails
+//! before any worker starts), bind the control socket (so a second `corral run` of the same
+//! config is refused), start the supervisor on this thread's runtime, then one accept loop per
+//! proxied app and shard, on that shard. Each accept loop waits for its app's first ready
+//! worker before accepting (up to `listen_timeout`), so clients that connect during boot queue
+//! in the kernel's backlog instead of getting 503s.
 //!
 //! Stop (SIGTERM, SIGINT or `corral stop`): one root [`CancellationToken`] is cancelled; the
 //! accept loops stop accepting, close their sockets and drain their open connections (in-flight
@@ -25,6 +26,7 @@ use crate::control::{ControlError, ControlSocket};
 use crate::listener::{self, ListenError};
 use crate::logs::OutputSink;
 use crate::proxy::Proxy;
+use crate::shards::Shards;
 use crate::signals::{Intent, Signals};
 use crate::supervisor::{Handle, Supervisor};
 
@@ -40,6 +42,9 @@ pub enum RunError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The proxy's threads could not be started.
+    #[error("cannot start the proxy threads: {0}")]
+    Shards(std::io::Error),
     /// A second stop signal arrived; workers were killed without waiting.
     #[error("stopped by a second {0}: workers were killed without draining")]
     Forced(&'static str),
@@ -49,9 +54,10 @@ pub enum RunError {
 pub async fn run(config: Config) -> Result<(), RunError> {
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
+    let shards = Shards::start(crate::config::usable_cpus()).map_err(RunError::Shards)?;
     let mut sockets = Vec::new();
     for app in &config.apps {
-        sockets.push(app.listen.map(listener::bind).transpose()?);
+        sockets.push(app.listen.map(|addr| listener::bind(addr, shards.len())).transpose()?);
     }
     let control = ControlSocket::bind(&config.path).await?;
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
@@ -79,19 +85,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         };
         let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, app.http.upstream_timeout));
         let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
-        let stop = shutdown.child_token();
-        let name = app.name.clone();
-        accept_loops.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = proxy.balancer().wait_ready() => {}
-                _ = tokio::time::sleep(boot) => warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)"),
-            }
-            info!(app = %name, addr = %socket.addr, "accepting connections");
-            if let Err(e) = listener::serve(socket, proxy, limits, stop, drain).await {
-                error!(app = %name, error = %e, "accept loop failed");
-            }
-        });
+        let addr = socket.addr;
+        for (shard, (listener, runtime)) in socket.sockets.into_iter().zip(shards.handles()).enumerate() {
+            let stop = shutdown.child_token();
+            let name = app.name.clone();
+            let proxy = Arc::clone(&proxy);
+            let accept_loop = async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = proxy.balancer().wait_ready() => {}
+                    _ = tokio::time::sleep(boot) => if shard == 0 {
+                        warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)");
+                    },
+                }
+                if shard == 0 {
+                    info!(app = %name, %addr, "accepting connections");
+                }
+                if let Err(e) = listener::serve(listener, addr, proxy, limits, stop, drain).await {
+                    error!(app = %name, %shard, error = %e, "accept loop failed");
+                }
+            };
+            accept_loops.spawn_on(accept_loop, runtime);
+        }
     }
     let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
     // READY=1 once every proxied app accepts connections (or its boot wait is over).

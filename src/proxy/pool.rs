@@ -7,7 +7,8 @@
 //! written (hyper hands the request back: same); or the request was written and the exchange
 //! failed before a response head (only a bodiless idempotent request may be repeated).
 //!
-//! Idle connections are kept LIFO (the most recently used is the warmest), at most
+//! Each shard ([`crate::shards`]) keeps its own idle connections: a connection's I/O task runs on
+//! the shard that opened it, and only that shard's requests use it. Idle connections are kept LIFO (the most recently used is the warmest), at most
 //! [`MAX_IDLE`], and one idle longer than [`IDLE_TIMEOUT`] is not reused: Node closes idle
 //! connections after 5 s, and a request must never be sent on a connection the worker is
 //! closing. A connection goes back to the pool only when its response body has been read to the
@@ -27,7 +28,9 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-/// Idle connections kept per worker.
+use crate::shards;
+
+/// Idle connections kept per worker and shard.
 pub const MAX_IDLE: usize = 256;
 /// Idle connections older than this are closed instead of reused (Node: 5 s keep-alive).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -93,7 +96,9 @@ struct Idle {
 #[derive(Debug)]
 pub struct ConnPool {
     addr: SocketAddr,
-    idle: Mutex<Vec<Idle>>,
+    /// One list per shard. Only that shard's thread takes its lock, so it is never contended;
+    /// it is there because the pool is shared with the supervisor (which drops it).
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 impl ConnPool {
@@ -101,15 +106,21 @@ impl ConnPool {
     pub fn new(addr: SocketAddr) -> ConnPool {
         ConnPool {
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..shards::count()).map(|_| Mutex::new(Vec::new())).collect(),
         }
+    }
+
+    /// The calling shard's idle connections.
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        let list = &self.idle[shards::current() % self.idle.len()];
+        // Short critical sections, no await inside: a std Mutex is right.
+        list.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An idle connection ready for a request, if there is one.
     pub async fn checkout(&self) -> Option<Conn> {
         loop {
-            // Short critical section, no await inside: a std Mutex is right.
-            let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            let conn = self.idle().pop()?;
             if conn.sender.is_closed() || conn.since.elapsed() >= IDLE_TIMEOUT {
                 continue; // dropping it closes it
             }
@@ -149,7 +160,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 sender,
