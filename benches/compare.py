@@ -8,11 +8,21 @@ Every load run is bounded (wrk -d), every process started is stopped.
   python3 benches/compare.py                      # throughput: 3 rounds x 10 s, 64 conns, 2 workers
   python3 benches/compare.py --rounds 5 --targets direct,corral,nginx
   python3 benches/compare.py --mode reload        # failed requests while reloading every 3 s
+  python3 benches/compare.py --mode reload-time --workers 4   # how long a rolling reload takes
+  python3 benches/compare.py --connections 1000 --targets corral,nginx,haproxy,pm2   # memory
+  python3 benches/compare.py --readme             # also rewrite the matching table in README.md
 
 Reload mode: wrk runs 30 s at fixed concurrency while the target's workers are replaced every
 3 s: `corral reload`; `pm2 reload`; for nginx, what a deploy script does (start new workers,
 rewrite the upstream block, `nginx -s reload`, wait 1 s, stop the old workers). It reports the
 failed requests (socket errors and non-2xx) and p99 latency with and without reloads.
+
+Reload-time mode: corral alone with --workers hello workers, idle; times `corral reload` (from the
+command to its final answer) against the worker's own boot time (from exec to its first answer).
+
+With --readme, the report replaces the table between the markers of its mode in README.md
+(`<!-- bench:throughput-c64 -->` ... `<!-- /bench:throughput-c64 -->`, `bench:reload`,
+`bench:reload-time`), headed by the date, the machine and the versions measured.
 
 Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
 benches/.tools). Build corral first: cargo build --release.
@@ -65,11 +75,17 @@ def answers(port):
 
 
 def cpu_seconds(pid):
+    """(user, system) CPU seconds of a process so far."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
     except (OSError, IndexError):
-        return 0.0
+        return 0.0, 0.0
+
+
+def cpu_of(pids):
+    times = [cpu_seconds(p) for p in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def rss_bytes(pid):
@@ -338,11 +354,14 @@ def measure(cls, args):
         time.sleep(0.5)
         idle = sum(rss_bytes(p) for p in target.proxy_pids())
         run_wrk(target.port, 2, args.connections, lambda: [])  # warm-up: JIT, pools
-        cpu_before = sum(cpu_seconds(p) for p in target.proxy_pids())
+        user_before, sys_before = cpu_of(target.proxy_pids())
         result = run_wrk(target.port, args.duration, args.connections, target.proxy_pids)
-        cpu = sum(cpu_seconds(p) for p in target.proxy_pids()) - cpu_before
+        user_after, sys_after = cpu_of(target.proxy_pids())
         result["idle_rss"] = idle
-        result["cpu_us_per_req"] = (cpu / result["requests"] * 1e6) if target.proxy_pids() and result["requests"] else float("nan")
+        per_req = (1e6 / result["requests"]) if target.proxy_pids() and result["requests"] else float("nan")
+        result["user_us_per_req"] = (user_after - user_before) * per_req
+        result["sys_us_per_req"] = (sys_after - sys_before) * per_req
+        result["cpu_us_per_req"] = result["user_us_per_req"] + result["sys_us_per_req"]
         return result
     finally:
         target.stop()
@@ -391,18 +410,147 @@ def run_rounds(names, args, measure_one, describe):
     return lambda name, key: statistics.median(r[key] for r in results[name])
 
 
+def first_line(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def versions(names):
+    """What was measured, as short version strings."""
+    found = []
+    rev = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    found.append(f"corral {rev}" if rev else "corral")
+    if "nginx" in names:
+        m = re.search(r"nginx/(\S+)", first_line(["nginx", "-v"]) or "")
+        found.append(f"nginx {m.group(1)}" if m else "nginx")
+    if "haproxy" in names:
+        m = re.search(r"version (\S+)", first_line(["haproxy", "-v"]) or "")
+        found.append(f"HAProxy {m.group(1)}" if m else "HAProxy")
+    if "pm2" in names:
+        try:
+            found.append("PM2 " + json.loads((TOOLS / "node_modules" / "pm2" / "package.json").read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            found.append("PM2")
+    found.append("Node " + (first_line(["node", "--version"]) or "?").lstrip("v"))
+    m = re.search(r"wrk (\S+)", first_line(["wrk", "-v"]) or "")
+    found.append(f"wrk {m.group(1)}" if m else "wrk")
+    return ", ".join(found)
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        model = m.group(1).strip() if m else model
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), Linux {os.uname().release}"
+
+
+def header(names, what):
+    return [f"{time.strftime('%Y-%m-%d')}; {machine()}; {versions(names)}.", "", what, ""]
+
+
 def reload_report(names, args):
     med = run_rounds(names, args, measure_reloads, lambda r: (
         f"{r['reloads']} reloads ({r['reload_failures']} failed), {r['errors']} failed requests of {r['requests']}, "
         f"p99 {r['p99_base']:.2f} ms -> {r['p99_reload']:.2f} ms"))
 
-    print(f"\n{args.rounds} rounds; wrk -c{args.connections} for {args.reload_duration} s with a reload every "
-          f"{args.reload_every} s ({args.workers} Node hello workers), {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
-    print("| target | reloads | failed requests | of requests | p99 ms without reloads | p99 ms during reloads |")
-    print("|---|---:|---:|---:|---:|---:|")
+    lines = header(names, f"{args.rounds} rounds; wrk -c{args.connections} for {args.reload_duration} s with a reload every "
+                          f"{args.reload_every} s ({args.workers} Node hello workers); medians:")
+    lines += ["| target | reloads | failed requests | of requests | p99 ms without reloads | p99 ms during reloads |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name in names:
-        print(f"| {TARGETS[name].name} | {med(name, 'reloads'):.0f} | {med(name, 'errors'):.0f} | {med(name, 'requests'):.0f} | "
-              f"{med(name, 'p99_base'):.2f} | {med(name, 'p99_reload'):.2f} |")
+        lines.append(f"| {TARGETS[name].name} | {med(name, 'reloads'):.0f} | {med(name, 'errors'):.0f} | "
+                     f"{med(name, 'requests'):.0f} | {med(name, 'p99_base'):.2f} | {med(name, 'p99_reload'):.2f} |")
+    return "reload", lines
+
+
+def boot_seconds():
+    """How long one hello worker takes from exec to its first answer."""
+    port = free_port()
+    started = time.monotonic()
+    proc = start_worker(port)
+    try:
+        wait_for("a worker", lambda: answers(port), deadline=30.0)
+        return time.monotonic() - started
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def reload_time_report(args):
+    """corral alone: wall time of `corral reload` of args.workers idle workers vs one worker's boot."""
+    reloads, boots = [], []
+    for r in range(args.rounds):
+        boots.append(boot_seconds())
+        target = Corral(args.workers)
+        try:
+            for _ in range(5):
+                started = time.monotonic()
+                if not target.reload():
+                    raise RuntimeError("corral reload failed")
+                reloads.append(time.monotonic() - started)
+        finally:
+            target.stop()
+        print(f"round {r + 1}: boot {boots[-1] * 1000:.0f} ms, reloads "
+              + ", ".join(f"{x * 1000:.0f}" for x in reloads[-5:]) + " ms", file=sys.stderr, flush=True)
+    boot, reload = statistics.median(boots), statistics.median(reloads)
+    lines = header(["corral"], f"{args.rounds} rounds x 5 reloads of {args.workers} idle Node hello workers; medians:")
+    lines += ["| one worker's boot (exec to first answer) | `corral reload` (command to answer) | slowest reload | reload minus boot |",
+              "|---:|---:|---:|---:|",
+              f"| {boot * 1000:.0f} ms | {reload * 1000:.0f} ms | {max(reloads) * 1000:.0f} ms | {(reload - boot) * 1000:.0f} ms |"]
+    return "reload-time", lines
+
+
+def throughput_report(names, args):
+    med = run_rounds(names, args, measure, lambda r: (
+        f"{r['rps']:9.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']}  "
+        f"cpu {r['user_us_per_req']:.1f}+{r['sys_us_per_req']:.1f} us/req  rss idle {r['idle_rss'] / 2**20:.1f} MB  "
+        f"peak {r['peak_rss'] / 2**20:.1f} MB"))
+
+    def cell(name, key, scale=1.0, fmt="{:.1f}"):
+        value = med(name, key)
+        return "-" if value != value or (name == "direct" and "rss" in key) else fmt.format(value * scale)
+
+    lines = header(names, f"{args.rounds} rounds x {args.duration} s, wrk -t2 -c{args.connections}, {args.workers} Node "
+                          f"hello workers; medians:")
+    lines += ["| target | req/s | p50 ms | p99 ms | errors | proxy CPU µs/req | of which kernel | proxy RSS idle MB | proxy RSS peak MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        lines.append(f"| {TARGETS[name].name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
+                     f"{int(med(name, 'errors'))} | {cell(name, 'cpu_us_per_req')} | {cell(name, 'sys_us_per_req')} | "
+                     f"{cell(name, 'idle_rss', 2**-20)} | {cell(name, 'peak_rss', 2**-20)} |")
+    if "corral" in names:
+        lines.append("")
+        for other in ("nginx", "haproxy"):
+            if other in names:
+                lines.append(f"- corral / {TARGETS[other].name}: throughput {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
+                             f"proxy CPU per request {med('corral', 'cpu_us_per_req') / med(other, 'cpu_us_per_req'):.2f}x")
+        if "pm2" in names:
+            # PM2's daemon hands whole connections to workers: it does no per-request work.
+            lines.append(f"- corral / {TARGETS['pm2'].name}: throughput {med('corral', 'rps') / med('pm2', 'rps'):.2f}x, "
+                         f"front process RSS at peak {med('corral', 'peak_rss') / med('pm2', 'peak_rss'):.2f}x")
+        if "direct" in names:
+            lines.append(f"- p99 added by corral vs one worker direct: {med('corral', 'p99') - med('direct', 'p99'):+.2f} ms")
+    return f"throughput-c{args.connections}", lines
+
+
+def write_readme(section, lines):
+    """Replaces the text between this section's markers in README.md."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    if begin not in text or end not in text:
+        sys.exit(f"README.md has no {begin} ... {end} markers; add them where the table belongs")
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(before + begin + "\n" + "\n".join(lines) + "\n" + end + after)
+    print(f"README.md: {section} table updated", file=sys.stderr)
 
 
 def main():
@@ -413,9 +561,10 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--targets", default="direct,corral,nginx,haproxy,pm2")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
-    ap.add_argument("--mode", choices=["throughput", "reload"], default="throughput")
+    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time"], default="throughput")
     ap.add_argument("--reload-every", type=float, default=3.0)
     ap.add_argument("--reload-duration", type=int, default=30)
+    ap.add_argument("--readme", action="store_true", help="write the report into README.md between its markers")
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -434,32 +583,14 @@ def main():
             names.append(name)
 
     if args.mode == "reload":
-        return reload_report([n for n in names if n != "direct"], args)
-
-    med = run_rounds(names, args, measure, lambda r: (
-        f"{r['rps']:9.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']}  "
-        f"cpu {r['cpu_us_per_req']:.1f} us/req  rss idle {r['idle_rss'] / 2**20:.1f} MB  peak {r['peak_rss'] / 2**20:.1f} MB"))
-
-    print(f"\n{args.rounds} rounds x {args.duration} s, wrk -c{args.connections}, {args.workers} Node hello workers, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; medians\n")
-    print("| target | req/s | p50 ms | p99 ms | errors | proxy CPU us/req | proxy RSS idle MB | proxy RSS peak MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in names:
-        cls = TARGETS[name]
-        print(f"| {cls.name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
-              f"{int(med(name, 'errors'))} | {med(name, 'cpu_us_per_req'):.1f} | {med(name, 'idle_rss') / 2**20:.1f} | "
-              f"{med(name, 'peak_rss') / 2**20:.1f} |")
-    if "corral" in names:
-        print()
-        for other in ("nginx", "haproxy"):
-            if other in names:
-                print(f"- corral / {TARGETS[other].name}: throughput {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
-                      f"proxy CPU per request {med('corral', 'cpu_us_per_req') / med(other, 'cpu_us_per_req'):.2f}x")
-        if "pm2" in names:
-            # PM2's daemon hands whole connections to workers: it does no per-request work.
-            print(f"- corral / {TARGETS['pm2'].name}: throughput {med('corral', 'rps') / med('pm2', 'rps'):.2f}x")
-        if "direct" in names:
-            print(f"- p99 added by corral vs one worker direct: {med('corral', 'p99') - med('direct', 'p99'):+.2f} ms")
+        section, lines = reload_report([n for n in names if n != "direct"], args)
+    elif args.mode == "reload-time":
+        section, lines = reload_time_report(args)
+    else:
+        section, lines = throughput_report(names, args)
+    print("\n" + "\n".join(lines))
+    if args.readme:
+        write_readme(section, lines)
 
 
 if __name__ == "__main__":
