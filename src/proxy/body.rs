@@ -6,13 +6,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use hyper::client::conn::http1::SendRequest;
-
-use super::pool::UpstreamBody;
+use super::upstream::ResponseBody;
 use crate::balancer::InFlight;
 
 /// A response body: streamed from a worker, or a message from corral.
@@ -21,30 +17,23 @@ pub enum ProxyBody {
     /// The worker's body, frame by frame as it arrives. The guard keeps the request counted
     /// in flight until the body ends or the client goes away (the body is dropped).
     Upstream {
-        /// The worker's response body.
-        body: Incoming,
+        /// The worker's response body; it holds the connection, which goes back to the
+        /// worker's pool once the body has been read to its end.
+        body: ResponseBody,
         /// Counts this response against its worker.
         guard: InFlight,
         /// Resolves when the worker's drain deadline passes; set up the first time the body
         /// has to wait for data, so quick responses never pay for it.
         cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-        /// The connection the response came on; back to the worker's pool once the body has
-        /// been read to its end.
-        conn: Option<SendRequest<UpstreamBody>>,
     },
     /// A complete body (error pages); `None` once sent.
     Message(Option<Bytes>),
 }
 
 impl ProxyBody {
-    /// Streams `body` while holding `guard`; `conn` is returned to the pool at its end.
-    pub fn upstream(body: Incoming, guard: InFlight, conn: SendRequest<UpstreamBody>) -> ProxyBody {
-        ProxyBody::Upstream {
-            body,
-            guard,
-            cut: None,
-            conn: Some(conn),
-        }
+    /// Streams `body` while holding `guard`.
+    pub fn upstream(body: ResponseBody, guard: InFlight) -> ProxyBody {
+        ProxyBody::Upstream { body, guard, cut: None }
     }
 
     /// A body of corral's own.
@@ -55,14 +44,14 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, guard, cut, conn } => {
+            ProxyBody::Upstream { body, guard, cut } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                     if frame.is_none() {
-                        if let Some(conn) = conn.take() {
+                        if let Some(conn) = body.take_reusable() {
                             guard.upstream().pool.put(conn);
                         }
                     }
@@ -99,11 +88,9 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         // Bodies hyper never polls (HEAD, 204, 304) end here; their connection is reusable.
-        if let ProxyBody::Upstream { body, guard, conn, .. } = self {
-            if body.is_end_stream() {
-                if let Some(conn) = conn.take() {
-                    guard.upstream().pool.put(conn);
-                }
+        if let ProxyBody::Upstream { body, guard, .. } = self {
+            if let Some(conn) = body.take_reusable() {
+                guard.upstream().pool.put(conn);
             }
         }
     }

@@ -1,9 +1,9 @@
 //! The HTTP proxy: one hyper service per public connection, forwarding each request to a worker.
 //!
 //! For every request the service asks the app's [`Balancer`] for a worker (a lock-free read of
-//! the current pool snapshot), rewrites the head ([`forward`]), sends it on that worker's pooled
-//! HTTP/1.1 client, and returns the worker's response with its body streamed as it arrives
-//! ([`body`]). Bodies are never buffered, in either direction, so a 10 GB upload or an endless
+//! the current pool snapshot), rewrites the head ([`forward`]), sends it on one of that
+//! worker's pooled connections ([`pool`], [`upstream`]), and returns the worker's response with
+//! its body streamed as it arrives ([`body`]). Bodies are never buffered, in either direction, so a 10 GB upload or an endless
 //! SSE stream costs the same memory as a tiny request. The in-flight guard rides inside the
 //! response body, so a worker counts as busy until the last byte of its response has left.
 //!
@@ -20,27 +20,27 @@ pub mod forward;
 pub mod framing;
 pub mod pool;
 pub mod tunnel;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::balancer::sticky::{self, CookieSigner};
-use crate::balancer::Balancer;
+use crate::balancer::{Balancer, InFlight};
 use crate::config::Sticky;
 use body::ProxyBody;
 use error::ProxyError;
 use forward::Peer;
 use http::header::SET_COOKIE;
-use pool::{Conn, UpstreamBody};
+use upstream::{Failure, ResponseBody, UpstreamBody};
 
 /// The proxy of one app.
 #[derive(Debug)]
@@ -114,17 +114,11 @@ impl Proxy {
         if let Some((protocol, _)) = &upgrade {
             tunnel::restore(&mut head.headers, protocol.clone());
         }
-        // Workers get origin-form targets ("/path?query"); Host carries the authority.
-        let target = head
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        head.uri = Uri::from(target);
-        head.version = Version::HTTP_11;
         let mut body = UpstreamBody::from_client(body);
-        // Kept only for requests that may be repeated after they were sent (see below).
-        let mut resend = (is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty)).then(|| head.clone());
+        // After a request was written and the exchange failed, only a bodiless idempotent
+        // request may be sent again (once, elsewhere), as nginx does. The head is only borrowed
+        // by an exchange, so that costs no copy.
+        let mut may_resend = is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty);
 
         let (sticky_mode, affinity) = self.balancer.with_routing(|routing| {
             let affinity = match routing.sticky {
@@ -144,10 +138,10 @@ impl Proxy {
                 return Err(last_error);
             };
             let upstream = guard.upstream();
-            let conn = match upstream.pool.checkout().await {
-                Some(conn) => conn,
+            let (conn, reused) = match upstream.pool.checkout() {
+                Some(conn) => (conn, true),
                 None => match upstream.pool.connect().await {
-                    Ok(conn) => conn,
+                    Ok(conn) => (conn, false),
                     Err(e) => {
                         // Nothing was sent: any request may go to another worker.
                         self.balancer.report_unreachable(upstream);
@@ -160,78 +154,73 @@ impl Proxy {
                     }
                 },
             };
-            let mut sender: Conn = conn;
-            let sent = sender.try_send_request(Request::from_parts(head, body));
-            match tokio::time::timeout(self.upstream_timeout, sent).await {
+            let exchange = conn.exchange(&head, &mut body, upgrade.is_some());
+            let failure = match tokio::time::timeout(self.upstream_timeout, exchange).await {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
                         worker: upstream.addr,
                         after: self.upstream_timeout,
                     })
                 }
-                Ok(Ok(mut response)) => {
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        if let Some((_, client)) = upgrade {
-                            let protocol = response.headers().get(http::header::UPGRADE).cloned();
-                            let worker = hyper::upgrade::on(&mut response);
-                            self.tunnels
-                                .spawn(tunnel::splice(client, worker, guard, self.closing.clone()));
-                            let (mut parts, _) = response.into_parts();
-                            forward::response_headers(&mut parts.headers);
-                            if let Some(protocol) = protocol {
-                                tunnel::restore(&mut parts.headers, protocol);
-                            }
-                            return Ok(Response::from_parts(parts, ProxyBody::message(Bytes::new())));
-                        }
-                    }
-                    let (mut parts, incoming) = response.into_parts();
-                    forward::response_headers(&mut parts.headers);
-                    let slot = guard.upstream().slot;
-                    if sticky_mode == Sticky::Cookie && affinity != Some(slot) {
-                        // No valid cookie, or its slot is not serving: pin the client here.
-                        let cookie = self.balancer.with_routing(|r| self.cookies.set_cookie(&r.cookie, slot));
-                        parts.headers.append(SET_COOKIE, cookie);
-                    }
-                    return Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::upstream(incoming, guard, sender),
-                    ));
-                }
-                Ok(Err(mut failed)) => {
-                    let reason = failed.error().to_string();
-                    if let Some(unsent) = failed.take_message() {
-                        // The connection closed before the request was written: retry anywhere.
-                        (head, body) = unsent.into_parts();
-                        tried.push(upstream.id);
-                        last_error = ProxyError::Upstream {
-                            worker: upstream.addr,
-                            reason,
-                        };
-                        continue;
-                    }
-                    // Written, then the exchange failed before a response head: the worker
-                    // died or closed the connection just as we sent. Like nginx, repeat an
-                    // idempotent request without a body, once, on another worker.
-                    match resend.take() {
-                        Some(again) => {
-                            head = again;
-                            body = UpstreamBody::Empty;
-                            tried.push(upstream.id);
-                            last_error = ProxyError::Upstream {
-                                worker: upstream.addr,
-                                reason,
-                            };
-                        }
-                        None => {
-                            return Err(ProxyError::Upstream {
-                                worker: upstream.addr,
-                                reason,
-                            })
-                        }
-                    }
-                }
+                Ok(Ok(response)) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity)),
+                Ok(Err(failure)) => failure,
+            };
+            let (retry, reason) = match failure {
+                // A pooled connection the worker had closed as the request went out: like
+                // nginx, a bodiless idempotent request gets a try that does not count, on a
+                // connection (and maybe a worker) of the next pick. Each such try uses up an
+                // idle connection, so they are bounded by the pool.
+                Failure::Dropped(_) if reused && may_resend => continue,
+                // The connection was found closed before the request went out: retry anywhere.
+                Failure::NotSent(e) => (true, e.to_string()),
+                // Written, then the exchange failed before a response head: the worker died or
+                // closed the connection just as we sent.
+                Failure::Dropped(e) | Failure::Failed(e) => (std::mem::take(&mut may_resend), e.to_string()),
+            };
+            let error = ProxyError::Upstream {
+                worker: upstream.addr,
+                reason,
+            };
+            if !retry {
+                return Err(error);
             }
+            tried.push(upstream.id);
+            last_error = error;
         }
+    }
+
+    /// The client's response for a worker's `response`: hop-by-hop headers dropped, the
+    /// affinity cookie set when needed, the tunnel started for a `101`.
+    fn respond(
+        &self,
+        response: Response<ResponseBody>,
+        guard: InFlight,
+        upgrade: Option<(http::HeaderValue, hyper::upgrade::OnUpgrade)>,
+        sticky_mode: Sticky,
+        affinity: Option<usize>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // exchange() accepts a 101 only for a request that asked to upgrade.
+            let protocol = parts.headers.get(http::header::UPGRADE).cloned();
+            forward::response_headers(&mut parts.headers);
+            if let Some(protocol) = protocol {
+                tunnel::restore(&mut parts.headers, protocol);
+            }
+            if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
+                self.tunnels
+                    .spawn(tunnel::splice(client, worker, early, guard, self.closing.clone()));
+            }
+            return Response::from_parts(parts, ProxyBody::message(Bytes::new()));
+        }
+        forward::response_headers(&mut parts.headers);
+        let slot = guard.upstream().slot;
+        if sticky_mode == Sticky::Cookie && affinity != Some(slot) {
+            // No valid cookie, or its slot is not serving: pin the client here.
+            let cookie = self.balancer.with_routing(|r| self.cookies.set_cookie(&r.cookie, slot));
+            parts.headers.append(SET_COOKIE, cookie);
+        }
+        Response::from_parts(parts, ProxyBody::upstream(body, guard))
     }
 }
 

@@ -1,33 +1,24 @@
-//! Connections from corral to one worker: a small pool of HTTP/1.1 connections.
+//! Connections from corral to one worker: a small pool of idle HTTP/1.1 connections.
 //!
-//! hyper-util's general-purpose client pool hides the one thing a proxy must know to retry
-//! safely: whether the request left corral. This pool is built on hyper's connection-level
-//! client, so the proxy sees the three cases apart: the connect failed (nothing was sent: any
-//! request may go to another worker); the connection was found closed before the request was
-//! written (hyper hands the request back: same); or the request was written and the exchange
-//! failed before a response head (only a bodiless idempotent request may be repeated).
+//! The pool only keeps connections; the exchanges on them are [`super::upstream`]'s, which
+//! tells the proxy apart the three cases a safe retry depends on: the connect failed (nothing
+//! was sent: any request may go to another worker); nothing of the request could be written
+//! (same); or the request was written and no response head came back (only a bodiless
+//! idempotent request may be repeated).
 //!
-//! Each shard ([`crate::shards`]) keeps its own idle connections: a connection's I/O task runs on
-//! the shard that opened it, and only that shard's requests use it. Idle connections are kept LIFO (the most recently used is the warmest), at most
-//! [`MAX_IDLE`], and one idle longer than [`IDLE_TIMEOUT`] is not reused: Node closes idle
+//! Each shard ([`crate::shards`]) keeps its own idle connections, so only that shard's thread
+//! ever uses them. Idle connections are kept LIFO (the most recently used is the warmest), at
+//! most [`MAX_IDLE`], and one idle longer than [`IDLE_TIMEOUT`] is not reused: Node closes idle
 //! connections after 5 s, and a request must never be sent on a connection the worker is
-//! closing. A connection goes back to the pool only when its response body has been read to the
-//! end; dropping the pool (the worker left rotation and its last request finished) closes every
-//! idle connection.
+//! closing. One the worker has already closed is noticed at checkout and dropped. A connection
+//! goes back to the pool only when its response body has been read to the end; dropping the
+//! pool (the worker left rotation and its last request finished) closes every idle connection.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tracing::debug;
-
+pub use super::upstream::Conn;
 use crate::shards;
 
 /// Idle connections kept per worker and shard.
@@ -37,58 +28,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Connecting on loopback is immediate or refused; this bounds a full accept backlog.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The body of a request on its way to a worker.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    /// No body (most GETs); such a request can be rebuilt and retried.
-    Empty,
-    /// The client's body, streamed.
-    Stream(Incoming),
-}
-
-impl UpstreamBody {
-    /// Wraps a client's body; an empty one becomes [`UpstreamBody::Empty`].
-    pub fn from_client(body: Incoming) -> UpstreamBody {
-        if body.is_end_stream() {
-            UpstreamBody::Empty
-        } else {
-            UpstreamBody::Stream(body)
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Stream(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Stream(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Stream(body) => body.size_hint(),
-        }
-    }
-}
-
-/// A connection to a worker: sends one request at a time.
-pub type Conn = SendRequest<UpstreamBody>;
-
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -118,22 +60,13 @@ impl ConnPool {
     }
 
     /// An idle connection ready for a request, if there is one.
-    pub async fn checkout(&self) -> Option<Conn> {
+    pub fn checkout(&self) -> Option<Conn> {
         loop {
-            let conn = self.idle().pop()?;
-            if conn.sender.is_closed() || conn.since.elapsed() >= IDLE_TIMEOUT {
-                continue; // dropping it closes it
+            let idle = self.idle().pop()?;
+            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.is_reusable() {
+                return Some(idle.conn);
             }
-            let mut sender = conn.sender;
-            if !sender.is_ready() {
-                // Put back the moment its response ended: the connection task may still be
-                // finishing that exchange. It is ready within microseconds, or it is closing.
-                match tokio::time::timeout(Duration::from_millis(50), sender.ready()).await {
-                    Ok(Ok(())) => {}
-                    _ => continue,
-                }
-            }
-            return Some(sender);
+            // Dropping it closes it.
         }
     }
 
@@ -143,27 +76,15 @@ impl ConnPool {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(worker = %addr, error = %e, "worker connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
     /// Returns a connection whose exchange is complete.
-    pub fn put(&self, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, conn: Conn) {
         let mut idle = self.idle();
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }

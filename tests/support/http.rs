@@ -34,6 +34,8 @@ impl Response {
 /// One client connection.
 pub struct Conn {
     reader: BufReader<TcpStream>,
+    /// The status line of the last response head read.
+    pub status_line: String,
 }
 
 impl Conn {
@@ -43,7 +45,13 @@ impl Conn {
         stream.set_write_timeout(Some(READ_TIMEOUT))?;
         Ok(Conn {
             reader: BufReader::new(stream),
+            status_line: String::new(),
         })
+    }
+
+    /// A second handle on the socket (to write from another thread while this one reads).
+    pub fn try_clone_stream(&self) -> std::io::Result<TcpStream> {
+        self.reader.get_ref().try_clone()
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -102,6 +110,7 @@ impl Conn {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        self.status_line = status_line;
         let mut headers = Vec::new();
         loop {
             let line = self.line()?;
