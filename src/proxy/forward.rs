@@ -1,20 +1,23 @@
 //! Header rewriting between client and worker.
 //!
-//! Towards the worker: hop-by-hop headers (RFC 9110 §7.6.1) and every header named in
-//! `Connection` are removed, `X-Forwarded-For` gets the client's address appended, and
-//! `X-Forwarded-Proto` / `X-Forwarded-Host` say what the client asked for. `Host` is kept as the
-//! client sent it, so the app builds correct absolute URLs. Towards the client: the worker's
-//! hop-by-hop headers are removed; hyper frames the body itself.
+//! Towards the worker, [`encode_request`] writes the request head in HTTP/1.1 form straight
+//! from the client's headers: hop-by-hop headers (RFC 9110 §7.6.1) and every header named in
+//! `Connection` are left out, `X-Forwarded-For` gets the client's address appended, and
+//! `X-Forwarded-Proto` / `X-Forwarded-Host` say what the client asked for (whatever the client
+//! claimed in them is replaced). `Host` is kept as the client sent it, so the app builds correct
+//! absolute URLs. Writing the rewritten head instead of editing the header map first saves the
+//! map's hashed removals and insertions on every request. Towards the client, the worker's
+//! hop-by-hop headers are never put in the response's map ([`super::upstream`] skips them with
+//! [`is_hop_by_hop`]); hyper frames the body itself.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The client end of a connection, with its address already formatted for `X-Forwarded-For`
 /// (once per connection rather than once per request).
@@ -37,52 +40,78 @@ impl Peer {
     }
 }
 
-/// Rewrites a client's request headers for the worker.
-pub fn request_headers(headers: &mut HeaderMap, peer: &Peer) {
-    remove_hop_by_hop(headers);
+/// The request head for the worker. `upgrade`: the protocol the client asked to switch to
+/// (its `Connection: upgrade` and `Upgrade` are restored); `chunked`: the body is sent chunked.
+pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
+    let headers = &head.headers;
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let fields: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    let mut out = Vec::with_capacity(target.len() + fields + 160);
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(earlier) => HeaderValue::try_from(format!("{earlier}, {}", peer.ip)).ok(),
-        None => Some(peer.ip_header.clone()),
+    // Names listed in Connection are hop-by-hop too (rare: looked for only when present).
+    let listed = if headers.contains_key(header::CONNECTION) {
+        connection_tokens(headers)
+    } else {
+        None
     };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    let mut host = None;
+    let mut forwarded_for: Option<Vec<u8>> = None;
+    for (name, value) in headers {
+        if *name == X_FORWARDED_FOR {
+            let list = forwarded_for.get_or_insert_with(Vec::new);
+            if !list.is_empty() {
+                list.extend_from_slice(b", ");
+            }
+            list.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        if is_hop_by_hop(name) || *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST {
+            continue;
+        }
+        // `Connection: host` must not strip the Host the worker routes on.
+        if *name != header::HOST && listed.as_ref().is_some_and(|l| l.contains(name)) {
+            continue;
+        }
+        if *name == header::HOST {
+            host = Some(value);
+        }
+        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(earlier) = forwarded_for.filter(|l| !l.is_empty()) {
+        out.extend_from_slice(&earlier);
+        out.extend_from_slice(b", ");
     }
+    out.extend_from_slice(peer.ip_header.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = host {
+        field(&mut out, b"x-forwarded-host", host.as_bytes());
+    }
+    if let Some(protocol) = upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        field(&mut out, b"upgrade", protocol.as_bytes());
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
-/// Rewrites a worker's response headers for the client.
-pub fn response_headers(headers: &mut HeaderMap) {
-    remove_hop_by_hop(headers);
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
-/// All values of a header joined by ", " (the list form), if any is valid text.
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
-    let first = values.next()?;
-    Some(values.fold(first.to_owned(), |mut all, v| {
-        all.push_str(", ");
-        all.push_str(v);
-        all
-    }))
-}
-
-const HOP_BY_HOP: [&HeaderName; 9] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::TE,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-    &header::PROXY_AUTHENTICATE,
-    &header::PROXY_AUTHORIZATION,
-];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// True for the hop-by-hop headers of RFC 9110 §7.6.1 (and the old `Keep-Alive`,
+/// `Proxy-Connection`): they describe one connection and are never forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     // A match on the lower-case name compiles to a length switch and one comparison.
     matches!(
         name.as_str(),
@@ -96,25 +125,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authenticate"
             | "proxy-authorization"
     )
-}
-
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none or one of them: one pass over the names is cheaper than nine
-    // hashed removals.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if let Some(listed) = connection_tokens(headers) {
-        for name in listed {
-            // `Connection: host` must not strip the Host the worker routes on.
-            if name != header::HOST {
-                headers.remove(&name);
-            }
-        }
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
 }
 
 /// Header names listed in `Connection`, other than the common `keep-alive`/`close` options.
@@ -149,41 +159,82 @@ mod tests {
         m
     }
 
+    fn encoded(pairs: &[(&str, &str)], peer: &str, upgrade: Option<&str>, chunked: bool) -> String {
+        let mut request = http::Request::builder()
+            .method("GET")
+            .uri("http://ignored.example/p?q=1");
+        for (k, v) in pairs {
+            request = request.header(*k, *v);
+        }
+        let (mut parts, ()) = request.body(()).expect("valid").into_parts();
+        parts.headers = map(pairs);
+        let upgrade = upgrade.map(|u| HeaderValue::from_str(u).expect("value"));
+        let head = encode_request(
+            &parts,
+            &Peer::new(peer.parse().expect("addr")),
+            upgrade.as_ref(),
+            chunked,
+        );
+        String::from_utf8(head).expect("text")
+    }
+
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
-        let mut h = map(&[
-            ("host", "example.com"),
-            ("connection", "keep-alive, x-secret, Host"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "basic x"),
-            ("accept", "*/*"),
-        ]);
-        request_headers(&mut h, &Peer::new("10.0.0.9:1234".parse().expect("addr")));
-        for gone in [
-            "connection",
-            "keep-alive",
-            "x-secret",
-            "te",
-            "upgrade",
-            "proxy-authorization",
-        ] {
-            assert!(!h.contains_key(gone), "{gone} should be removed");
-        }
-        assert_eq!(h["host"], "example.com");
-        assert_eq!(h["accept"], "*/*");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "example.com");
+        let head = encoded(
+            &[
+                ("host", "example.com"),
+                ("connection", "keep-alive, x-secret, Host"),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("te", "trailers"),
+                ("upgrade", "websocket"),
+                ("proxy-authorization", "basic x"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil.example"),
+                ("accept", "*/*"),
+            ],
+            "10.0.0.9:1234",
+            None,
+            false,
+        );
+        assert_eq!(
+            head,
+            "GET /p?q=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\nx-forwarded-for: 10.0.0.9\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\n\r\n"
+        );
     }
 
     #[test]
     fn forwarded_for_is_appended_to_every_earlier_value() {
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")]);
-        request_headers(&mut h, &Peer::new("[::ffff:127.0.0.1]:1234".parse().expect("addr")));
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
+        let head = encoded(
+            &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")],
+            "[::ffff:127.0.0.1]:1234",
+            None,
+            false,
+        );
+        assert_eq!(head.matches("x-forwarded-for").count(), 1);
+        assert!(
+            head.contains("x-forwarded-for: 1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            !head.contains("x-forwarded-host"),
+            "no Host, no X-Forwarded-Host: {head}"
+        );
+    }
+
+    #[test]
+    fn an_upgrade_and_a_chunked_body_are_declared() {
+        let head = encoded(
+            &[("host", "h"), ("connection", "Upgrade"), ("upgrade", "websocket")],
+            "10.0.0.1:1",
+            Some("websocket"),
+            true,
+        );
+        assert!(
+            head.ends_with("connection: upgrade\r\nupgrade: websocket\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{head}"
+        );
+        assert_eq!(head.matches("upgrade: websocket").count(), 1, "{head}");
     }
 }

@@ -39,7 +39,7 @@ use crate::config::Sticky;
 use body::ProxyBody;
 use error::ProxyError;
 use forward::Peer;
-use http::header::SET_COOKIE;
+use http::header::{CONTENT_LENGTH, SET_COOKIE};
 use upstream::{Failure, ResponseBody, UpstreamBody};
 
 /// The proxy of one app.
@@ -109,12 +109,11 @@ impl Proxy {
 
     async fn forward(&self, mut req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-        let (mut head, body) = req.into_parts();
-        forward::request_headers(&mut head.headers, &peer);
-        if let Some((protocol, _)) = &upgrade {
-            tunnel::restore(&mut head.headers, protocol.clone());
-        }
+        let (head, body) = req.into_parts();
         let mut body = UpstreamBody::from_client(body);
+        let chunked = matches!(body, UpstreamBody::Stream(_)) && !head.headers.contains_key(CONTENT_LENGTH);
+        // Encoded once: a retry sends the same bytes.
+        let encoded = forward::encode_request(&head, &peer, upgrade.as_ref().map(|(p, _)| p), chunked);
         // After a request was written and the exchange failed, only a bodiless idempotent
         // request may be sent again (once, elsewhere), as nginx does. The head is only borrowed
         // by an exchange, so that costs no copy.
@@ -154,7 +153,7 @@ impl Proxy {
                     }
                 },
             };
-            let exchange = conn.exchange(&head, &mut body, upgrade.is_some());
+            let exchange = conn.exchange(&encoded, &head.method, &mut body, chunked, upgrade.is_some());
             let failure = match tokio::time::timeout(self.upstream_timeout, exchange).await {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
@@ -189,8 +188,8 @@ impl Proxy {
         }
     }
 
-    /// The client's response for a worker's `response`: hop-by-hop headers dropped, the
-    /// affinity cookie set when needed, the tunnel started for a `101`.
+    /// The client's response for a worker's `response` (its hop-by-hop headers already left
+    /// out): the affinity cookie set when needed, the tunnel started for a `101`.
     fn respond(
         &self,
         response: Response<ResponseBody>,
@@ -202,9 +201,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // exchange() accepts a 101 only for a request that asked to upgrade.
-            let protocol = parts.headers.get(http::header::UPGRADE).cloned();
-            forward::response_headers(&mut parts.headers);
-            if let Some(protocol) = protocol {
+            if let Some(protocol) = parts.headers.get(http::header::UPGRADE).cloned() {
                 tunnel::restore(&mut parts.headers, protocol);
             }
             if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
@@ -213,7 +210,6 @@ impl Proxy {
             }
             return Response::from_parts(parts, ProxyBody::message(Bytes::new()));
         }
-        forward::response_headers(&mut parts.headers);
         let slot = guard.upstream().slot;
         if sticky_mode == Sticky::Cookie && affinity != Some(slot) {
             // No valid cookie, or its slot is not serving: pin the client here.

@@ -28,10 +28,11 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Buf;
 use bytes::{Bytes, BytesMut};
-use http::request::Parts;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use super::forward::is_hop_by_hop;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -107,18 +108,19 @@ impl Conn {
             && matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends a request (its head as `head` says, its body from `body`) and waits for the
-    /// response head. `upgrade`: the client asked for a protocol upgrade, so a `101` answer
-    /// is expected rather than an error.
+    /// Sends a request (its encoded `head`, see [`super::forward::encode_request`], then its
+    /// body from `body`, chunked if `chunked`) and waits for the response head. `method`
+    /// decides the response's framing (no body for `HEAD`). `upgrade`: the client asked for a
+    /// protocol upgrade, so a `101` answer is expected rather than an error.
     pub async fn exchange(
         mut self,
-        head: &Parts,
+        head: &[u8],
+        method: &Method,
         body: &mut UpstreamBody,
+        chunked: bool,
         upgrade: bool,
     ) -> Result<Response<ResponseBody>, Failure> {
-        let streamed = matches!(body, UpstreamBody::Stream(_));
-        let chunked = streamed && !head.headers.contains_key(header::CONTENT_LENGTH);
-        write_head(&mut self.stream, &encode_head(head, chunked)).await?;
+        write_head(&mut self.stream, head).await?;
 
         // The body is sent while the response head is awaited (a worker may answer before the
         // upload ends: 413, 401) and, if the head comes first, while the response body streams
@@ -151,7 +153,7 @@ impl Conn {
             }
             State::Upgraded
         } else {
-            framing(&head.method, &parsed).map_err(Failure::Failed)?
+            framing(method, &parsed).map_err(Failure::Failed)?
         };
         let reusable = parsed.keep_alive && !matches!(framing, State::Close);
         let mut response = Response::new(ResponseBody {
@@ -168,29 +170,6 @@ impl Conn {
         }
         Ok(response)
     }
-}
-
-/// The request head in HTTP/1.1 form. The target is origin-form ("/path?query"); `Host`
-/// travels as the client sent it, in the headers.
-fn encode_head(head: &Parts, chunked: bool) -> Vec<u8> {
-    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    let fields: usize = head.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    let mut out = Vec::with_capacity(head.method.as_str().len() + target.len() + fields + 48);
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &head.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Writes the head; a failure before the first byte left means the request was not sent.
@@ -321,13 +300,18 @@ impl Upload {
     }
 }
 
-/// A final response head, parsed.
+/// A final response head, parsed. Its hop-by-hop fields are not in `headers`: what they say
+/// is kept in the other fields.
 #[derive(Debug)]
 struct Parsed {
     status: StatusCode,
     headers: HeaderMap,
     reason: Option<hyper::ext::ReasonPhrase>,
     keep_alive: bool,
+    /// `Transfer-Encoding` was present; whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    /// The `Content-Length` (all its values agree), or why it is unusable.
+    length: Result<Option<u64>, &'static str>,
 }
 
 /// Reads until a final (non-1xx, or 101) response head is complete and takes it off `buf`.
@@ -357,14 +341,13 @@ fn poll_head(cx: &mut Context<'_>, stream: &mut TcpStream, buf: &mut BytesMut) -
 
 /// Parses a complete head at the start of `buf` and removes it; `None` while incomplete.
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(invalid("response head larger than 64 KiB"))
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+        Ok(_) => return Err(invalid("response head larger than 64 KiB")),
         Err(e) => return Err(invalid(&format!("invalid response head: {e}"))),
     };
     let status = response
@@ -373,45 +356,100 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
         .ok_or_else(|| invalid("bad status"))?;
     let http10 = response.version == Some(0);
     let base = buf.as_ptr() as usize;
-    // Where each field sits in the head, so the values can share its bytes once frozen.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // Where each field sits in the head, so the values can share its bytes once frozen
+    // (offsets fit in u32: the head is at most 64 KiB).
+    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = response.headers.len();
     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        *span = (name, name + field.name.len(), value, value + field.value.len());
+        let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
+        *span = (
+            name,
+            name + field.name.len() as u32,
+            value,
+            value + field.value.len() as u32,
+        );
     }
     let reason = response
         .reason
         .filter(|r| Some(*r) != status.canonical_reason())
-        .map(|r| {
-            let start = r.as_ptr() as usize - base;
-            (start, start + r.len())
-        });
+        .map(|r| (offset(r.as_bytes()), offset(r.as_bytes()) + r.len() as u32));
     let head = buf.split_to(len).freeze();
 
-    let mut headers = HeaderMap::with_capacity(count);
-    let (mut close, mut keep_alive_token) = (false, false);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| invalid("bad header value"))?;
-        if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
-        headers.append(name, value);
-    }
-    let reason = reason.and_then(|(start, end)| hyper::ext::ReasonPhrase::try_from(head.slice(start..end)).ok());
-    Ok(Some(Parsed {
+    let mut parsed = Parsed {
         status,
-        headers,
-        reason,
-        keep_alive: !close && (!http10 || keep_alive_token),
-    }))
+        headers: HeaderMap::with_capacity(count),
+        reason: reason
+            .and_then(|(start, end)| hyper::ext::ReasonPhrase::try_from(head.slice(start as usize..end as usize)).ok()),
+        keep_alive: !http10,
+        chunked: None,
+        length: Ok(None),
+    };
+    let mut listed: Option<Vec<HeaderName>> = None;
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+            .map_err(|_| invalid("bad header name"))?;
+        let value = &head[value_start as usize..value_end as usize];
+        if name == header::CONTENT_LENGTH {
+            parsed.length = parsed.length.and_then(|known| content_length(known, value));
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty());
+            parsed.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            continue;
+        } else if name == header::CONNECTION {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    parsed.keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    parsed.keep_alive |= http10;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    // Upgrade is hop-by-hop anyway; a 101 keeps it (see below).
+                } else if let Ok(other) = HeaderName::from_bytes(token) {
+                    listed.get_or_insert_with(Vec::new).push(other);
+                }
+            }
+            continue;
+        }
+        // Hop-by-hop fields describe the worker's connection, not the client's; a 101 keeps its
+        // Upgrade (the protocol the client gets).
+        if is_hop_by_hop(&name) && !(name == header::UPGRADE && status == StatusCode::SWITCHING_PROTOCOLS) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+            .map_err(|_| invalid("bad header value"))?;
+        parsed.headers.append(name, value);
+    }
+    if parsed.chunked.is_some() {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3), and corral re-frames.
+        parsed.headers.remove(header::CONTENT_LENGTH);
+    }
+    for name in listed.iter().flatten() {
+        parsed.headers.remove(name);
+    }
+    Ok(Some(parsed))
+}
+
+/// Folds one `Content-Length` field value into what earlier ones said.
+fn content_length(known: Option<u64>, value: &[u8]) -> Result<Option<u64>, &'static str> {
+    let mut length = known;
+    for item in value.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err("invalid Content-Length");
+        }
+        let n: u64 = std::str::from_utf8(item)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("invalid Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    Ok(length)
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -424,43 +462,15 @@ fn framing(method: &Method, parsed: &Parsed) -> io::Result<State> {
     {
         return Ok(State::Done);
     }
-    let headers = &parsed.headers;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
-                if headers.contains_key(header::CONTENT_LENGTH) {
-                    State::ChunkedThenClose
-                } else {
-                    State::ChunkSize
-                }
-            }
-            _ => State::Close,
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let n: u64 = std::str::from_utf8(item.trim_ascii())
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| invalid("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(invalid("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => State::Done,
-        Some(n) => State::Fixed(n),
-        None => State::Close,
+    Ok(match (parsed.chunked, parsed.length) {
+        (Some(true), Ok(None)) => State::ChunkSize,
+        // Both framings: Transfer-Encoding wins, and the connection is not reused after.
+        (Some(true), _) => State::ChunkedThenClose,
+        (Some(false), _) => State::Close,
+        (None, Err(why)) => return Err(invalid(why)),
+        (None, Ok(Some(0))) => State::Done,
+        (None, Ok(Some(n))) => State::Fixed(n),
+        (None, Ok(None)) => State::Close,
     })
 }
 
@@ -724,6 +734,9 @@ mod tests {
         assert!(!parsed("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!parsed("HTTP/1.0 200 OK\r\n\r\n").keep_alive);
         assert!(parsed("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        let hop = parsed("HTTP/1.1 200 OK\r\nConnection: keep-alive, x-private\r\nKeep-Alive: timeout=5\r\nX-Private: 1\r\nX-Kept: 2\r\n\r\n");
+        assert!(hop.keep_alive);
+        assert_eq!(hop.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
         let custom = parsed("HTTP/1.1 200 Fine Thanks\r\n\r\n");
         assert_eq!(custom.reason.expect("non-canonical").as_bytes(), b"Fine Thanks");
     }
@@ -734,6 +747,10 @@ mod tests {
         assert_eq!(framing(&Method::GET, &chunked).expect("framed"), State::ChunkSize);
         let both = parsed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(framing(&Method::GET, &both).expect("framed"), State::ChunkedThenClose);
+        assert!(
+            both.headers.is_empty(),
+            "re-framed: neither framing header is passed on"
+        );
         let unknown = parsed("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
         assert_eq!(framing(&Method::GET, &unknown).expect("framed"), State::Close);
         let none = parsed("HTTP/1.1 200 OK\r\n\r\n");
@@ -761,27 +778,5 @@ mod tests {
         let mut huge = BytesMut::from("HTTP/1.1 200 OK\r\n");
         huge.extend_from_slice(&vec![b'a'; MAX_HEAD + 1]);
         assert!(parse_head(&mut huge).is_err());
-    }
-
-    #[test]
-    fn the_head_encodes_origin_form_with_every_field() {
-        let (mut parts, ()) = http::Request::builder()
-            .method(Method::POST)
-            .uri("http://example.com/a/b?c=d")
-            .header("host", "example.com")
-            .header("x-multi", "1")
-            .header("x-multi", "2")
-            .body(())
-            .expect("valid")
-            .into_parts();
-        let head = String::from_utf8(encode_head(&parts, true)).expect("text");
-        assert_eq!(
-            head,
-            "POST /a/b?c=d HTTP/1.1\r\nhost: example.com\r\nx-multi: 1\r\nx-multi: 2\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
-        parts.uri = http::Uri::from_static("example.com:443");
-        assert!(String::from_utf8(encode_head(&parts, false))
-            .expect("text")
-            .starts_with("POST / HTTP/1.1\r\n"));
     }
 }
