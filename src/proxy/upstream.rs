@@ -162,6 +162,7 @@ impl Conn {
             reusable,
             upload: upload.filter(|u| !u.ended || !u.done).map(Box::new),
             linger: None,
+            trailers: None,
         });
         *response.status_mut() = parsed.status;
         *response.headers_mut() = parsed.headers;
@@ -520,6 +521,8 @@ pub struct ResponseBody {
     upload: Option<Box<Upload>>,
     /// Bounds the reading of an upload the worker did not want (set up only then).
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Trailer fields read so far, for a chunked body that has them.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl ResponseBody {
@@ -674,7 +677,6 @@ impl Body for ResponseBody {
                     this.state = State::ChunkSize;
                 }
                 State::Trailers => {
-                    let mut trailers = HeaderMap::new();
                     loop {
                         let line = ready!(this.poll_line(cx))?;
                         if line.is_empty() {
@@ -686,13 +688,15 @@ impl Body for ResponseBody {
                                 HeaderName::from_bytes(line[..colon].trim_ascii()),
                                 HeaderValue::from_maybe_shared(line.slice_ref(line[colon + 1..].trim_ascii())),
                             ) {
-                                trailers.append(name, value);
+                                // Kept in the body, not on the stack: the next line may not
+                                // have arrived yet.
+                                this.trailers.get_or_insert_with(Box::default).append(name, value);
                             }
                         }
                     }
                     this.state = State::Done;
-                    if !trailers.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    if let Some(trailers) = this.trailers.take() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
                     }
                 }
             }
@@ -778,5 +782,144 @@ mod tests {
         let mut huge = BytesMut::from("HTTP/1.1 200 OK\r\n");
         huge.extend_from_slice(&vec![b'a'; MAX_HEAD + 1]);
         assert!(parse_head(&mut huge).is_err());
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A worker on a local socket that reads one request head and answers `response`, one byte
+    /// per write; returns the request head it read.
+    async fn worker(response: &'static [u8]) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if socket.read(&mut byte).await.expect("read") == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            for byte in response {
+                socket.write_all(std::slice::from_ref(byte)).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            head
+        });
+        (addr, task)
+    }
+
+    async fn body_of(mut response: Response<ResponseBody>) -> (Vec<u8>, Option<HeaderMap>, Option<Conn>) {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = poll_fn(|cx| Pin::new(response.body_mut()).poll_frame(cx)).await {
+            let frame = frame.expect("body frame");
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let conn = response.body_mut().take_reusable();
+        (data, trailers, conn)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_arriving_byte_by_byte_is_decoded_with_its_trailers() {
+        let (addr, worker) = worker(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n1;name=value\r\n,\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n",
+        )
+        .await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let head = b"GET /x HTTP/1.1\r\nhost: w\r\n\r\n";
+        let response = conn
+            .exchange(head, &Method::GET, &mut UpstreamBody::Empty, false, false)
+            .await
+            .expect("exchange");
+        assert_eq!(response.status(), StatusCode::OK);
+        let (data, trailers, conn) = body_of(response).await;
+        assert_eq!(data, b"hello, world");
+        assert_eq!(trailers.expect("trailers")["x-sum"], "42");
+        assert!(
+            conn.is_some(),
+            "a complete keep-alive exchange gives the connection back"
+        );
+        assert_eq!(worker.await.expect("worker"), head);
+    }
+
+    #[tokio::test]
+    async fn a_content_length_body_and_a_close_delimited_one_are_read_to_their_end() {
+        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world").await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let response = conn
+            .exchange(
+                b"GET / HTTP/1.1\r\n\r\n",
+                &Method::GET,
+                &mut UpstreamBody::Empty,
+                false,
+                false,
+            )
+            .await
+            .expect("exchange");
+        let (data, _, conn) = body_of(response).await;
+        assert_eq!((data.as_slice(), conn.is_some()), (&b"hello world"[..], true));
+
+        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let response = conn
+            .exchange(
+                b"GET / HTTP/1.1\r\n\r\n",
+                &Method::GET,
+                &mut UpstreamBody::Empty,
+                false,
+                false,
+            )
+            .await
+            .expect("exchange");
+        let (data, _, conn) = body_of(response).await;
+        assert_eq!((data.as_slice(), conn.is_none()), (&b"until the end"[..], true));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_without_an_answer_is_dropped_and_a_cut_body_is_an_error() {
+        let (addr, _worker) = worker(b"").await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let failure = conn
+            .exchange(
+                b"GET / HTTP/1.1\r\n\r\n",
+                &Method::GET,
+                &mut UpstreamBody::Empty,
+                false,
+                false,
+            )
+            .await
+            .expect_err("no answer");
+        assert!(matches!(failure, Failure::Dropped(_)), "{failure:?}");
+
+        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort").await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let mut response = conn
+            .exchange(
+                b"GET / HTTP/1.1\r\n\r\n",
+                &Method::GET,
+                &mut UpstreamBody::Empty,
+                false,
+                false,
+            )
+            .await
+            .expect("head arrives");
+        let mut failed = false;
+        while let Some(frame) = poll_fn(|cx| Pin::new(response.body_mut()).poll_frame(cx)).await {
+            if frame.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a body cut short must end in an error, not look complete");
     }
 }
