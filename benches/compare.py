@@ -455,6 +455,12 @@ def header(names, what):
     return [f"{time.strftime('%Y-%m-%d')}; {machine()}; {versions(names)}.", "", what, ""]
 
 
+def table(columns, rows):
+    """A Markdown table; the first column is left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def reload_report(names, args):
     med = run_rounds(names, args, measure_reloads, lambda r: (
         f"{r['reloads']} reloads ({r['reload_failures']} failed), {r['errors']} failed requests of {r['requests']}, "
@@ -462,11 +468,10 @@ def reload_report(names, args):
 
     lines = header(names, f"{args.rounds} rounds; wrk -c{args.connections} for {args.reload_duration} s with a reload every "
                           f"{args.reload_every} s ({args.workers} Node hello workers); medians:")
-    lines += ["| target | reloads | failed requests | of requests | p99 ms without reloads | p99 ms during reloads |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for name in names:
-        lines.append(f"| {TARGETS[name].name} | {med(name, 'reloads'):.0f} | {med(name, 'errors'):.0f} | "
-                     f"{med(name, 'requests'):.0f} | {med(name, 'p99_base'):.2f} | {med(name, 'p99_reload'):.2f} |")
+    lines += table(
+        ["target", "reloads", "failed requests", "of requests", "p99 ms without reloads", "p99 ms during reloads"],
+        [[TARGETS[n].name, f"{med(n, 'reloads'):.0f}", f"{med(n, 'errors'):.0f}", f"{med(n, 'requests'):.0f}",
+          f"{med(n, 'p99_base'):.2f}", f"{med(n, 'p99_reload'):.2f}"] for n in names])
     return "reload", lines
 
 
@@ -501,9 +506,11 @@ def reload_time_report(args):
               + ", ".join(f"{x * 1000:.0f}" for x in reloads[-5:]) + " ms", file=sys.stderr, flush=True)
     boot, reload = statistics.median(boots), statistics.median(reloads)
     lines = header(["corral"], f"{args.rounds} rounds x 5 reloads of {args.workers} idle Node hello workers; medians:")
-    lines += ["| one worker's boot (exec to first answer) | `corral reload` (command to answer) | slowest reload | reload minus boot |",
-              "|---:|---:|---:|---:|",
-              f"| {boot * 1000:.0f} ms | {reload * 1000:.0f} ms | {max(reloads) * 1000:.0f} ms | {(reload - boot) * 1000:.0f} ms |"]
+    lines += table(
+        ["workers", "one worker's boot (exec to first answer)", "`corral reload` (command to answer)", "slowest reload",
+         "reload minus boot"],
+        [[args.workers, f"{boot * 1000:.0f} ms", f"{reload * 1000:.0f} ms", f"{max(reloads) * 1000:.0f} ms",
+          f"{(reload - boot) * 1000:.0f} ms"]])
     return "reload-time", lines
 
 
@@ -519,12 +526,12 @@ def throughput_report(names, args):
 
     lines = header(names, f"{args.rounds} rounds x {args.duration} s, wrk -t2 -c{args.connections}, {args.workers} Node "
                           f"hello workers; medians:")
-    lines += ["| target | req/s | p50 ms | p99 ms | errors | proxy CPU µs/req | of which kernel | proxy RSS idle MB | proxy RSS peak MB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        lines.append(f"| {TARGETS[name].name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | "
-                     f"{int(med(name, 'errors'))} | {cell(name, 'cpu_us_per_req')} | {cell(name, 'sys_us_per_req')} | "
-                     f"{cell(name, 'idle_rss', 2**-20)} | {cell(name, 'peak_rss', 2**-20)} |")
+    lines += table(
+        ["target", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU µs/req", "of which kernel", "proxy RSS idle MB",
+         "proxy RSS peak MB"],
+        [[TARGETS[n].name, f"{med(n, 'rps'):.0f}", f"{med(n, 'p50'):.2f}", f"{med(n, 'p99'):.2f}", int(med(n, 'errors')),
+          cell(n, 'cpu_us_per_req'), cell(n, 'sys_us_per_req'), cell(n, 'idle_rss', 2**-20), cell(n, 'peak_rss', 2**-20)]
+         for n in names])
     if "corral" in names:
         lines.append("")
         for other in ("nginx", "haproxy"):

@@ -828,6 +828,20 @@ mod wire_tests {
         (data, trailers, conn)
     }
 
+    /// A GET to a worker answering `answer`.
+    async fn get(answer: &'static [u8]) -> Result<Response<ResponseBody>, Failure> {
+        let (addr, _worker) = worker(answer).await;
+        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        conn.exchange(
+            b"GET / HTTP/1.1\r\n\r\n",
+            &Method::GET,
+            &mut UpstreamBody::Empty,
+            false,
+            false,
+        )
+        .await
+    }
+
     #[tokio::test]
     async fn a_chunked_body_arriving_byte_by_byte_is_decoded_with_its_trailers() {
         let (addr, worker) = worker(
@@ -854,63 +868,23 @@ mod wire_tests {
 
     #[tokio::test]
     async fn a_content_length_body_and_a_close_delimited_one_are_read_to_their_end() {
-        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world").await;
-        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-        let response = conn
-            .exchange(
-                b"GET / HTTP/1.1\r\n\r\n",
-                &Method::GET,
-                &mut UpstreamBody::Empty,
-                false,
-                false,
-            )
+        let response = get(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world")
             .await
             .expect("exchange");
         let (data, _, conn) = body_of(response).await;
         assert_eq!((data.as_slice(), conn.is_some()), (&b"hello world"[..], true));
 
-        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
-        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-        let response = conn
-            .exchange(
-                b"GET / HTTP/1.1\r\n\r\n",
-                &Method::GET,
-                &mut UpstreamBody::Empty,
-                false,
-                false,
-            )
-            .await
-            .expect("exchange");
+        let response = get(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await.expect("exchange");
         let (data, _, conn) = body_of(response).await;
         assert_eq!((data.as_slice(), conn.is_none()), (&b"until the end"[..], true));
     }
 
     #[tokio::test]
     async fn a_connection_closed_without_an_answer_is_dropped_and_a_cut_body_is_an_error() {
-        let (addr, _worker) = worker(b"").await;
-        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-        let failure = conn
-            .exchange(
-                b"GET / HTTP/1.1\r\n\r\n",
-                &Method::GET,
-                &mut UpstreamBody::Empty,
-                false,
-                false,
-            )
-            .await
-            .expect_err("no answer");
+        let failure = get(b"").await.expect_err("no answer");
         assert!(matches!(failure, Failure::Dropped(_)), "{failure:?}");
 
-        let (addr, _worker) = worker(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort").await;
-        let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-        let mut response = conn
-            .exchange(
-                b"GET / HTTP/1.1\r\n\r\n",
-                &Method::GET,
-                &mut UpstreamBody::Empty,
-                false,
-                false,
-            )
+        let mut response = get(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
             .await
             .expect("head arrives");
         let mut failed = false;
