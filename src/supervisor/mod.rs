@@ -57,6 +57,10 @@ use reload::ReloadRun;
 use status::{ReloadOutcome, Status};
 use worker::{describe_exit, StopReason, Worker, WorkerState};
 
+/// How long a worker's exit waits for the rest of its output (pipes a grandchild still holds
+/// open are not waited for longer).
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
 /// The supervisor task has ended; nothing more can be asked of it.
 #[derive(Debug, thiserror::Error)]
 #[error("the supervisor has stopped")]
@@ -657,25 +661,34 @@ impl Supervisor {
         self.next_id += 1;
         let output = Arc::new(OutputTail::default());
         let prefix = format!("{}.{slot}", spec.name);
+        let mut pumps = Vec::new();
         if let Some(pipe) = child.stdout.take() {
-            tokio::spawn(self.output.clone().pump(
+            pumps.push(tokio::spawn(self.output.clone().pump(
                 pipe,
                 log_target(&spec, slot, Stream::Stdout),
                 prefix.clone(),
                 Arc::clone(&output),
-            ));
+            )));
         }
         if let Some(pipe) = child.stderr.take() {
-            tokio::spawn(self.output.clone().pump(
+            pumps.push(tokio::spawn(self.output.clone().pump(
                 pipe,
                 log_target(&spec, slot, Stream::Stderr),
                 prefix,
                 Arc::clone(&output),
-            ));
+            )));
         }
         let events = self.events.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            // The exit is reported with the worker's last lines, so wait for its pipes to be
+            // read to their end first; a grandchild may keep them open, hence the bound.
+            let drained = async {
+                for pump in pumps {
+                    let _ = pump.await;
+                }
+            };
+            let _still_open = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
             let _supervisor_gone = events.send(Event::Exited { id, status });
         });
         let probe = CancellationToken::new();
