@@ -456,7 +456,11 @@ impl Supervisor {
         let name = &self.apps[app].config.name;
         info!(app = %name, slot, pid, port = port.unwrap_or(0), boot_ms = boot.as_millis() as u64, "worker ready");
         if let Some(old) = self.replacing.remove(&id) {
-            // A replacement is in rotation: the worker it replaces drains, then stops.
+            // A replacement is in rotation: the worker it replaces drains, then stops, and
+            // the new one's share grows over the slow start.
+            if let Some(upstream) = &self.apps[app].workers[index].upstream {
+                upstream.start_slow_start();
+            }
             if let Some(old_index) = self.apps[app].workers.iter().position(|w| w.id == old) {
                 info!(app = %name, slot, pid, "replacement ready; draining the unhealthy worker");
                 self.begin_drain(app, old_index);

@@ -295,6 +295,10 @@ impl Supervisor {
                 continue;
             };
             new.state = WorkerState::Ready;
+            // It takes over from a warm worker: its share grows over the slow start.
+            if let Some(upstream) = &new.upstream {
+                upstream.start_slow_start();
+            }
             let new_pid = new.pid;
             let old: Vec<(u64, u32)> = workers
                 .iter()
