@@ -11,7 +11,7 @@
 //! oversized one) starts with a small share of the requests that grows to a full share over
 //! [`SLOW_START`]; a fresh Node process serves its first thousands of requests unoptimised, and
 //! handing it a full share of a busy app at once showed as the p99 of a reload under load (21 ms
-//! against 7 ms with workers warmed up beforehand, in `benches/compare.py --mode reload`; 9.6 ms
+//! against 7 ms with workers warmed up beforehand, in `benches/compare.py --mode reload`; 9.4 ms
 //! with this one-second slow start, which costs a few percent of throughput while it runs,
 //! since the warm workers carry more).
 //! Workers that start with the app, or are added by `scale`, get their full share at once.
