@@ -27,29 +27,29 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-/// Which worker gets the next request: pool snapshots, round robin, in-flight guards.
+// Which worker gets the next request: pool snapshots, round robin, in-flight guards.
 pub mod balancer;
-/// The command line and its exit codes.
+// The command line and its exit codes.
 pub mod cli;
-/// `proxy.toml` → validated [`config::Config`].
+// `proxy.toml` → validated [`config::Config`].
 pub mod config;
-/// The control socket between the CLI and a running instance.
+// The control socket between the CLI and a running instance.
 pub mod control;
-/// The state file; stopping what a killed earlier run left behind.
+// The state file; stopping what a killed earlier run left behind.
 pub mod leftovers;
-/// Public sockets: bind once, accept, drain.
+// Public sockets: bind once, accept, drain.
 pub mod listener;
-/// tracing setup and worker output capture.
+// tracing setup and worker output capture.
 pub mod logs;
-/// systemd's notify protocol (`Type=notify` units).
+// systemd's notify protocol (`Type=notify` units).
 pub mod notify;
-/// The HTTP proxy service.
+// The HTTP proxy service.
 pub mod proxy;
-/// The front process's start and stop sequence.
+// The front process's start and stop sequence.
 pub mod run;
-/// The proxy's threads: one current-thread runtime per CPU.
+// The proxy's threads: one current-thread runtime per CPU.
 pub mod shards;
-/// Unix signals mapped to intents.
+// Unix signals mapped to intents.
 pub mod signals;
-/// The actor that owns every worker process.
+// The actor that owns every worker process.
 pub mod supervisor;
