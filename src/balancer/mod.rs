@@ -1,6 +1,6 @@
 //! Which worker gets the next request: the pool snapshot and the selection over it.
 //!
-//! The supervisor builds a [`Pool`](crate::balancer::Pool) of the app's *ready* workers after every change and
+//! The supervisor builds a [`Pool`] of the app's *ready* workers after every change and
 //! [`Balancer::publish`](crate::balancer::Balancer::publish)es it; the proxy calls [`Balancer::pick`](crate::balancer::Balancer::pick) on every request. The pool is
 //! immutable and swapped whole through `arc-swap`, so the request path takes no lock that the
 //! supervisor holds: a request sees either the old pool or the new one, never a half-updated
@@ -16,7 +16,7 @@
 //! workers carry more of the load).
 //! Workers that start with the app, or are added by `scale`, get their full share at once.
 //!
-//! Every pick returns an [`InFlight`](crate::balancer::InFlight) guard. It counts the request against the worker until it
+//! Every pick returns an [`InFlight`] guard. It counts the request against the worker until it
 //! is dropped, which the proxy arranges to happen when the response body has been sent, so
 //! "in flight" covers streamed and long-lived responses too. Draining waits on
 //! [`WorkerStats::wait_idle`](crate::balancer::WorkerStats::wait_idle) for that count to reach zero.

@@ -3,7 +3,7 @@
 //! # Flow
 //!
 //! `corral` reads `./proxy.toml`, or the file named by `-c`. The text is parsed into a TOML tree
-//! that keeps the byte span of every key and value ([`parse`]), and each `[[app]]` table is walked
+//! that keeps the byte span of every key and value (`parse`), and each `[[app]]` table is walked
 //! key by key into an [`AppConfig`]: human units (`"10s"`, `"200M"`) become `Duration`s and byte
 //! counts here, once, and nothing downstream parses strings. Every problem found is collected,
 //! with its line and column, and they are reported together, so one `corral check` run shows

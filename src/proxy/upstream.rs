@@ -507,7 +507,7 @@ enum State {
 ///
 /// When the worker answered without reading the whole request body (a 413 for an upload too
 /// large, say), the body does not end until the rest of the upload has been read from the
-/// client and dropped, for at most [`LINGER`]: closing a socket with unread data makes the
+/// client and dropped, for at most `LINGER` (10 s): closing a socket with unread data makes the
 /// kernel reset the connection, and the client could lose the answer it is about to read.
 /// This is nginx's lingering close, done before the response ends so that the client's
 /// connection also stays usable.

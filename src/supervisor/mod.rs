@@ -15,16 +15,16 @@
 //! A worker is *ready* when its port accepts a TCP connection, or, with `ready_path`, when that
 //! path answers 2xx (apps without `listen` are ready once spawned). One that exits, or is not
 //! ready within `listen_timeout`, is reported with its exit status and last output lines and its
-//! slot is restarted as PM2's restart policy says ([`policy`]). Stopping sends `kill_signal` to the
+//! slot is restarted as PM2's restart policy says (`policy`). Stopping sends `kill_signal` to the
 //! worker's process group, then SIGKILL after `kill_timeout`; the exit is always reaped.
 //!
-//! Rolling reloads ([`reload`]) run inside the same actor as a state machine driven by the
+//! Rolling reloads (`reload`) run inside the same actor as a state machine driven by the
 //! same events, so a reload, a crash and a status request never race each other.
 //!
 //! The actor's methods are split by concern: this file has the event loop, spawning, exits and
-//! stops; [`reload`] the rolling reload; [`health`] passive and active health checks, the
-//! memory cap and replacements; [`admin`] `status`, `scale` and `stop APP`; [`probe`] the
-//! readiness checks; [`policy`] the restart decisions; [`spawn`] the process-level work.
+//! stops; `reload` the rolling reload; `health` passive and active health checks, the
+//! memory cap and replacements; `admin` `status`, `scale` and `stop APP`; `probe` the
+//! readiness checks; `policy` the restart decisions; `spawn` the process-level work.
 
 mod admin;
 mod health;
