@@ -137,14 +137,15 @@ fn a_build_that_crashes_at_boot_is_rolled_back_without_failing_a_request() -> Te
 fn a_build_that_never_listens_is_rolled_back_at_listen_timeout() -> TestResult {
     // The report carries the worker's first output line, so listen_timeout leaves a Node
     // process on a loaded machine the time to print it (with 2 s, one could still be starting).
+    let listen_timeout_s = 5;
     let started = Instant::now();
     reload_to_a_broken_build(
         "never-listen",
-        5,
+        listen_timeout_s,
         &["within listen_timeout", "fixture: not listening, as asked"],
     )?;
     // A timeout never counts as ready: the attempt lasted at least listen_timeout.
-    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert!(started.elapsed() >= Duration::from_secs(listen_timeout_s));
     Ok(())
 }
 

@@ -11,9 +11,8 @@
 //! oversized one) starts with a small share of the requests that grows to a full share over
 //! [`SLOW_START`]; a fresh Node process serves its first thousands of requests unoptimised, and
 //! handing it a full share of a busy app at once showed as the p99 of a reload under load
-//! (24 ms in `benches/compare.py --mode reload`, and much less with workers that warmed
-//! themselves up before listening; 8.8 ms with this one-second slow start, while the warm
-//! workers carry more of the load).
+//! (24 ms in `benches/compare.py --mode reload`; 8.8 ms with this one-second slow start, while
+//! the warm workers carry more of the load).
 //! Workers that start with the app, or are added by `scale`, get their full share at once.
 //!
 //! Every pick returns an [`InFlight`] guard. It counts the request against the worker until it
