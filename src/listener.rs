@@ -14,10 +14,23 @@
 //! then are closed. (hyper-util's `GracefulShutdown` cannot watch upgradeable connections, so
 //! each connection task selects on the shutdown token itself and the tasks are tracked by a
 //! `TaskTracker`.)
+//!
+//! Admission, as nginx's `worker_connections` and `limit_conn`: each shard holds at most its
+//! share of the app's `max_connections` (a semaphore only that shard's thread takes, so no
+//! state is shared across CPUs per connection); at the limit it stops accepting and new
+//! clients wait in the kernel's backlog instead of starving the connections already open.
+//! `max_connections_per_ip` is counted across the shards in one small table ([`PerIp`]), taken
+//! once when a connection opens and once when it closes, and only when the key is set; a
+//! client over it gets a 503 and a closed connection. An accept that fails for lack of file
+//! descriptors backs off for [`ACCEPT_BACKOFF`] instead of spinning, with one warning per
+//! [`WARN_EVERY`]. Idle keep-alive connections are closed after `header_read_timeout` (hyper
+//! starts that timer whenever it waits for a request head), and each shard sweeps its stale
+//! idle worker connections every [`crate::proxy::pool::SWEEP_EVERY`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,7 +44,97 @@ use tracing::{debug, info, warn};
 use crate::config::HttpLimits;
 use crate::proxy::forward::Peer;
 use crate::proxy::framing::FramingGuard;
+use crate::proxy::error::ProxyError;
 use crate::proxy::Proxy;
+
+/// How long a shard waits before accepting again after running out of file descriptors.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one warning per this, for each kind of accept-side trouble of a shard.
+pub const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Open connections per client address, across an app's shards (`max_connections_per_ip`).
+#[derive(Debug)]
+pub struct PerIp {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// A table that admits at most `limit` connections per address.
+    pub fn new(limit: usize) -> PerIp {
+        PerIp {
+            limit,
+            open: Mutex::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`, or `None` when that address is at its limit.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection of an address; uncounted when dropped.
+#[derive(Debug)]
+struct IpSlot {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An app's connection limits, as one shard applies them.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Connections this shard may hold open.
+    pub per_shard: usize,
+    /// The app's per-address table, when `max_connections_per_ip` is set.
+    pub per_ip: Option<Arc<PerIp>>,
+}
+
+/// Logs a warning at most once per [`WARN_EVERY`].
+#[derive(Debug, Default)]
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self.0.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
+}
+
+/// True for accept errors that say this process is out of descriptors or memory.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+            .iter()
+            .any(|errno| *errno as i32 == code)
+    })
+}
 
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
 const BACKLOG: i32 = 1024;
@@ -107,6 +210,35 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Closes this shard's stale idle worker connections every `SWEEP_EVERY` until `shutdown`.
+async fn sweep_idle(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(crate::proxy::pool::SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => proxy.balancer().sweep_idle(),
+        }
+    }
+}
+
+/// Answers every request of a connection over `max_connections_per_ip` with 503, then closes.
+async fn refuse(stream: tokio::net::TcpStream, http: http1::Builder, _slot: tokio::sync::OwnedSemaphorePermit) {
+    let service = service_fn(|_req| async {
+        let mut response = ProxyError::Exhausted {
+            reason: "max_connections_per_ip".into(),
+        }
+        .into_response();
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+        debug!(error = %e, "refused connection ended with an error");
+    }
+}
+
 /// hyper's own limit on header fields (kept on the stack); `max_headers` defaults to it.
 const fn hyper_default_max_headers() -> usize {
     100
@@ -132,6 +264,7 @@ pub async fn serve(
     addr: SocketAddr,
     proxy: Arc<Proxy>,
     limits: HttpLimits,
+    admission: Admission,
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
@@ -148,17 +281,45 @@ pub async fn serve(
     // Every connection task is tracked; on stop each connection is asked to finish its
     // in-flight request and close (hyper's graceful shutdown), and the drain waits for all.
     let connections = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(admission.per_shard.max(1)));
+    let (mut full_warning, mut accept_warning) = (Throttle::default(), Throttle::default());
+    let sweeper = tokio::spawn(sweep_idle(Arc::clone(&proxy), shutdown.clone()));
 
     loop {
+        if slots.available_permits() == 0 && full_warning.ready() {
+            warn!(%addr, shard = crate::shards::current(), per_shard = admission.per_shard, "max_connections reached: new clients wait in the backlog");
+        }
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("UNWRAP: the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
+                Err(e) if out_of_resources(&e) => {
+                    // Keep the socket, slow down, and let clients queue until fds are free.
+                    if accept_warning.ready() {
+                        warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed: out of file descriptors; backing off");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
                 Err(e) => {
-                    // EMFILE and friends: keep the socket, slow down, and let clients queue.
-                    warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A connection that went away while queued, and the like: the next one.
+                    debug!(%addr, error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let ip_slot = match &admission.per_ip {
+            None => None,
+            Some(table) => match table.admit(peer.ip().to_canonical()) {
+                Some(ip_slot) => Some(ip_slot),
+                None => {
+                    connections.spawn(refuse(stream, http.clone(), slot));
                     continue;
                 }
             },
@@ -166,13 +327,16 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "TCP_NODELAY failed");
         }
+        let local = stream.local_addr().unwrap_or(addr);
         let proxy = Arc::clone(&proxy);
-        let client = Peer::new(peer);
+        let client = Peer::new(peer, local);
         let service = service_fn(move |req| Arc::clone(&proxy).serve(req, client.clone()));
         let stream = FramingGuard::new(stream, limits.max_header_size);
         let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let stop = shutdown.clone();
         connections.spawn(async move {
+            // Held while the HTTP connection is open (a tunnel it turns into is not counted).
+            let _admitted = (slot, ip_slot);
             tokio::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -188,6 +352,7 @@ pub async fn serve(
     }
 
     drop(listener);
+    sweeper.abort();
     connections.close();
     info!(%addr, shard = crate::shards::current(), open_connections = connections.len(), "stopped accepting; draining connections");
     let deadline = tokio::time::Instant::now() + drain;

@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::control::{ControlError, ControlSocket};
-use crate::listener::{self, ListenError};
+use crate::listener::{self, Admission, ListenError, PerIp};
 use crate::logs::OutputSink;
 use crate::proxy::Proxy;
 use crate::shards::Shards;
@@ -79,17 +79,26 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .filter_map(|(app, b)| b.as_ref().map(|b| (Arc::clone(b), app.listen_timeout)))
         .collect();
     let mut accept_loops = JoinSet::new();
+    let proxied = sockets.iter().filter(|s| s.is_some()).count();
+    let fd_limit = open_file_limit();
     for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
         let (Some(socket), Some(balancer)) = (socket, balancer) else {
             continue;
         };
-        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, app.http.upstream_timeout));
+        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, &app.http));
         let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
+        let max_connections = limits.connection_limit(fd_limit, proxied);
+        debug!(app = %app.name, max_connections, fd_limit, "connection limit");
+        let admission = Admission {
+            per_shard: max_connections.div_ceil(shards.len().max(1)),
+            per_ip: limits.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
+        };
         let addr = socket.addr;
         for (shard, (listener, runtime)) in socket.sockets.into_iter().zip(shards.handles()).enumerate() {
             let stop = shutdown.child_token();
             let name = app.name.clone();
             let proxy = Arc::clone(&proxy);
+            let admission = admission.clone();
             let accept_loop = async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
@@ -101,7 +110,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 if shard == 0 {
                     info!(app = %name, %addr, "accepting connections");
                 }
-                if let Err(e) = listener::serve(listener, addr, proxy, limits, stop, drain).await {
+                if let Err(e) = listener::serve(listener, addr, proxy, limits, admission, stop, drain).await {
                     error!(app = %name, %shard, error = %e, "accept loop failed");
                 }
             };
@@ -198,4 +207,9 @@ pub fn stop_deadline(config: &Config) -> Duration {
         .max()
         .unwrap_or_default()
         + Duration::from_secs(10)
+}
+
+/// The soft limit on open files, which bounds the connections corral can hold.
+fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }

@@ -369,6 +369,14 @@ impl Balancer {
         }
     }
 
+    /// Closes the calling shard's stale idle connections to every worker in rotation (workers
+    /// that left it close theirs when their pool is dropped).
+    pub fn sweep_idle(&self) {
+        for upstream in &self.pool.load().members {
+            upstream.pool.sweep();
+        }
+    }
+
     /// Waits until at least one worker is ready.
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.subscribe();

@@ -221,6 +221,22 @@ pub struct HttpLimits {
     /// How long a worker may take to start its response (status and headers) before the client
     /// gets 504. Streaming after that is not limited. Default 60 s.
     pub upstream_timeout: Duration,
+    /// The longest wait between two reads of a request body; a client that stalls longer gets
+    /// 408 and its worker connection is closed (nginx's `client_body_timeout`). Default 60 s.
+    pub client_body_timeout: Duration,
+    /// Largest request body in bytes; a larger one gets 413 (before any of it is forwarded
+    /// when its `Content-Length` says so). Default: none (nginx's `client_max_body_size`).
+    pub max_body_size: Option<u64>,
+    /// Open client connections per app; at the limit corral stops accepting and new clients
+    /// wait in the listen backlog. Default: derived from the fd limit (see
+    /// [`HttpLimits::connection_limit`]).
+    pub max_connections: Option<usize>,
+    /// Open client connections one client address may hold; more are answered 503 and closed.
+    /// Default: none.
+    pub max_connections_per_ip: Option<usize>,
+    /// A tunnel (WebSocket) with no byte in either direction for this long is closed.
+    /// Default: none (a half-closed tunnel still ends 60 s after its first half closed).
+    pub tunnel_idle_timeout: Option<Duration>,
 }
 
 impl Default for HttpLimits {
@@ -230,7 +246,24 @@ impl Default for HttpLimits {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
+            max_body_size: None,
+            max_connections: None,
+            max_connections_per_ip: None,
+            tunnel_idle_timeout: None,
         }
+    }
+}
+
+impl HttpLimits {
+    /// The app's `max_connections`, or its share of what the fd limit allows: every client
+    /// connection may hold a worker connection too, and 64 fds are kept for corral's own files,
+    /// pipes and sockets, so `(fd_limit - 64) / 2` over the `apps` that listen.
+    pub fn connection_limit(&self, fd_limit: u64, apps: usize) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let share = fd_limit.saturating_sub(64) / 2 / apps.max(1) as u64;
+            usize::try_from(share).unwrap_or(usize::MAX).max(1)
+        })
     }
 }
 

@@ -59,6 +59,11 @@ pub(super) const APP_KEYS: &[&str] = &[
     "max_headers",
     "header_read_timeout",
     "upstream_timeout",
+    "client_body_timeout",
+    "max_body_size",
+    "max_connections",
+    "max_connections_per_ip",
+    "tunnel_idle_timeout",
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
@@ -196,6 +201,13 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         upstream_timeout: t
             .optional("upstream_timeout", r, read_positive_duration)
             .unwrap_or(defaults.upstream_timeout),
+        client_body_timeout: t
+            .optional("client_body_timeout", r, read_positive_duration)
+            .unwrap_or(defaults.client_body_timeout),
+        max_body_size: t.optional("max_body_size", r, read_size),
+        max_connections: t.optional("max_connections", r, |v| read_count(v, 1, 100_000_000)),
+        max_connections_per_ip: t.optional("max_connections_per_ip", r, |v| read_count(v, 1, 100_000_000)),
+        tunnel_idle_timeout: t.optional("tunnel_idle_timeout", r, read_positive_duration),
     };
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);

@@ -1,26 +1,43 @@
-//! Header rewriting between client and worker.
+//! What corral checks in a request head and what it writes to the worker.
+//!
+//! [`check`] refuses, before anything reaches a worker, a request that could be read two
+//! ways or that corral cannot forward faithfully: two `Host` fields, HTTP/1.1 without one, a
+//! `Host` that is not a host, `CONNECT`, or a transfer coding other than a single `chunked`
+//! (a `gzip, chunked` body would reach the app still gzipped under a plain `chunked`). It
+//! also decides which `Host` the worker gets: an absolute-form target's authority wins over
+//! the field (RFC 9112 §3.2.2), and an HTTP/1.0 request without one gets the address the
+//! client connected to (nginx's `$host` falls back the same way), so the worker always sees a
+//! valid HTTP/1.1 head.
 //!
 //! Towards the worker, [`encode_request`] writes the request head in HTTP/1.1 form straight
-//! from the client's headers: hop-by-hop headers (RFC 9110 §7.6.1) and every header named in
-//! `Connection` are left out, `X-Forwarded-For` gets the client's address appended, and
-//! `X-Forwarded-Proto` / `X-Forwarded-Host` say what the client asked for (whatever the client
-//! claimed in them is replaced). `Host` is kept as the client sent it, so the app builds correct
-//! absolute URLs. Writing the rewritten head instead of editing the header map first saves the
+//! from the client's headers. The framing is corral's own: the client's `Content-Length` and
+//! `Transfer-Encoding` are never copied; corral writes the [`Framing`] it computed from the
+//! body it read (hyper's decoded length), after every other rewrite, so no header a client
+//! names in `Connection` can change it, or remove `Host`. Left out as well: hop-by-hop headers
+//! (RFC 9110 §7.6.1) and every header named in `Connection`; `Proxy` and every `Proxy-*`
+//! header (they are for a proxy, and `Proxy:` is the httpoxy vector); `Expect: 100-continue`,
+//! which hyper answers on the client's side. `X-Forwarded-For` gets the client's address
+//! appended; `X-Forwarded-Proto` and `X-Forwarded-Host` are kept as sent when the peer is in
+//! `trusted_proxies` (a TLS terminator in front knows the real scheme) and set by corral
+//! otherwise. Writing the rewritten head instead of editing the header map first saves the
 //! map's hashed removals and insertions on every request. Towards the client, the worker's
-//! hop-by-hop headers are never put in the response's map ([`super::upstream`] skips them with
-//! [`is_hop_by_hop`]); hyper frames the body itself.
+//! hop-by-hop headers are never put in the response's map ([`super::upstream`] skips them
+//! with [`is_hop_by_hop`]); hyper frames the body itself.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::{Method, StatusCode, Version};
+
+use super::error::ProxyError;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The client end of a connection, with its address already formatted for `X-Forwarded-For`
-/// (once per connection rather than once per request).
+/// The client end of a connection, with its addresses already formatted (once per connection
+/// rather than once per request).
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// The TCP peer.
@@ -29,20 +46,90 @@ pub struct Peer {
     pub ip: IpAddr,
     /// `ip` as a header value.
     pub ip_header: HeaderValue,
+    /// The address the client connected to, as a `Host` value (for HTTP/1.0 without one).
+    pub local: HeaderValue,
 }
 
 impl Peer {
-    /// The peer at `addr`.
-    pub fn new(addr: SocketAddr) -> Peer {
+    /// The peer at `addr`, connected to `local`.
+    pub fn new(addr: SocketAddr, local: SocketAddr) -> Peer {
         let ip = addr.ip().to_canonical();
         let ip_header = HeaderValue::try_from(ip.to_string()).expect("UNWRAP: an IP address is a valid header value");
-        Peer { addr, ip, ip_header }
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        let local = HeaderValue::try_from(local.to_string()).expect("UNWRAP: an address is a valid header value");
+        Peer {
+            addr,
+            ip,
+            ip_header,
+            local,
+        }
     }
 }
 
-/// The request head for the worker. `upgrade`: the protocol the client asked to switch to
-/// (its `Connection: upgrade` and `Upgrade` are restored); `chunked`: the body is sent chunked.
-pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
+/// How the request body is framed towards the worker, decided by corral from what it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body and no declared length (most GETs): no framing header.
+    None,
+    /// Exactly this many bytes (0 included, when the client declared an empty body).
+    Length(u64),
+    /// A body whose length is not known in advance: sent chunked.
+    Chunked,
+}
+
+/// Checks a request head before anything of it is forwarded; the `Host` value the worker
+/// gets, or why the request is refused.
+pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
+    let refuse = |status, why| Err(ProxyError::Refused { status, why });
+    if head.method == Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+    }
+    let mut codings = head.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if codings.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than a single chunked are not supported",
+            );
+        }
+    }
+    let mut hosts = head.headers.get_all(header::HOST).iter();
+    let field = hosts.next();
+    if hosts.next().is_some() {
+        return refuse(StatusCode::BAD_REQUEST, "more than one Host header");
+    }
+    if let Some(authority) = head.uri.authority() {
+        // Absolute form: its authority is the host (RFC 9112 §3.2.2), whatever Host says.
+        if !matches!(head.uri.scheme_str(), Some("http" | "https")) || authority.as_str().contains('@') {
+            return refuse(StatusCode::BAD_REQUEST, "invalid request target");
+        }
+        return HeaderValue::from_str(authority.as_str())
+            .or(refuse(StatusCode::BAD_REQUEST, "invalid request target"));
+    }
+    match field {
+        Some(host) if valid_host(host.as_bytes()) => Ok(host.clone()),
+        Some(_) => refuse(StatusCode::BAD_REQUEST, "invalid Host header"),
+        None if head.version == Version::HTTP_10 => Ok(peer.local.clone()),
+        None => refuse(StatusCode::BAD_REQUEST, "missing Host header"),
+    }
+}
+
+/// `uri-host [ ":" port ]`, without user information.
+fn valid_host(value: &[u8]) -> bool {
+    !value.is_empty() && !value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok()
+}
+
+/// The request head for the worker. `host`: from [`check`]; `trusted`: the peer is one of the
+/// app's `trusted_proxies`; `upgrade`: the protocol the client asked to switch to (its
+/// `Connection: upgrade` and `Upgrade` are restored); `framing`: how the body follows.
+pub fn encode_request(
+    head: &Parts,
+    peer: &Peer,
+    host: &HeaderValue,
+    trusted: bool,
+    upgrade: Option<&HeaderValue>,
+    framing: Framing,
+) -> Vec<u8> {
     let headers = &head.headers;
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let fields: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
@@ -50,7 +137,9 @@ pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, 
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
 
     // Names listed in Connection are hop-by-hop too (rare: looked for only when present).
     let listed = if headers.contains_key(header::CONNECTION) {
@@ -58,9 +147,18 @@ pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, 
     } else {
         None
     };
-    let mut host = None;
     let mut forwarded_for: Option<Vec<u8>> = None;
+    let (mut kept_proto, mut kept_host) = (false, false);
     for (name, value) in headers {
+        if is_hop_by_hop(name)
+            || *name == header::HOST
+            || *name == header::CONTENT_LENGTH
+            || is_for_a_proxy(name)
+            || (*name == header::EXPECT && value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            || listed.as_ref().is_some_and(|l| l.contains(name))
+        {
+            continue;
+        }
         if *name == X_FORWARDED_FOR {
             let list = forwarded_for.get_or_insert_with(Vec::new);
             if !list.is_empty() {
@@ -69,15 +167,12 @@ pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, 
             list.extend_from_slice(value.as_bytes());
             continue;
         }
-        if is_hop_by_hop(name) || *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST {
-            continue;
-        }
-        // `Connection: host` must not strip the Host the worker routes on.
-        if *name != header::HOST && listed.as_ref().is_some_and(|l| l.contains(name)) {
-            continue;
-        }
-        if *name == header::HOST {
-            host = Some(value);
+        if *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST {
+            if !trusted {
+                continue;
+            }
+            kept_proto |= *name == X_FORWARDED_PROTO;
+            kept_host |= *name == X_FORWARDED_HOST;
         }
         field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -87,19 +182,34 @@ pub fn encode_request(head: &Parts, peer: &Peer, upgrade: Option<&HeaderValue>, 
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(peer.ip_header.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    if let Some(host) = host {
+    out.extend_from_slice(b"\r\n");
+    if !kept_proto {
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    }
+    if !kept_host {
         field(&mut out, b"x-forwarded-host", host.as_bytes());
     }
     if let Some(protocol) = upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
         field(&mut out, b"upgrade", protocol.as_bytes());
     }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match framing {
+        Framing::None => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// `Proxy` and `Proxy-*`: meant for a proxy (credentials, httpoxy's `Proxy:`), never for the app.
+fn is_for_a_proxy(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "proxy" || name.starts_with("proxy-")
 }
 
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -148,78 +258,101 @@ fn connection_tokens(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
+    fn parts(method: &str, uri: &str, version: Version, pairs: &[(&str, &str)]) -> Parts {
+        let (mut parts, ()) = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .version(version)
+            .body(())
+            .expect("valid")
+            .into_parts();
         for (k, v) in pairs {
-            m.append(
+            parts.headers.append(
                 HeaderName::from_bytes(k.as_bytes()).expect("name"),
                 HeaderValue::from_str(v).expect("value"),
             );
         }
-        m
+        parts
     }
 
-    fn encoded(pairs: &[(&str, &str)], peer: &str, upgrade: Option<&str>, chunked: bool) -> String {
-        let mut request = http::Request::builder()
-            .method("GET")
-            .uri("http://ignored.example/p?q=1");
-        for (k, v) in pairs {
-            request = request.header(*k, *v);
-        }
-        let (mut parts, ()) = request.body(()).expect("valid").into_parts();
-        parts.headers = map(pairs);
+    fn peer(addr: &str) -> Peer {
+        Peer::new(addr.parse().expect("addr"), "127.0.0.1:8080".parse().expect("addr"))
+    }
+
+    fn encoded(pairs: &[(&str, &str)], from: &str, trusted: bool, upgrade: Option<&str>, framing: Framing) -> String {
+        let parts = parts("GET", "/p?q=1", Version::HTTP_11, pairs);
+        let peer = peer(from);
+        let host = check(&parts, &peer).expect("accepted");
         let upgrade = upgrade.map(|u| HeaderValue::from_str(u).expect("value"));
-        let head = encode_request(
-            &parts,
-            &Peer::new(peer.parse().expect("addr")),
-            upgrade.as_ref(),
-            chunked,
-        );
+        let head = encode_request(&parts, &peer, &host, trusted, upgrade.as_ref(), framing);
         String::from_utf8(head).expect("text")
     }
 
     #[test]
-    fn hop_by_hop_and_connection_listed_headers_go() {
+    fn hop_by_hop_connection_listed_and_proxy_headers_go() {
         let head = encoded(
             &[
                 ("host", "example.com"),
-                ("connection", "keep-alive, x-secret, Host"),
+                ("connection", "keep-alive, x-secret, Host, content-length, transfer-encoding"),
                 ("keep-alive", "timeout=5"),
                 ("x-secret", "1"),
                 ("te", "trailers"),
                 ("upgrade", "websocket"),
                 ("proxy-authorization", "basic x"),
+                ("proxy", "http://evil.example"),
+                ("proxy-foo", "1"),
+                ("expect", "100-continue"),
+                ("content-length", "99"),
                 ("x-forwarded-proto", "https"),
                 ("x-forwarded-host", "evil.example"),
                 ("accept", "*/*"),
             ],
             "10.0.0.9:1234",
-            None,
             false,
+            None,
+            Framing::Length(5),
         );
         assert_eq!(
             head,
             "GET /p?q=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\nx-forwarded-for: 10.0.0.9\r\n\
-             x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\n\r\n"
+             x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\ncontent-length: 5\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_trusted_peer_keeps_its_forwarded_proto_and_host() {
+        let pairs = [
+            ("host", "internal:8080"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "example.com"),
+        ];
+        let head = encoded(&pairs, "10.0.0.9:1234", true, None, Framing::None);
+        assert!(head.contains("x-forwarded-proto: https\r\n"), "{head}");
+        assert!(head.contains("x-forwarded-host: example.com\r\n"), "{head}");
+        assert_eq!(head.matches("x-forwarded-proto").count(), 1, "{head}");
+        assert_eq!(head.matches("x-forwarded-host").count(), 1, "{head}");
+        let untrusted = encoded(&pairs, "10.0.0.9:1234", false, None, Framing::None);
+        assert!(untrusted.contains("x-forwarded-proto: http\r\n"), "{untrusted}");
+        assert!(untrusted.contains("x-forwarded-host: internal:8080\r\n"), "{untrusted}");
     }
 
     #[test]
     fn forwarded_for_is_appended_to_every_earlier_value() {
         let head = encoded(
-            &[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")],
+            &[
+                ("host", "h"),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+            ],
             "[::ffff:127.0.0.1]:1234",
-            None,
             false,
+            None,
+            Framing::None,
         );
         assert_eq!(head.matches("x-forwarded-for").count(), 1);
         assert!(
             head.contains("x-forwarded-for: 1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1\r\n"),
             "{head}"
-        );
-        assert!(
-            !head.contains("x-forwarded-host"),
-            "no Host, no X-Forwarded-Host: {head}"
         );
     }
 
@@ -228,13 +361,54 @@ mod tests {
         let head = encoded(
             &[("host", "h"), ("connection", "Upgrade"), ("upgrade", "websocket")],
             "10.0.0.1:1",
+            false,
             Some("websocket"),
-            true,
+            Framing::Chunked,
         );
         assert!(
             head.ends_with("connection: upgrade\r\nupgrade: websocket\r\ntransfer-encoding: chunked\r\n\r\n"),
             "{head}"
         );
         assert_eq!(head.matches("upgrade: websocket").count(), 1, "{head}");
+    }
+
+    #[test]
+    fn ambiguous_or_unsupported_heads_are_refused() {
+        let p = peer("10.0.0.1:1");
+        let refused = |method: &str, uri: &str, version, pairs: &[(&str, &str)]| {
+            match check(&parts(method, uri, version, pairs), &p) {
+                Err(ProxyError::Refused { status, .. }) => status.as_u16(),
+                other => panic!("{method} {uri} {pairs:?} accepted: {other:?}"),
+            }
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(refused("GET", "/", v11, &[("host", "a"), ("host", "b")]), 400);
+        assert_eq!(refused("GET", "/", v11, &[]), 400);
+        assert_eq!(refused("GET", "/", v11, &[("host", "")]), 400);
+        assert_eq!(refused("GET", "/", v11, &[("host", "a b")]), 400);
+        assert_eq!(refused("GET", "/", v11, &[("host", "user@a")]), 400);
+        assert_eq!(refused("GET", "ftp://a/x", v11, &[("host", "a")]), 400);
+        assert_eq!(refused("CONNECT", "a:443", v11, &[("host", "a:443")]), 405);
+        for te in [&[("transfer-encoding", "gzip, chunked")][..], &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]] {
+            let mut pairs = vec![("host", "a")];
+            pairs.extend_from_slice(te);
+            assert_eq!(refused("POST", "/", v11, &pairs), 501, "{te:?}");
+        }
+    }
+
+    #[test]
+    fn the_host_comes_from_the_target_the_field_or_the_local_address() {
+        let p = peer("10.0.0.1:1");
+        let host = |uri: &str, version, pairs: &[(&str, &str)]| {
+            check(&parts("GET", uri, version, pairs), &p).expect("accepted")
+        };
+        assert_eq!(host("http://a.example/x", Version::HTTP_11, &[("host", "b.example")]), "a.example");
+        assert_eq!(host("/", Version::HTTP_11, &[("host", "b.example:81")]), "b.example:81");
+        assert_eq!(host("/", Version::HTTP_10, &[]), "127.0.0.1:8080");
+        let absolute = parts("GET", "http://a.example/x?y=1", Version::HTTP_11, &[("host", "b.example")]);
+        let head = encode_request(&absolute, &p, &HeaderValue::from_static("a.example"), false, None, Framing::None);
+        let head = String::from_utf8(head).expect("text");
+        assert!(head.starts_with("GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\n"), "{head}");
+        assert_eq!(head.matches("\nhost:").count(), 1, "{head}");
     }
 }

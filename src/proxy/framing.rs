@@ -9,10 +9,23 @@
 //! [`FramingGuard`] wraps the client's socket and follows the byte stream the way the parser
 //! will: it holds each request head back until it is complete, checks it, and then lets the
 //! body pass (counted for Content-Length, followed chunk by chunk for chunked) so it knows where
-//! the next pipelined head starts. For a conflicting head it rewrites the Transfer-Encoding
-//! value to a coding that is not `chunked`, which hyper answers with 400 and a closed
-//! connection. Whatever the guard does not understand (an oversized head, a bad chunk size, an
-//! upgrade) it passes through untouched and stops looking: hyper then applies its own rules.
+//! the next pipelined head starts. For a head with both framings (whatever the Content-Length
+//! value says) it rewrites the Transfer-Encoding value to a coding that is not `chunked`, and
+//! for a Content-Length that is not one plain number it breaks the request line; hyper answers
+//! both with 400 and a closed connection.
+//!
+//! Why a second reader of the stream at all, when hyper parses it and corral writes its own
+//! framing to the workers (so nothing a client sends can smuggle a request past corral)? hyper
+//! 1.x accepts CL+TE (the lenient reading RFC 9112 §6.1 allows: TE wins, the connection closes
+//! after the response) and leaves no trace of the Content-Length in the request it hands over,
+//! so it cannot be refused later; and a front end that reads such a request one way while a
+//! proxy in front of corral read it the other is how desyncs start. The guard is kept small and
+//! never the more lenient of the two: wherever it could disagree with hyper, the stream ends
+//! with an error there (a chunk-size line it cannot read: [`Scan::Failed`], which hyper sees as
+//! a broken body, 400) or the request cannot continue the connection: it stops looking only
+//! after a head too large for hyper (431) and after a request that asks for an upgrade, whose
+//! response corral always sends with `Connection: close` unless it is the `101` that turns the
+//! connection into a tunnel (see [`crate::proxy::Proxy`]).
 
 use std::io;
 use std::pin::Pin;
@@ -34,8 +47,12 @@ enum Scan {
     ChunkData(u64),
     /// Reading trailer lines after the last chunk.
     Trailers,
-    /// No longer looking (upgrade, or something hyper will judge itself).
+    /// No longer looking: after an upgrade request (its connection ends after the response
+    /// unless it becomes a tunnel), or a head hyper refuses itself.
     Off,
+    /// The stream cannot be followed (an unreadable chunk-size line): what came before is
+    /// delivered, then reads fail and the connection ends.
+    Failed,
 }
 
 /// A client connection whose request heads are checked before hyper parses them.
@@ -74,6 +91,7 @@ impl<IO> FramingGuard<IO> {
                     self.ready.extend_from_slice(input);
                     return;
                 }
+                Scan::Failed => return,
                 Scan::Fixed(n) | Scan::ChunkData(n) => {
                     let take = input.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                     self.ready.extend_from_slice(&input[..take]);
@@ -122,7 +140,7 @@ impl<IO> FramingGuard<IO> {
                         self.line.extend_from_slice(input);
                         self.ready.extend_from_slice(input);
                         if self.line.len() > 4096 {
-                            self.scan = Scan::Off;
+                            self.scan = Scan::Failed;
                         }
                         return;
                     };
@@ -136,7 +154,7 @@ impl<IO> FramingGuard<IO> {
                         _ => match chunk_size(text) {
                             Some(0) => Scan::Trailers,
                             Some(size) => Scan::ChunkData(size.saturating_add(2)),
-                            None => Scan::Off,
+                            None => Scan::Failed,
                         },
                     };
                     self.line.clear();
@@ -186,19 +204,33 @@ fn trim_line(line: &[u8]) -> &[u8] {
     &line[..end]
 }
 
+/// The size of a chunk-size line (`hex [ws] [; extensions]`); `None` when it is not one.
 fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.split(|&b| b == b';').next()?;
-    let digits = std::str::from_utf8(digits).ok()?.trim();
-    if digits.is_empty() || digits.len() > 15 {
+    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
+    if digits.is_empty() {
         return None;
     }
-    u64::from_str_radix(digits, 16).ok()
+    digits.iter().try_fold(0u64, |size, &b| {
+        let digit = char::from(b).to_digit(16)?;
+        size.checked_mul(16)?.checked_add(u64::from(digit))
+    })
+}
+
+/// A `Content-Length` value: one plain decimal number (no sign, list or spaces inside).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Checks a complete head and returns how its body is framed. A head with both framings gets
-/// its Transfer-Encoding value overwritten (same length) so the parser rejects it.
+/// its (last) Transfer-Encoding value overwritten (same length), and one whose Content-Length
+/// is unreadable or given twice with different values gets its request line broken, so that
+/// hyper answers 400 and closes.
 fn check_head(head: &mut [u8]) -> Scan {
-    let mut content_length: Option<u64> = None;
+    let mut length: Option<u64> = None;
+    let (mut length_seen, mut length_bad) = (false, false);
     let mut te_value: Option<(usize, usize)> = None;
     let mut chunked = false;
     let mut upgrade = head.starts_with(b"CONNECT ");
@@ -220,26 +252,34 @@ fn check_head(head: &mut [u8]) -> Scan {
         let value_start = start + colon + 1 + leading;
         let value = trim_line(&line[colon + 1 + leading..]);
         if name.eq_ignore_ascii_case(b"content-length") {
-            content_length = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .or(content_length);
-            if content_length.is_none() {
-                return Scan::Off; // invalid: hyper answers 400 itself
+            length_seen = true;
+            match (content_length(value), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(known)) if n == known => {}
+                _ => length_bad = true,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te_value = Some((value_start, value_start + value.len()));
-            chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+            // As hyper reads it: the last coding decides.
+            chunked = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = true;
         }
     }
-    if let (Some(_), Some((from, to))) = (content_length, te_value) {
+    if let (true, Some((from, to))) = (length_seen, te_value) {
         // "x" is not a coding anyone accepts; the parser answers 400 and closes.
         head[from..to].fill(b'x');
         return Scan::Off;
     }
-    match (upgrade, te_value, content_length) {
+    if length_bad {
+        // A control byte is no method token: the parser answers 400 and closes.
+        head[0] = 0x01;
+        return Scan::Off;
+    }
+    match (upgrade, te_value, length) {
         (true, _, _) => Scan::Off,
         (_, Some(_), _) if chunked => Scan::ChunkSize,
         (_, Some(_), _) => Scan::Off,
@@ -265,6 +305,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
             // Body bytes and unguarded streams go straight into hyper's buffer.
             if this.head_start.is_none() {
                 match this.scan {
+                    Scan::Failed => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "malformed chunked request body",
+                        )))
+                    }
                     Scan::Off => return Pin::new(&mut this.io).poll_read(cx, buf),
                     Scan::Fixed(n) => {
                         let limit = usize::try_from(n).unwrap_or(usize::MAX).min(buf.remaining());

@@ -7,9 +7,17 @@
 //! SSE stream costs the same memory as a tiny request. The in-flight guard rides inside the
 //! response body, so a worker counts as busy until the last byte of its response has left.
 //!
-//! Everything that goes wrong becomes a short 502/503/504 ([`error`]); the service itself never
-//! fails and never panics. Malformed requests never reach it: hyper answers them with 400/431
-//! under the limits set in [`crate::listener::serve`].
+//! Everything that goes wrong becomes a short 4xx/5xx ([`error`]); the service itself never
+//! fails and never panics. Malformed heads never reach it: hyper answers them with 400/431
+//! under the limits set in [`crate::listener::serve`], and [`framing`] makes it refuse the
+//! ones hyper would read leniently. What hyper accepts, [`forward::check`] checks once more
+//! (Host, transfer codings) before any byte goes to a worker. The framing of what is forwarded
+//! is always corral's own (see [`forward`]): one request in, one request out.
+//!
+//! A client whose body breaks off, stalls past `client_body_timeout` or grows past
+//! `max_body_size` ends its exchange at once: the worker's connection, which holds a request
+//! that cannot finish, is closed, and nothing waits for `upstream_timeout`. Running out of file
+//! descriptors while connecting to a worker is a 503 and never marks the worker down.
 //!
 //! The proxy owns no worker state. It learns about workers only through the pool snapshots the
 //! supervisor publishes.
@@ -24,7 +32,6 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -33,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::config::HttpLimits;
+
 use crate::balancer::sticky::{self, CookieSigner};
 use crate::balancer::{Balancer, InFlight};
 use crate::config::Sticky;
@@ -40,14 +49,17 @@ use body::ProxyBody;
 use error::ProxyError;
 use forward::Peer;
 use http::header::{CONTENT_LENGTH, SET_COOKIE};
-use upstream::{Failure, ResponseBody, UpstreamBody};
+use forward::Framing;
+use upstream::{ClientFault, Failure, Limits, ResponseBody, UpstreamBody};
 
 /// The proxy of one app.
 #[derive(Debug)]
 pub struct Proxy {
     app: String,
     balancer: Arc<Balancer>,
-    upstream_timeout: Duration,
+    limits: Limits,
+    /// `tunnel_idle_timeout`.
+    tunnel_idle: Option<std::time::Duration>,
     /// Cancelled by the listener at the end of its drain: open tunnels close.
     closing: CancellationToken,
     /// The open tunnels, so a stop can wait for them (up to the drain deadline).
@@ -57,13 +69,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy for `app` over the workers `balancer` publishes.
-    pub fn new(app: String, balancer: Arc<Balancer>, upstream_timeout: Duration) -> Proxy {
+    /// A proxy for `app` over the workers `balancer` publishes, under the app's `limits`.
+    pub fn new(app: String, balancer: Arc<Balancer>, limits: &HttpLimits) -> Proxy {
         let cookies = CookieSigner::new(&app);
         Proxy {
             app,
             balancer,
-            upstream_timeout,
+            limits: Limits {
+                upstream_timeout: limits.upstream_timeout,
+                client_body_timeout: limits.client_body_timeout,
+                max_body_size: limits.max_body_size,
+            },
+            tunnel_idle: limits.tunnel_idle_timeout,
             closing: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             cookies,
@@ -90,7 +107,17 @@ impl Proxy {
 
     /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
     pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, Infallible> {
-        Ok(self.handle(req, peer).await)
+        // The framing guard stops following the client's stream at a request that carries
+        // `Upgrade` (or is a CONNECT): unless it became a tunnel, its connection ends with it,
+        // so nothing after it is ever read as HTTP.
+        let last = req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT;
+        let mut response = self.handle(req, peer).await;
+        if last && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        Ok(response)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
@@ -110,16 +137,28 @@ impl Proxy {
     async fn forward(&self, mut req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (head, body) = req.into_parts();
+        let host = forward::check(&head, &peer)?;
+        // The framing towards the worker comes from what hyper decoded, never from the
+        // client's header map (whose framing fields a `Connection` token could have named).
+        let declared = http_body::Body::size_hint(&body).exact();
+        if let (Some(max), Some(length)) = (self.limits.max_body_size, declared) {
+            if length > max {
+                return Err(ProxyError::TooLarge { limit: max });
+            }
+        }
         let mut body = UpstreamBody::from_client(body);
-        let chunked = matches!(body, UpstreamBody::Stream(_)) && !head.headers.contains_key(CONTENT_LENGTH);
-        // Encoded once: a retry sends the same bytes.
-        let encoded = forward::encode_request(&head, &peer, upgrade.as_ref().map(|(p, _)| p), chunked);
+        let framing = match (&body, declared) {
+            (UpstreamBody::Empty, _) if !head.headers.contains_key(CONTENT_LENGTH) => Framing::None,
+            (_, Some(length)) => Framing::Length(length),
+            (UpstreamBody::Empty, None) => Framing::Length(0),
+            (UpstreamBody::Stream(_), None) => Framing::Chunked,
+        };
         // After a request was written and the exchange failed, only a bodiless idempotent
         // request may be sent again (once, elsewhere), as nginx does. The head is only borrowed
         // by an exchange, so that costs no copy.
         let mut may_resend = is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty);
 
-        let (sticky_mode, affinity) = self.balancer.with_routing(|routing| {
+        let (sticky_mode, affinity, trusted) = self.balancer.with_routing(|routing| {
             let affinity = match routing.sticky {
                 Sticky::None => None,
                 Sticky::Cookie => self.cookies.slot_from(&head.headers, &routing.cookie),
@@ -128,8 +167,18 @@ impl Proxy {
                     routing.instances,
                 )),
             };
-            (routing.sticky, affinity)
+            let trusted = !routing.trusted.is_empty() && routing.trusted.iter().any(|n| n.contains(peer.ip));
+            (routing.sticky, affinity, trusted)
         });
+        // Encoded once: a retry sends the same bytes.
+        let encoded = forward::encode_request(
+            &head,
+            &peer,
+            &host,
+            trusted,
+            upgrade.as_ref().map(|(p, _)| p),
+            framing,
+        );
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
@@ -141,6 +190,10 @@ impl Proxy {
                 Some(conn) => (conn, true),
                 None => match upstream.pool.connect().await {
                     Ok(conn) => (conn, false),
+                    Err(e) if is_exhaustion(&e) => {
+                        // corral's own limit, not the worker's: it stays in rotation.
+                        return Err(ProxyError::Exhausted { reason: e.to_string() });
+                    }
                     Err(e) => {
                         // Nothing was sent: any request may go to another worker.
                         self.balancer.report_unreachable(upstream);
@@ -153,18 +206,20 @@ impl Proxy {
                     }
                 },
             };
-            let exchange = conn.exchange(&encoded, &head.method, &mut body, chunked, upgrade.is_some());
-            let failure = match tokio::time::timeout(self.upstream_timeout, exchange).await {
-                Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        worker: upstream.addr,
-                        after: self.upstream_timeout,
-                    })
-                }
-                Ok(Ok(response)) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity)),
-                Ok(Err(failure)) => failure,
+            let chunked = framing == Framing::Chunked;
+            let exchange = conn.exchange(&encoded, &head.method, &mut body, chunked, upgrade.is_some(), self.limits);
+            let failure = match exchange.await {
+                Ok(response) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity)),
+                Err(failure) => failure,
             };
             let (retry, reason) = match failure {
+                Failure::Timeout => {
+                    return Err(ProxyError::Timeout {
+                        worker: upstream.addr,
+                        after: self.limits.upstream_timeout,
+                    })
+                }
+                Failure::Client(fault) => return Err(self.client_fault(fault)),
                 // A pooled connection the worker had closed as the request went out: like
                 // nginx, a bodiless idempotent request gets a try that does not count, on a
                 // connection (and maybe a worker) of the next pick. Each such try uses up an
@@ -206,7 +261,7 @@ impl Proxy {
             }
             if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
                 self.tunnels
-                    .spawn(tunnel::splice(client, worker, early, guard, self.closing.clone()));
+                    .spawn(tunnel::splice(client, worker, early, guard, self.closing.clone(), self.tunnel_idle));
             }
             return Response::from_parts(parts, ProxyBody::message(Bytes::new()));
         }
@@ -218,6 +273,32 @@ impl Proxy {
         }
         Response::from_parts(parts, ProxyBody::upstream(body, guard))
     }
+}
+
+impl Proxy {
+    /// The error for a client whose body failed.
+    fn client_fault(&self, fault: ClientFault) -> ProxyError {
+        match fault {
+            ClientFault::Broken(reason) => ProxyError::ClientBody { reason },
+            ClientFault::Stalled => ProxyError::ClientStalled {
+                after: self.limits.client_body_timeout,
+            },
+            ClientFault::TooLarge => ProxyError::TooLarge {
+                limit: self.limits.max_body_size.unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// True for the errors that say corral itself ran out of something (file descriptors, memory
+/// for socket buffers, local ports), which no worker is to blame for.
+fn is_exhaustion(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM, Errno::EADDRNOTAVAIL]
+            .iter()
+            .any(|errno| *errno as i32 == code)
+    })
 }
 
 /// Methods that RFC 9110 defines as idempotent.

@@ -10,11 +10,15 @@
 //! ever uses them. Idle connections are kept LIFO (the most recently used is the warmest), at
 //! most [`MAX_IDLE`], and one idle longer than [`IDLE_TIMEOUT`] is not reused: Node closes idle
 //! connections after 5 s, and a request must never be sent on a connection the worker is
-//! closing. One the worker has already closed is noticed at checkout and dropped. A connection
+//! closing. One the worker has already closed is noticed at checkout and dropped. Stale
+//! connections are also closed from the old end of the list whenever one is returned, and by
+//! [`ConnPool::sweep`], which each shard runs every [`SWEEP_EVERY`] while it accepts: without
+//! it, a quiet app kept every connection Node had closed in CLOSE_WAIT, an fd each. A connection
 //! goes back to the pool only when its response body has been read to the end; dropping the
 //! pool (the worker left rotation and its last request finished) closes every idle connection.
 
 use std::net::SocketAddr;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,6 +29,8 @@ use crate::shards;
 pub const MAX_IDLE: usize = 256;
 /// Idle connections older than this are closed instead of reused (Node: 5 s keep-alive).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often each shard closes its stale idle connections.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Connecting on loopback is immediate or refused; this bounds a full accept backlog.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,7 +46,8 @@ pub struct ConnPool {
     addr: SocketAddr,
     /// One list per shard. Only that shard's thread takes its lock, so it is never contended;
     /// it is there because the pool is shared with the supervisor (which drops it).
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Oldest first: connections are returned at the back and taken from the back.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
 }
 
 impl ConnPool {
@@ -48,12 +55,12 @@ impl ConnPool {
     pub fn new(addr: SocketAddr) -> ConnPool {
         ConnPool {
             addr,
-            idle: (0..shards::count()).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: (0..shards::count()).map(|_| Mutex::new(VecDeque::new())).collect(),
         }
     }
 
     /// The calling shard's idle connections.
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         let list = &self.idle[shards::current() % self.idle.len()];
         // Short critical sections, no await inside: a std Mutex is right.
         list.lock().unwrap_or_else(|p| p.into_inner())
@@ -62,7 +69,7 @@ impl ConnPool {
     /// An idle connection ready for a request, if there is one.
     pub fn checkout(&self) -> Option<Conn> {
         loop {
-            let idle = self.idle().pop()?;
+            let idle = self.idle().pop_back()?;
             if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.is_reusable() {
                 return Some(idle.conn);
             }
@@ -81,12 +88,26 @@ impl ConnPool {
 
     /// Returns a connection whose exchange is complete.
     pub fn put(&self, conn: Conn) {
+        let now = Instant::now();
         let mut idle = self.idle();
+        close_stale(&mut idle, now);
         if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since: now });
         }
+    }
+
+    /// Closes the calling shard's idle connections that are too old to be reused.
+    pub fn sweep(&self) {
+        close_stale(&mut self.idle(), Instant::now());
+    }
+}
+
+/// Drops (closes) the connections at the old end of `idle` that are past [`IDLE_TIMEOUT`].
+fn close_stale(idle: &mut VecDeque<Idle>, now: Instant) {
+    while idle
+        .front()
+        .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT)
+    {
+        idle.pop_front();
     }
 }

@@ -70,9 +70,36 @@ impl UpstreamBody {
     }
 }
 
+/// Limits an exchange applies on the client's behalf.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From the end of the request to the response head.
+    pub upstream_timeout: std::time::Duration,
+    /// The longest wait between two reads of the client's body.
+    pub client_body_timeout: std::time::Duration,
+    /// Largest body passed on.
+    pub max_body_size: Option<u64>,
+}
+
+/// Why the client's side of a request failed; the worker is not to blame.
+#[derive(Debug)]
+pub enum ClientFault {
+    /// The body is malformed (bad chunk framing) or ended early (the client went away).
+    Broken(String),
+    /// Nothing of the body came for `client_body_timeout`.
+    Stalled,
+    /// The body grew past `max_body_size`.
+    TooLarge,
+}
+
 /// How an exchange failed.
 #[derive(Debug)]
 pub enum Failure {
+    /// The client's body failed: the request is abandoned and the connection to the worker,
+    /// which holds a request it cannot finish, is closed.
+    Client(ClientFault),
+    /// No response head within `upstream_timeout` of the end of the request.
+    Timeout,
     /// Nothing of the request was written: it may be sent anywhere else, whatever it is.
     NotSent(io::Error),
     /// The request was written, and the worker closed or reset the connection without a byte
@@ -109,9 +136,12 @@ impl Conn {
     }
 
     /// Sends a request (its encoded `head`, see [`super::forward::encode_request`], then its
-    /// body from `body`, chunked if `chunked`) and waits for the response head. `method`
-    /// decides the response's framing (no body for `HEAD`). `upgrade`: the client asked for a
-    /// protocol upgrade, so a `101` answer is expected rather than an error.
+    /// body from `body`, chunked if `chunked`) and waits for the response head, at most
+    /// `limits.upstream_timeout` after the request's end. `method` decides the response's
+    /// framing (no body for `HEAD`). `upgrade`: the client asked for a protocol upgrade, so a
+    /// `101` answer is expected rather than an error. A client body that breaks off, stalls or
+    /// grows too large ends the exchange at once ([`Failure::Client`]), never a wait for the
+    /// worker to give up on a request it cannot finish.
     pub async fn exchange(
         mut self,
         head: &[u8],
@@ -119,6 +149,7 @@ impl Conn {
         body: &mut UpstreamBody,
         chunked: bool,
         upgrade: bool,
+        limits: Limits,
     ) -> Result<Response<ResponseBody>, Failure> {
         write_head(&mut self.stream, head).await?;
 
@@ -126,25 +157,33 @@ impl Conn {
         // upload ends: 413, 401) and, if the head comes first, while the response body streams
         // (an echo, a transcoder): full duplex, like a direct connection.
         let mut upload = match std::mem::replace(body, UpstreamBody::Empty) {
-            UpstreamBody::Stream(client) => Some(Upload::new(client, chunked)),
+            UpstreamBody::Stream(client) => Some(Upload::new(client, chunked, limits)),
             UpstreamBody::Empty => None,
         };
+        // upstream_timeout runs from the end of the request: an upload may take longer.
+        let mut deadline = std::pin::pin!(tokio::time::sleep(limits.upstream_timeout));
+        let mut armed = upload.is_none();
         let parsed = poll_fn(|cx| {
             if let Some(upload) = upload.as_mut() {
                 upload.poll_progress(cx, &mut self.stream);
+                if let Some(fault) = upload.fault.take() {
+                    return Poll::Ready(Err(Failure::Client(fault)));
+                }
+                if upload.done && !armed {
+                    armed = true;
+                    let at = tokio::time::Instant::now() + limits.upstream_timeout;
+                    deadline.as_mut().reset(at);
+                }
             }
-            poll_head(cx, &mut self.stream, &mut self.buf)
+            if let Poll::Ready(head) = poll_head(cx, &mut self.stream, &mut self.buf) {
+                return Poll::Ready(head.map_err(|e| classify(e, upload.as_ref(), self.buf.is_empty())));
+            }
+            if armed && deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Failure::Timeout));
+            }
+            Poll::Pending
         })
-        .await;
-        let parsed = parsed.map_err(|e| match upload.as_ref().and_then(|u| u.failed.as_ref()) {
-            Some(send) => Failure::Failed(io::Error::new(e.kind(), format!("{e} (sending the body: {send})"))),
-            None if self.buf.is_empty()
-                && matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) =>
-            {
-                Failure::Dropped(e)
-            }
-            None => Failure::Failed(e),
-        })?;
+        .await?;
         let framing = if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
             if !upgrade {
                 return Err(Failure::Failed(invalid(
@@ -170,6 +209,17 @@ impl Conn {
             response.extensions_mut().insert(reason);
         }
         Ok(response)
+    }
+}
+
+/// How a failure to read the response head counts, given what happened to the upload.
+fn classify(e: io::Error, upload: Option<&Upload>, nothing_read: bool) -> Failure {
+    match upload.and_then(|u| u.failed.as_ref()) {
+        Some(send) => Failure::Failed(io::Error::new(e.kind(), format!("{e} (sending the body: {send})"))),
+        None if nothing_read && matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+            Failure::Dropped(e)
+        }
+        None => Failure::Failed(e),
     }
 }
 
@@ -202,15 +252,36 @@ struct Upload {
     chunked: bool,
     /// Encoded bytes not yet written: chunk-size line, data, line end.
     out: [Bytes; 3],
-    /// Everything is written (or writing failed: see `failed`).
+    /// Everything is written (or writing failed: see `failed` and `fault`).
     done: bool,
     /// All frames were taken from the client's body.
     ended: bool,
+    /// Writing to the worker failed.
     failed: Option<io::Error>,
+    /// The client's side failed; taken by whoever reports it.
+    fault: Option<ClientFault>,
+    /// Body bytes taken from the client so far.
+    received: u64,
+    limits: Limits,
+    /// Fires `client_body_timeout` after the last frame; set up the first time the client's
+    /// body makes us wait, so a body that came with its head costs no timer.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Why an upload stopped early.
+enum Stop {
+    Worker(io::Error),
+    Client(ClientFault),
+}
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Stop {
+        Stop::Worker(e)
+    }
 }
 
 impl Upload {
-    fn new(body: Incoming, chunked: bool) -> Upload {
+    fn new(body: Incoming, chunked: bool, limits: Limits) -> Upload {
         Upload {
             body,
             chunked,
@@ -218,22 +289,62 @@ impl Upload {
             done: false,
             ended: false,
             failed: None,
+            fault: None,
+            received: 0,
+            limits,
+            stall: None,
         }
     }
 
-    /// Writes as much as can be written now. A failure stops the upload and is kept: the
-    /// worker may still have answered (it closed the connection after a 413, say).
+    /// Writes as much as can be written now. A worker-side failure stops the upload and is
+    /// kept: the worker may still have answered (it closed the connection after a 413, say).
+    /// A client-side one is kept in `fault` for the exchange or the response body to report.
     fn poll_progress(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) {
         if self.done {
             return;
         }
         match self.poll_write(cx, stream) {
             Poll::Ready(Ok(())) => self.done = true,
-            Poll::Ready(Err(e)) => {
+            Poll::Ready(Err(Stop::Worker(e))) => {
                 self.done = true;
                 self.failed = Some(e);
             }
+            Poll::Ready(Err(Stop::Client(fault))) => {
+                self.done = true;
+                self.ended = true;
+                self.fault = Some(fault);
+            }
             Poll::Pending => {}
+        }
+    }
+
+    /// The client's next body frame, bounded by `client_body_timeout` and `max_body_size`.
+    fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, ClientFault>> {
+        let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+            let after = self.limits.client_body_timeout;
+            let stall = self
+                .stall
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+            ready!(stall.as_mut().poll(cx));
+            return Poll::Ready(Err(ClientFault::Stalled));
+        };
+        if let Some(stall) = self.stall.as_mut() {
+            stall
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limits.client_body_timeout);
+        }
+        match frame {
+            None => Poll::Ready(Ok(None)),
+            Some(Err(e)) => Poll::Ready(Err(ClientFault::Broken(e.to_string()))),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received += data.len() as u64;
+                    if self.limits.max_body_size.is_some_and(|max| self.received > max) {
+                        return Poll::Ready(Err(ClientFault::TooLarge));
+                    }
+                }
+                Poll::Ready(Ok(Some(frame)))
+            }
         }
     }
 
@@ -248,7 +359,7 @@ impl Upload {
         Poll::Ready(())
     }
 
-    fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<io::Result<()>> {
+    fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), Stop>> {
         loop {
             while self.out.iter().any(|b| !b.is_empty()) {
                 let slices = [
@@ -258,7 +369,7 @@ impl Upload {
                 ];
                 let mut n = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices))?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 for part in &mut self.out {
                     let step = n.min(part.len());
@@ -269,22 +380,16 @@ impl Upload {
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            match ready!(self.poll_client(cx)).map_err(Stop::Client)? {
                 None => {
                     self.ended = true;
                     if self.chunked {
                         self.out[2] = Bytes::from_static(b"0\r\n\r\n");
                     }
                 }
-                Some(Err(e)) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!("client body: {e}"),
-                    )))
-                }
                 // Request trailers are dropped: workers do not read them, and a
                 // Content-Length body cannot carry them.
-                Some(Ok(frame)) => match frame.into_data() {
+                Some(frame) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {
                         self.out = [
@@ -616,6 +721,16 @@ impl Body for ResponseBody {
         let this = &mut *self;
         if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
             upload.poll_progress(cx, &mut conn.stream);
+            if let Some(fault) = upload.fault.take() {
+                // The client's request broke off under a streaming response: end it here, and
+                // the worker's connection with it (it holds a request it cannot finish).
+                this.conn = None;
+                this.state = State::Done;
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("the client's request body failed: {fault:?}"),
+                ))));
+            }
         }
         loop {
             match this.state {
@@ -704,7 +819,8 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done | State::Upgraded)
+        // Not while an unwanted upload is still to be read and dropped (see `State::Done`).
+        matches!(self.state, State::Done | State::Upgraded) && self.upload.as_ref().is_none_or(|u| u.ended)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -828,6 +944,12 @@ mod wire_tests {
         (data, trailers, conn)
     }
 
+    const LIMITS: Limits = Limits {
+        upstream_timeout: std::time::Duration::from_secs(30),
+        client_body_timeout: std::time::Duration::from_secs(30),
+        max_body_size: None,
+    };
+
     /// A GET to a worker answering `answer`.
     async fn get(answer: &'static [u8]) -> Result<Response<ResponseBody>, Failure> {
         let (addr, _worker) = worker(answer).await;
@@ -838,6 +960,7 @@ mod wire_tests {
             &mut UpstreamBody::Empty,
             false,
             false,
+            LIMITS,
         )
         .await
     }
@@ -852,7 +975,7 @@ mod wire_tests {
         let conn = Conn::new(tokio::net::TcpStream::connect(addr).await.expect("connect"));
         let head = b"GET /x HTTP/1.1\r\nhost: w\r\n\r\n";
         let response = conn
-            .exchange(head, &Method::GET, &mut UpstreamBody::Empty, false, false)
+            .exchange(head, &Method::GET, &mut UpstreamBody::Empty, false, false, LIMITS)
             .await
             .expect("exchange");
         assert_eq!(response.status(), StatusCode::OK);
