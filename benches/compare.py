@@ -10,6 +10,7 @@ Every load run is bounded (wrk -d), every process started is stopped.
   python3 benches/compare.py --mode reload        # failed requests while reloading every 3 s
   python3 benches/compare.py --mode reload-time --workers 4   # how long a rolling reload takes
   python3 benches/compare.py --connections 1000 --targets corral,nginx,haproxy,pm2   # memory
+  python3 benches/compare.py --mode abuse         # legitimate load beside slowloris and aborted uploads
   python3 benches/compare.py --readme             # also rewrite the matching table in README.md
 
 Reload mode: wrk runs 30 s at fixed concurrency while the target's workers are replaced every
@@ -20,17 +21,33 @@ failed requests (socket errors and non-2xx) and p99 latency with and without rel
 Reload-time mode: corral alone with --workers hello workers, idle; times `corral reload` (from the
 command to its final answer) against the worker's own boot time (from exec to its first answer).
 
+Abuse mode: corral, nginx and HAProxy (by default), each for --duration (15 s) under wrk at
+--connections (64), while in the harness's own process (benches/attackers.py) --slowloris (200)
+connections send a request head that never ends, one header line a second, and are re-opened when
+the server closes them, and --uploads-per-s (200) uploads a second send the head of a 1,000-byte
+body and 2 bytes of it, then close. The workers are benches/hello-body.js (--worker): hello.js,
+but answering once the request body has been read, as an upload handler does (hello.js answers
+on the head alone, so an abandoned upload would never keep a worker waiting). Every target gets
+the same request-head timeout, --header-timeout (10 s, corral's `header_read_timeout` default;
+nginx's `client_header_timeout`, 60 s by default, and HAProxy's `timeout http-request` are set to
+it), and starts with the soft fd limit --nofile (1024, systemd's default; the hard limit is kept,
+so a proxy may raise its own). It reports the legitimate requests' socket errors and non-2xx
+answers (totals over the rounds), req/s, p50 and p99, what the attackers saw, and the proxy's
+open fds (/proc/PID/fd, peak during the run).
+
 With --readme, the report replaces the table between the markers of its mode in README.md
 (`<!-- bench:throughput-c64 -->` ... `<!-- /bench:throughput-c64 -->`, `bench:reload`,
-`bench:reload-time`), headed by the date, the machine and the versions measured.
+`bench:reload-time`, `bench:abuse`), headed by the date, the machine and the versions measured.
 
 Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
-benches/.tools). Build corral first: cargo build --release.
+benches/.tools). Build corral first: cargo build --release. The corral binary is --corral, else
+$CORRAL_BIN, else $CARGO_TARGET_DIR/release/corral, else target/release/corral.
 """
 import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -42,9 +59,13 @@ import threading
 import time
 from pathlib import Path
 
+import attackers
+
 ROOT = Path(__file__).resolve().parent.parent
+# The worker script every target fronts; main() may pick another (--worker).
 HELLO = ROOT / "benches" / "hello.js"
-CORRAL = ROOT / "target" / "release" / "corral"
+# The corral binary measured; main() may point it elsewhere (--corral, $CORRAL_BIN).
+CORRAL = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "release" / "corral"
 TOOLS = ROOT / "benches" / ".tools"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -103,9 +124,28 @@ def children(pid):
         return []
 
 
-def start_worker(port):
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def fd_limit(soft):
+    """A preexec_fn that gives the child `soft` as its soft RLIMIT_NOFILE (hard limit kept); None for no change."""
+    if not soft:
+        return None
+
+    def apply():
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    return apply
+
+
+def start_worker(port, nofile=None):
     env = dict(os.environ, PORT=str(port), HOST="127.0.0.1")
-    return subprocess.Popen(["node", str(HELLO)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(["node", str(HELLO)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=fd_limit(nofile))
 
 
 def start_workers(count):
@@ -121,11 +161,25 @@ def stop_workers(workers):
     for _, w in workers:
         w.terminate()
     for _, w in workers:
-        w.wait(10)
+        stop_process(w, "a worker", 10)
+
+
+def stop_process(proc, name, grace):
+    """Waits up to `grace` s for a process told to stop; then kills it, and says so."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        print(f"{name} did not stop within {grace} s; killed", file=sys.stderr, flush=True)
+        proc.kill()
+        proc.wait(10)
 
 
 class Target:
-    """A proxy (or none) in front of hello workers, listening on self.port."""
+    """A proxy (or none) in front of hello workers, listening on self.port.
+
+    header_timeout (s): the request-head timeout to configure, None for the proxy's default.
+    nofile: the soft fd limit the proxy starts with, None to inherit the harness's.
+    """
 
     name = "?"
 
@@ -139,9 +193,9 @@ class Target:
 class Direct(Target):
     name = "direct (1 worker)"
 
-    def __init__(self, workers):
+    def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
-        self.proc = start_worker(self.port)
+        self.proc = start_worker(self.port, nofile)
         wait_for("the worker", lambda: answers(self.port))
 
     def stop(self):
@@ -152,16 +206,21 @@ class Direct(Target):
 class Corral(Target):
     name = "corral"
 
-    def __init__(self, workers):
+    def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
         config = Path(self.dir) / "proxy.toml"
         config.write_text(
             f'[[app]]\nname = "hello"\ncommand = ["node", "{HELLO}"]\nlisten = "127.0.0.1:{self.port}"\n'
             f"instances = {workers}\n"
+            + (f'header_read_timeout = "{header_timeout}s"\n' if header_timeout else "")
         )
         env = dict(os.environ, CORRAL_RUNTIME_DIR=self.dir, CORRAL_LOG="warn")
-        self.proc = subprocess.Popen([str(CORRAL), "run", "-c", str(config)], env=env, stdout=subprocess.DEVNULL)
+        # Its log goes to a file (under abuse it writes a line per failed accept); stop() sums it up.
+        self.log = Path(self.dir) / "corral.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([str(CORRAL), "run", "-c", str(config)], env=env, stdout=subprocess.DEVNULL,
+                                         stderr=log, preexec_fn=fd_limit(nofile))
         self.env, self.config = env, config
 
         def all_online():
@@ -183,25 +242,34 @@ class Corral(Target):
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        stop_process(self.proc, "corral", 30)
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        if lines:
+            print(f"corral logged {len(lines)} lines; the last ones:", *lines[-3:], sep="\n  ", file=sys.stderr)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Nginx(Target):
     name = "nginx"
 
-    def __init__(self, workers):
+    def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="nginx-bench-")
         self.count = workers
+        self.header_timeout = header_timeout
         self.workers = start_workers(workers)
         self.conf = Path(self.dir) / "nginx.conf"
         self.write_conf()
-        self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=fd_limit(nofile))
         wait_for("nginx", lambda: answers(self.port))
 
     def write_conf(self):
         servers = "".join(f"    server 127.0.0.1:{p};\n" for p, _ in self.workers)
+        head_timeout = f"  client_header_timeout {self.header_timeout}s;\n" if self.header_timeout else ""
         self.conf.write_text(f"""daemon off;
 worker_processes auto;
 pid {self.dir}/nginx.pid;
@@ -209,7 +277,7 @@ error_log {self.dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  upstream hello {{
+{head_timeout}  upstream hello {{
 {servers}    keepalive 64;
   }}
   server {{
@@ -237,7 +305,7 @@ http {{
 
     def stop(self):
         self.proc.send_signal(signal.SIGQUIT)
-        self.proc.wait(30)
+        stop_process(self.proc, "nginx", 30)
         stop_workers(self.workers)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -245,11 +313,12 @@ http {{
 class Haproxy(Target):
     name = "haproxy"
 
-    def __init__(self, workers):
+    def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="haproxy-bench-")
         self.workers = start_workers(workers)
         servers = "".join(f"    server w{i} 127.0.0.1:{p}\n" for i, (p, _) in enumerate(self.workers))
+        head_timeout = f"    timeout http-request {header_timeout}s\n" if header_timeout else ""
         conf = Path(self.dir) / "haproxy.cfg"
         conf.write_text(f"""global
     nbthread {os.cpu_count()}
@@ -259,7 +328,7 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-    option http-keep-alive
+{head_timeout}    option http-keep-alive
     http-reuse always
 frontend web
     bind 127.0.0.1:{self.port}
@@ -267,7 +336,8 @@ frontend web
 backend app
     balance roundrobin
 {servers}""")
-        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=fd_limit(nofile))
         wait_for("haproxy", lambda: answers(self.port))
 
     def proxy_pids(self):
@@ -287,12 +357,13 @@ backend app
 class Pm2(Target):
     name = "pm2 cluster"
 
-    def __init__(self, workers):
+    def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
         self.home = tempfile.mkdtemp(prefix="pm2-bench-")
         self.env = dict(os.environ, PM2_HOME=self.home, PORT=str(self.port), HOST="127.0.0.1")
         self.pm2 = str(pm2_binary())
-        subprocess.run([self.pm2, "start", str(HELLO), "-i", str(workers), "--name", "hello"], env=self.env, check=True, capture_output=True)
+        subprocess.run([self.pm2, "start", str(HELLO), "-i", str(workers), "--name", "hello"], env=self.env, check=True,
+                       capture_output=True, preexec_fn=fd_limit(nofile))
         wait_for("pm2", lambda: answers(self.port))
 
     def proxy_pids(self):
@@ -316,13 +387,16 @@ def pm2_binary():
 TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "haproxy": Haproxy, "pm2": Pm2}
 
 
-def run_wrk(port, duration, connections, sample_pids):
+def run_wrk(port, duration, connections, sample_pids, on_sample=None):
+    """wrk against 127.0.0.1:port; samples the RSS of sample_pids() (and calls on_sample()) every 0.25 s."""
     peak = [0]
     done = threading.Event()
 
     def sample():
         while not done.wait(0.25):
             peak[0] = max(peak[0], sum(rss_bytes(p) for p in sample_pids()))
+            if on_sample:
+                on_sample()
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -342,10 +416,13 @@ def run_wrk(port, duration, connections, sample_pids):
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    sockets = {kind: int(n) for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", out)}
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors += int(m.group(1)) if m else 0
-    return {"rps": rps, "p50": latency(50), "p99": latency(99), "errors": errors, "requests": total, "peak_rss": peak[0]}
+    non2xx = int(m.group(1)) if m else 0
+    result = {"rps": rps, "p50": latency(50), "p99": latency(99), "errors": sum(sockets.values()) + non2xx,
+              "non2xx": non2xx, "requests": total, "peak_rss": peak[0]}
+    result.update({kind: sockets.get(kind, 0) for kind in ("connect", "read", "write", "timeout")})
+    return result
 
 
 def measure(cls, args):
@@ -398,8 +475,42 @@ def measure_reloads(cls, args):
         target.stop()
 
 
+def measure_abuse(cls, args):
+    """wrk at args.connections for args.duration while slowloris connections and aborted uploads run."""
+    target = cls(args.workers, header_timeout=args.header_timeout, nofile=args.nofile)
+    try:
+        run_wrk(target.port, 2, args.connections, lambda: [])  # warm-up: JIT, pools
+        fds_idle = sum(fd_count(p) for p in target.proxy_pids())
+        attack = attackers.Attack(target.port, slowloris=args.slowloris, uploads_per_s=args.uploads_per_s,
+                                  line_every=1.0, max_seconds=args.duration + 90)
+        peak = {"fds": fds_idle}
+        sl_open = []  # slowloris connections open, every 0.25 s during the wrk run
+
+        def sample():
+            peak["fds"] = max(peak["fds"], sum(fd_count(p) for p in target.proxy_pids()))
+            sl_open.append(attack.open)
+
+        attack.start()
+        try:
+            sl_open_start = attack.open
+            result = run_wrk(target.port, args.duration, args.connections, target.proxy_pids, sample)
+        finally:
+            result_attack = attack.stop()
+        result.update(result_attack)
+        result["fds_idle"], result["fds_peak"] = fds_idle, peak["fds"]
+        result["sl_open_start"] = sl_open_start
+        result["sl_open_min"] = min(sl_open, default=sl_open_start)
+        result["sl_open_mean"] = statistics.mean(sl_open) if sl_open else float(sl_open_start)
+        return result
+    finally:
+        target.stop()
+
+
 def run_rounds(names, args, measure_one, describe):
-    """Measures every target once per round, rotating the order; returns a median getter."""
+    """Measures every target once per round, rotating the order; returns a median getter.
+
+    The median leaves out the rounds where a value is NaN (not measured); all NaN gives NaN.
+    """
     results = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -407,7 +518,11 @@ def run_rounds(names, args, measure_one, describe):
             result = measure_one(TARGETS[name], args)
             results[name].append(result)
             print(f"round {r + 1} {name:>7}: {describe(result)}", file=sys.stderr, flush=True)
-    return lambda name, key: statistics.median(r[key] for r in results[name])
+
+    def med(name, key):
+        values = [r[key] for r in results[name] if r[key] == r[key]]
+        return statistics.median(values) if values else float("nan")
+    return med
 
 
 def first_line(cmd):
@@ -547,6 +662,58 @@ def throughput_report(names, args):
     return f"throughput-c{args.connections}", lines
 
 
+def abuse_report(names, args):
+    runs = {}  # display name -> every round's result, for the error totals
+
+    def measure_one(cls, args):
+        result = measure_abuse(cls, args)
+        runs.setdefault(cls.name, []).append(result)
+        return result
+
+    med = run_rounds(names, args, measure_one, lambda r: (
+        f"{r['rps']:7.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']} "
+        f"(connect {r['connect']} read {r['read']} write {r['write']} timeout {r['timeout']} non-2xx {r['non2xx']}) | "
+        f"slowloris open {r['sl_open_start']} at start, {r['sl_open_mean']:.0f} mean, {r['sl_open_min']} fewest, "
+        f"{r['sl_opened']} opened, "
+        f"{r['sl_closed']} closed by server after {r['sl_close_median_s']:.1f} s median ({r['sl_close_max_s']:.1f} max), "
+        f"answers {r['sl_answers']}, {r['sl_connect_failed']} connects failed | uploads {r['up_sent']} sent, "
+        f"{r['up_failed']} connects failed, {r['up_skipped']} skipped | proxy fds {r['fds_idle']} -> {r['fds_peak']}"))
+
+    def total(name, key):
+        return sum(r[key] for r in runs[TARGETS[name].name])
+
+    def seconds(value):
+        return "-" if value != value else f"{value:.1f}"
+
+    limit = f"soft fd limit {args.nofile} (hard kept)" if args.nofile else "the harness's fd limit"
+    worker = "`benches/hello-body.js` (answers once the body is read)" if args.worker == "hello-body" \
+        else f"`benches/{args.worker}.js`"
+    lines = header(names, f"{args.rounds} rounds x {args.duration} s, wrk -t2 -c{args.connections}, {args.workers} Node "
+                          f"workers {worker}; beside it, from one Python process, {args.slowloris} slowloris "
+                          f"connections (a header line a second, never finished, re-opened when closed) and "
+                          f"{args.uploads_per_s} aborted uploads "
+                          f"a second (`Content-Length: 1000`, 2 bytes sent, then closed). The request-head timeout is "
+                          f"{args.header_timeout} s on every proxy (corral `header_read_timeout`; nginx "
+                          f"`client_header_timeout`, whose default is 60 s; HAProxy `timeout http-request`), and each "
+                          f"starts with {limit}. "
+                          f"Errors are totals over the rounds; the rest are medians:")
+    lines += table(
+        ["target", "errors", "connect / read / write / timeout", "non-2xx", "req/s", "p50 ms", "p99 ms",
+         "slowloris open (mean)", "slowloris closed by server", "closed after s", "aborted uploads sent",
+         "proxy fds idle / peak"],
+        [[TARGETS[n].name, total(n, "errors"), " / ".join(str(total(n, k)) for k in ("connect", "read", "write", "timeout")),
+          total(n, "non2xx"), f"{med(n, 'rps'):.0f}", f"{med(n, 'p50'):.2f}", f"{med(n, 'p99'):.2f}",
+          f"{med(n, 'sl_open_mean'):.0f}", f"{med(n, 'sl_closed'):.0f}", seconds(med(n, "sl_close_median_s")),
+          f"{med(n, 'up_sent'):.0f}", f"{med(n, 'fds_idle'):.0f} / {med(n, 'fds_peak'):.0f}"] for n in names])
+    if "corral" in names:
+        lines.append("")
+        for other in ("nginx", "haproxy"):
+            if other in names:
+                lines.append(f"- corral / {TARGETS[other].name}: req/s {med('corral', 'rps') / med(other, 'rps'):.2f}x, "
+                             f"p99 {med('corral', 'p99') / med(other, 'p99'):.2f}x")
+    return "abuse", lines
+
+
 def write_readme(section, lines):
     """Replaces the text between this section's markers in README.md."""
     readme = ROOT / "README.md"
@@ -561,23 +728,43 @@ def write_readme(section, lines):
 
 
 def main():
+    global CORRAL, HELLO
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 10; 15 in abuse mode)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--targets", default="direct,corral,nginx,haproxy,pm2")
+    ap.add_argument("--targets", help="default direct,corral,nginx,haproxy,pm2 (corral,nginx,haproxy in abuse mode)")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
-    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time"], default="throughput")
+    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time", "abuse"], default="throughput")
     ap.add_argument("--reload-every", type=float, default=3.0)
     ap.add_argument("--reload-duration", type=int, default=30)
+    ap.add_argument("--slowloris", type=int, default=200, help="abuse mode: slowloris connections kept open")
+    ap.add_argument("--uploads-per-s", type=int, default=200, help="abuse mode: aborted uploads a second")
+    ap.add_argument("--header-timeout", type=int, default=10, help="abuse mode: every proxy's request-head timeout, s")
+    ap.add_argument("--nofile", type=int, default=1024,
+                    help="abuse mode: the proxies' soft fd limit (hard limit kept); 0 inherits the harness's")
+    ap.add_argument("--worker", choices=["hello", "hello-body"],
+                    help="the worker script in benches/ (default hello; hello-body in abuse mode)")
+    ap.add_argument("--corral", type=Path, help="the corral binary (default $CORRAL_BIN, else "
+                                                "$CARGO_TARGET_DIR/release/corral, else target/release/corral)")
     ap.add_argument("--readme", action="store_true", help="write the report into README.md between its markers")
     args = ap.parse_args()
+    if args.duration is None:
+        args.duration = 15 if args.mode == "abuse" else 10
+    if args.targets is None:
+        args.targets = "corral,nginx,haproxy" if args.mode == "abuse" else "direct,corral,nginx,haproxy,pm2"
+    if not 0 < args.slowloris <= 2000 or not 0 < args.uploads_per_s <= 2000:
+        sys.exit("--slowloris and --uploads-per-s must be between 1 and 2000")
+    if args.worker is None:
+        args.worker = "hello-body" if args.mode == "abuse" else "hello"
+    HELLO = ROOT / "benches" / f"{args.worker}.js"
+    CORRAL = (args.corral or Path(os.environ.get("CORRAL_BIN") or CORRAL)).resolve()
 
     if not shutil.which("wrk"):
         sys.exit("wrk is needed (apt-get install wrk)")
     if not CORRAL.exists():
-        sys.exit("build corral first: cargo build --release")
+        sys.exit(f"build corral first: cargo build --release (no {CORRAL})")
     if args.install and not pm2_binary().exists():
         subprocess.run(["npm", "install", "--silent", "--prefix", str(TOOLS), "pm2@latest"], check=True)
     names = []
@@ -598,6 +785,8 @@ def main():
         section, lines = reload_report(reloadable, args)
     elif args.mode == "reload-time":
         section, lines = reload_time_report(args)
+    elif args.mode == "abuse":
+        section, lines = abuse_report(names, args)
     else:
         section, lines = throughput_report(names, args)
     print("\n" + "\n".join(lines))
