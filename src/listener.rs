@@ -42,9 +42,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
+use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
 use crate::proxy::framing::FramingGuard;
-use crate::proxy::error::ProxyError;
 use crate::proxy::Proxy;
 
 /// How long a shard waits before accepting again after running out of file descriptors.

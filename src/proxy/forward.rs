@@ -103,8 +103,7 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
         if !matches!(head.uri.scheme_str(), Some("http" | "https")) || authority.as_str().contains('@') {
             return refuse(StatusCode::BAD_REQUEST, "invalid request target");
         }
-        return HeaderValue::from_str(authority.as_str())
-            .or(refuse(StatusCode::BAD_REQUEST, "invalid request target"));
+        return HeaderValue::from_str(authority.as_str()).or(refuse(StatusCode::BAD_REQUEST, "invalid request target"));
     }
     match field {
         Some(host) if valid_host(host.as_bytes()) => Ok(host.clone()),
@@ -293,7 +292,10 @@ mod tests {
         let head = encoded(
             &[
                 ("host", "example.com"),
-                ("connection", "keep-alive, x-secret, Host, content-length, transfer-encoding"),
+                (
+                    "connection",
+                    "keep-alive, x-secret, Host, content-length, transfer-encoding",
+                ),
                 ("keep-alive", "timeout=5"),
                 ("x-secret", "1"),
                 ("te", "trailers"),
@@ -375,11 +377,12 @@ mod tests {
     #[test]
     fn ambiguous_or_unsupported_heads_are_refused() {
         let p = peer("10.0.0.1:1");
-        let refused = |method: &str, uri: &str, version, pairs: &[(&str, &str)]| {
-            match check(&parts(method, uri, version, pairs), &p) {
-                Err(ProxyError::Refused { status, .. }) => status.as_u16(),
-                other => panic!("{method} {uri} {pairs:?} accepted: {other:?}"),
-            }
+        let refused = |method: &str, uri: &str, version, pairs: &[(&str, &str)]| match check(
+            &parts(method, uri, version, pairs),
+            &p,
+        ) {
+            Err(ProxyError::Refused { status, .. }) => status.as_u16(),
+            other => panic!("{method} {uri} {pairs:?} accepted: {other:?}"),
         };
         let v11 = Version::HTTP_11;
         assert_eq!(refused("GET", "/", v11, &[("host", "a"), ("host", "b")]), 400);
@@ -389,7 +392,10 @@ mod tests {
         assert_eq!(refused("GET", "/", v11, &[("host", "user@a")]), 400);
         assert_eq!(refused("GET", "ftp://a/x", v11, &[("host", "a")]), 400);
         assert_eq!(refused("CONNECT", "a:443", v11, &[("host", "a:443")]), 405);
-        for te in [&[("transfer-encoding", "gzip, chunked")][..], &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]] {
+        for te in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+        ] {
             let mut pairs = vec![("host", "a")];
             pairs.extend_from_slice(te);
             assert_eq!(refused("POST", "/", v11, &pairs), 501, "{te:?}");
@@ -402,11 +408,26 @@ mod tests {
         let host = |uri: &str, version, pairs: &[(&str, &str)]| {
             check(&parts("GET", uri, version, pairs), &p).expect("accepted")
         };
-        assert_eq!(host("http://a.example/x", Version::HTTP_11, &[("host", "b.example")]), "a.example");
+        assert_eq!(
+            host("http://a.example/x", Version::HTTP_11, &[("host", "b.example")]),
+            "a.example"
+        );
         assert_eq!(host("/", Version::HTTP_11, &[("host", "b.example:81")]), "b.example:81");
         assert_eq!(host("/", Version::HTTP_10, &[]), "127.0.0.1:8080");
-        let absolute = parts("GET", "http://a.example/x?y=1", Version::HTTP_11, &[("host", "b.example")]);
-        let head = encode_request(&absolute, &p, &HeaderValue::from_static("a.example"), false, None, Framing::None);
+        let absolute = parts(
+            "GET",
+            "http://a.example/x?y=1",
+            Version::HTTP_11,
+            &[("host", "b.example")],
+        );
+        let head = encode_request(
+            &absolute,
+            &p,
+            &HeaderValue::from_static("a.example"),
+            false,
+            None,
+            Framing::None,
+        );
         let head = String::from_utf8(head).expect("text");
         assert!(head.starts_with("GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\n"), "{head}");
         assert_eq!(head.matches("\nhost:").count(), 1, "{head}");

@@ -420,6 +420,46 @@ mod tests {
     }
 
     #[test]
+    fn a_content_length_beside_any_transfer_encoding_is_refused_whatever_its_value() {
+        let input = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: abc\r\n\r\n0\r\n\r\n";
+        let (out, scan) = run(input, 4);
+        assert!(String::from_utf8_lossy(&out).contains("Transfer-Encoding: xxxxxxx\r\n"));
+        assert_eq!(scan, Scan::Off);
+    }
+
+    #[test]
+    fn an_unreadable_content_length_breaks_the_request_line() {
+        for bad in ["+5", "5 5", "0x5", "5, 5", "-1", "99999999999999999999999"] {
+            let input = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nhello");
+            let (out, scan) = run(input.as_bytes(), 3);
+            assert_eq!(out[0], 0x01, "{bad}: the method must no longer parse");
+            assert_eq!(scan, Scan::Off, "{bad}");
+        }
+        let twice = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello";
+        assert_eq!(run(twice, 5).0[0], 0x01);
+        let same = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(run(same, 5), (same.to_vec(), Scan::Head));
+    }
+
+    #[test]
+    fn an_unreadable_chunk_line_fails_the_stream_instead_of_turning_the_guard_off() {
+        for line in ["-5", "ffffffffffffffffff", "zz", "", " "] {
+            let input = format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{line}\r\nhello\r\n0\r\n\r\nPOST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let (out, scan) = run(input.as_bytes(), 1);
+            assert_eq!(scan, Scan::Failed, "{line:?}");
+            assert!(
+                !String::from_utf8_lossy(&out).contains("POST /x"),
+                "{line:?}: nothing after it is delivered"
+            );
+        }
+        // Sixteen digits and leading zeros are sizes like any other (hyper reads them so too).
+        let zeros = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000000005\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(run(zeros, 2), (zeros.to_vec(), Scan::Head));
+        assert_eq!(chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(chunk_size(b"5 ;name=value"), Some(5));
+    }
+
+    #[test]
     fn upgrades_and_oversized_heads_are_left_to_hyper() {
         let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
         assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));

@@ -47,9 +47,9 @@ use crate::balancer::{Balancer, InFlight};
 use crate::config::Sticky;
 use body::ProxyBody;
 use error::ProxyError;
+use forward::Framing;
 use forward::Peer;
 use http::header::{CONTENT_LENGTH, SET_COOKIE};
-use forward::Framing;
 use upstream::{ClientFault, Failure, Limits, ResponseBody, UpstreamBody};
 
 /// The proxy of one app.
@@ -171,14 +171,7 @@ impl Proxy {
             (routing.sticky, affinity, trusted)
         });
         // Encoded once: a retry sends the same bytes.
-        let encoded = forward::encode_request(
-            &head,
-            &peer,
-            &host,
-            trusted,
-            upgrade.as_ref().map(|(p, _)| p),
-            framing,
-        );
+        let encoded = forward::encode_request(&head, &peer, &host, trusted, upgrade.as_ref().map(|(p, _)| p), framing);
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
@@ -207,7 +200,14 @@ impl Proxy {
                 },
             };
             let chunked = framing == Framing::Chunked;
-            let exchange = conn.exchange(&encoded, &head.method, &mut body, chunked, upgrade.is_some(), self.limits);
+            let exchange = conn.exchange(
+                &encoded,
+                &head.method,
+                &mut body,
+                chunked,
+                upgrade.is_some(),
+                self.limits,
+            );
             let failure = match exchange.await {
                 Ok(response) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity)),
                 Err(failure) => failure,
@@ -260,8 +260,14 @@ impl Proxy {
                 tunnel::restore(&mut parts.headers, protocol);
             }
             if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
-                self.tunnels
-                    .spawn(tunnel::splice(client, worker, early, guard, self.closing.clone(), self.tunnel_idle));
+                self.tunnels.spawn(tunnel::splice(
+                    client,
+                    worker,
+                    early,
+                    guard,
+                    self.closing.clone(),
+                    self.tunnel_idle,
+                ));
             }
             return Response::from_parts(parts, ProxyBody::message(Bytes::new()));
         }
@@ -295,9 +301,15 @@ impl Proxy {
 fn is_exhaustion(e: &std::io::Error) -> bool {
     use nix::errno::Errno;
     e.raw_os_error().is_some_and(|code| {
-        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM, Errno::EADDRNOTAVAIL]
-            .iter()
-            .any(|errno| *errno as i32 == code)
+        [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::ENOMEM,
+            Errno::EADDRNOTAVAIL,
+        ]
+        .iter()
+        .any(|errno| *errno as i32 == code)
     })
 }
 

@@ -17,8 +17,8 @@
 //! goes back to the pool only when its response body has been read to the end; dropping the
 //! pool (the worker left rotation and its last request finished) closes every idle connection.
 
-use std::net::SocketAddr;
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 

@@ -79,7 +79,12 @@ pub async fn splice(
 }
 
 /// Copies both ways until the tunnel is over; says why it ended.
-async fn pump(client: impl AsyncRead + AsyncWrite, worker: &mut TcpStream, early: Bytes, idle: Option<Duration>) -> &'static str {
+async fn pump(
+    client: impl AsyncRead + AsyncWrite,
+    worker: &mut TcpStream,
+    early: Bytes,
+    idle: Option<Duration>,
+) -> &'static str {
     let start = Instant::now();
     // Milliseconds after `start` of the last byte either way (one tunnel's own counter).
     let last = AtomicU64::new(0);

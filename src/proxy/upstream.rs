@@ -322,9 +322,7 @@ impl Upload {
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, ClientFault>> {
         let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
             let after = self.limits.client_body_timeout;
-            let stall = self
-                .stall
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+            let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
             ready!(stall.as_mut().poll(cx));
             return Poll::Ready(Err(ClientFault::Stalled));
         };
