@@ -191,6 +191,18 @@ impl Corral {
 
     /// Like [`Corral::spawn_with_config`], with extra environment for `corral run`.
     pub fn spawn_with_env(config: &str, addr: SocketAddr, env: &[(&str, &str)]) -> Result<Corral, Box<dyn Error>> {
+        Corral::spawn_with(config, addr, |command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
+    /// Like [`Corral::spawn_with_config`], with `setup` applied to the `corral run` command
+    /// (resource limits, CPU affinity, environment).
+    pub fn spawn_with(
+        config: &str,
+        addr: SocketAddr,
+        setup: impl FnOnce(&mut Command),
+    ) -> Result<Corral, Box<dyn Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config)?;
@@ -202,9 +214,9 @@ impl Corral {
             addr,
             seen_pids: RefCell::default(),
         };
-        let child = corral
-            .command(&["run"])
-            .envs(env.iter().copied())
+        let mut command = corral.command(&["run"]);
+        setup(&mut command);
+        let child = command
             .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
             .stderr(std::fs::File::create(corral.dir.path().join("stderr.log"))?)
             .stdin(Stdio::null())
