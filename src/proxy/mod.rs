@@ -26,8 +26,10 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod framing;
+mod h1;
 pub mod pool;
 pub mod tunnel;
+pub mod upload;
 pub mod upstream;
 
 use std::convert::Infallible;
