@@ -21,7 +21,9 @@
 
 mod cpus;
 mod parse;
+mod table;
 pub mod units;
+mod values;
 
 use std::fmt;
 use std::net::SocketAddr;
