@@ -1,11 +1,11 @@
 //! The front process: wires the parts together and runs the stop sequence.
 //!
 //! Start: start the proxy's shard threads, bind every public socket (so a taken address fails
-//! before any worker starts), bind the control socket (so a second `corral run` of the same
-//! config is refused), start the supervisor on this thread's runtime, then one accept loop per
-//! proxied app and shard, on that shard. Each accept loop waits for its app's first ready
-//! worker before accepting (up to `listen_timeout`), so clients that connect during boot queue
-//! in the kernel's backlog instead of getting 503s.
+//! before any worker starts), bind the control socket (after checking the runtime directory,
+//! see [`crate::control::runtime_dir`]; so a second `corral run` of the same config is
+//! refused), start the supervisor on this thread's runtime, then one accept loop per proxied app and shard, on that shard. Each accept
+//! loop waits for its app's first ready worker before accepting (up to `listen_timeout`), so
+//! clients that connect during boot queue in the kernel's backlog instead of getting 503s.
 //!
 //! Stop (SIGTERM, SIGINT or `corral stop`): one root [`CancellationToken`] is cancelled; the
 //! accept loops stop accepting, close their sockets and drain their open connections (in-flight
