@@ -1,12 +1,24 @@
-//! Local hostile input: the runtime directory, the files in it, and the control socket.
-//! Through the real binary.
+//! Local hostile input: the runtime directory, the files in it, the control socket, what
+//! workers inherit, and leftover cleanup after pid reuse. Through the real binary.
 
 mod support;
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
-use support::{Corral, Options, PortHold, TestResult, DEADLINE};
+use corral::leftovers::{self, Proc, State};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use support::{alive, poll_until, Corral, Options, PortHold, TestResult, DEADLINE};
+
+/// A front process that cannot exist: above the kernel's largest `pid_max` (2^22).
+const GONE: Proc = Proc {
+    pid: 4_194_305,
+    start: 1,
+};
 
 /// A harness whose `corral run` has not been started yet, on a held port.
 fn prepared(options: &Options) -> Result<(Corral, PortHold), Box<dyn std::error::Error>> {
@@ -109,5 +121,229 @@ fn a_control_socket_that_accepts_but_never_answers_makes_run_fail_not_hang() -> 
     assert!(socket.exists(), "the socket someone listens on was removed");
     std::os::unix::net::UnixStream::connect(&socket)?;
     drop(wedged);
+    Ok(())
+}
+
+#[test]
+fn a_missing_runtime_dir_is_created_0700_and_status_says_not_running_before() -> TestResult {
+    let (mut corral, hold) = prepared(&Options::default().instances(1))?;
+    let dir = corral.runtime_dir();
+    std::fs::remove_dir(&dir)?;
+    let status = corral.cli(&["status"])?;
+    assert_eq!(status.status.code(), Some(3), "{}", stderr_of(&status));
+    assert!(!dir.exists(), "status created the runtime dir");
+
+    corral.launch(&[], &[])?;
+    corral.wait_online(1)?;
+    hold.release();
+    let mode = |p: &Path| -> std::io::Result<u32> { Ok(std::fs::symlink_metadata(p)?.permissions().mode() & 0o7777) };
+    assert_eq!(mode(&dir)?, 0o700);
+    assert_eq!(mode(&socket_of(&corral))?, 0o600, "control socket");
+    let state = leftovers::path_for(&socket_of(&corral));
+    poll_until(DEADLINE, "the state file", || state.exists().then_some(()))?;
+    assert_eq!(mode(&state)?, 0o600, "state file");
+    corral.signal(Signal::SIGTERM)?;
+    assert_eq!(corral.wait_exit(DEADLINE)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn a_planted_tmp_link_does_not_redirect_the_state_file_write() -> TestResult {
+    let (corral, hold) = prepared(&Options::default().instances(1))?;
+    let state = leftovers::path_for(&socket_of(&corral));
+    let tmp = leftovers::tmp_path(&state);
+    let victim = corral.dir.path().join("victim");
+    std::fs::write(&victim, b"precious")?;
+    std::os::unix::fs::symlink(&victim, &tmp)?;
+
+    corral.launch(&[], &[])?;
+    let workers = corral.wait_online(1)?;
+    hold.release();
+    let pid = workers[0]["pid"].as_u64().ok_or("no pid")? as u32;
+    let saved: State = poll_until(DEADLINE, "the state file to list the worker", || {
+        let saved: State = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        saved.workers.iter().any(|w| w.pid == pid).then_some(saved)
+    })?;
+    assert_eq!(saved.front.pid, corral.pid());
+    assert_eq!(std::fs::read(&victim)?, b"precious", "the link's target was written");
+    assert!(
+        std::fs::symlink_metadata(&tmp).is_err(),
+        "the planted link is still there"
+    );
+    assert!(!std::fs::symlink_metadata(&state)?.file_type().is_symlink());
+    Ok(())
+}
+
+#[test]
+fn workers_do_not_inherit_notify_socket_and_corral_still_notifies() -> TestResult {
+    let (corral, hold) = prepared(&Options::default().instances(1))?;
+    let sockets = tempfile::tempdir()?;
+    let notify_path = sockets.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(DEADLINE))?;
+    let notify_env = notify_path.to_string_lossy().into_owned();
+    corral.launch(&[], &[("NOTIFY_SOCKET", &notify_env)])?;
+    let mut buffer = [0u8; 512];
+    let n = notify.recv(&mut buffer)?;
+    let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    hold.release();
+
+    let workers = corral.wait_online(1)?;
+    let pid = workers[0]["pid"].as_u64().ok_or("no pid")?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    let entries: Vec<String> = environ
+        .split(|&b| b == 0)
+        .map(|e| String::from_utf8_lossy(e).into_owned())
+        .collect();
+    assert!(
+        !entries.iter().any(|e| e.starts_with("NOTIFY_SOCKET=")),
+        "the worker inherited NOTIFY_SOCKET: {entries:?}"
+    );
+    let marker = format!("{}={}.", leftovers::MARKER, corral.pid());
+    assert!(
+        entries.iter().any(|e| e.starts_with(&marker)),
+        "{marker} missing: {entries:?}"
+    );
+    Ok(())
+}
+
+/// Processes a test started outside corral, killed (with their groups) when it ends.
+#[derive(Default)]
+struct Strangers {
+    children: Vec<Child>,
+    groups: Vec<u32>,
+}
+
+impl Drop for Strangers {
+    fn drop(&mut self) {
+        for group in &self.groups {
+            let _already_gone = killpg(Pid::from_raw(*group as i32), Signal::SIGKILL);
+        }
+        for child in &mut self.children {
+            let _already_gone = child.kill();
+            let _reaped = child.wait();
+        }
+    }
+}
+
+impl Strangers {
+    /// `sleep 600` leading its own process group.
+    fn sleeper(&mut self) -> std::io::Result<Proc> {
+        let child = Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        self.groups.push(pid);
+        self.children.push(child);
+        Proc::of(pid).ok_or_else(|| std::io::Error::other("no /proc entry for sleep"))
+    }
+
+    /// A shell leading its own group that starts `sleep 600` in it, then waits for its stdin
+    /// to close. Returns (the shell, the sleep's pid, the shell's stdin).
+    fn group_with_member(&mut self) -> Result<(Proc, u32, std::process::ChildStdin), Box<dyn std::error::Error>> {
+        let mut shell = Command::new("sh")
+            .args(["-c", "sleep 600 </dev/null >/dev/null 2>&1 & echo $!; read _line"])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let pid = shell.id();
+        self.groups.push(pid);
+        let stdin = shell.stdin.take().ok_or("no stdin")?;
+        let mut line = String::new();
+        BufReader::new(shell.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+        let member: u32 = line.trim().parse()?;
+        let leader = Proc::of(pid).ok_or("no /proc entry for sh")?;
+        self.children.push(shell);
+        Ok((leader, member, stdin))
+    }
+
+    /// Closes `stdin` of the shell `leader` and reaps it (its group lives on without it).
+    fn end_leader(&mut self, leader: Proc, stdin: std::process::ChildStdin) -> TestResult {
+        drop(stdin);
+        let index = self
+            .children
+            .iter()
+            .position(|c| c.id() == leader.pid)
+            .ok_or("unknown leader")?;
+        let mut shell = self.children.swap_remove(index);
+        shell.wait()?;
+        Ok(())
+    }
+}
+
+#[test]
+fn leftover_cleanup_leaves_alone_processes_a_stale_state_file_names_after_pid_reuse() -> TestResult {
+    let (corral, hold) = prepared(&Options::default().instances(1))?;
+    let mut strangers = Strangers::default();
+    // 1. A live group leader whose start time is not the recorded one: the pid was reused.
+    let reused = strangers.sleeper()?;
+    assert!(reused.start > 1);
+    // 2. A group whose leader is gone, with a member that is not corral's (no marker): the
+    //    recorded pid was reused by a process that made a group and exited.
+    let (leader, member, stdin) = strangers.group_with_member()?;
+    strangers.end_leader(leader, stdin)?;
+    assert!(!alive(leader.pid) && alive(member));
+    let member_start = Proc::of(member).ok_or("no member")?.start;
+    assert!(member_start >= leader.start);
+
+    let state = State {
+        front: GONE,
+        workers: vec![
+            Proc {
+                pid: reused.pid,
+                start: reused.start - 1,
+            },
+            leader,
+        ],
+    };
+    let path = leftovers::path_for(&socket_of(&corral));
+    leftovers::save(&path, &state);
+    assert!(path.exists());
+
+    corral.launch(&[], &[])?;
+    corral.wait_online(1)?;
+    hold.release();
+    let logs = corral.logs();
+    assert!(
+        alive(reused.pid),
+        "a live process with another start time was killed:\n{logs}"
+    );
+    assert!(
+        alive(member),
+        "a member of a leaderless group without the marker was killed:\n{logs}"
+    );
+    assert!(!logs.contains("stopping a leftover process"), "{logs}");
+    assert!(logs.contains("now belongs to another process"), "{logs}");
+    assert!(
+        logs.contains(&format!("lack its run's {}", leftovers::MARKER)),
+        "{logs}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_recorded_worker_still_alive_with_its_start_time_is_stopped_with_its_group() -> TestResult {
+    let (corral, hold) = prepared(&Options::default().instances(1))?;
+    let mut strangers = Strangers::default();
+    // The shell stays alive (blocked reading this) until corral kills it.
+    let (leader, member, _stdin) = strangers.group_with_member()?;
+    let state = State {
+        front: GONE,
+        workers: vec![leader],
+    };
+    leftovers::save(&leftovers::path_for(&socket_of(&corral)), &state);
+
+    corral.launch(&[], &[])?;
+    corral.wait_online(1)?;
+    hold.release();
+    poll_until(DEADLINE, "the recorded worker and its group to be stopped", || {
+        (!alive(leader.pid) && !alive(member)).then_some(())
+    })
+    .map_err(|e| corral.explain(e))?;
+    assert!(corral.logs().contains("stopping a leftover process of a previous run"));
     Ok(())
 }
