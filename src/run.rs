@@ -1,9 +1,10 @@
 //! The front process: wires the parts together and runs the stop sequence.
 //!
-//! Start: start the proxy's shard threads, bind every public socket (so a taken address fails
-//! before any worker starts), bind the control socket (after checking the runtime directory,
-//! see [`crate::control::runtime_dir`]; so a second `corral run` of the same config is
-//! refused), start the supervisor on this thread's runtime, then one accept loop per proxied app and shard, on that shard. Each accept
+//! Start: raise the file-descriptor limit ([`crate::limits`]), start the proxy's shard threads,
+//! bind every public socket (so a taken address fails before any worker starts), bind the
+//! control socket (after checking the runtime directory, see [`crate::control::runtime_dir`];
+//! so a second `corral run` of the same config is refused), start the supervisor on this
+//! thread's runtime, then one accept loop per proxied app and shard, on that shard. Each accept
 //! loop waits for its app's first ready worker before accepting (up to `listen_timeout`), so
 //! clients that connect during boot queue in the kernel's backlog instead of getting 503s.
 //!
@@ -52,6 +53,7 @@ pub enum RunError {
 
 /// Runs `config` until stopped.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    crate::limits::raise();
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     let shards = Shards::start(crate::config::usable_cpus()).map_err(RunError::Shards)?;

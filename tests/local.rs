@@ -208,6 +208,55 @@ fn workers_do_not_inherit_notify_socket_and_corral_still_notifies() -> TestResul
     Ok(())
 }
 
+/// The soft and hard "Max open files" of `pid`.
+fn nofile(pid: u32) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .ok_or("no Max open files line")?;
+    let mut fields = line.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(soft)), Some(Ok(hard))) = (fields.next(), fields.next()) else {
+        return Err(format!("unreadable limits line {line:?}").into());
+    };
+    Ok((soft, hard))
+}
+
+#[test]
+fn corral_raises_its_fd_limit_and_workers_get_the_original_back() -> TestResult {
+    let found = Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "this test needs util-linux `prlimit` on PATH");
+    // Node raises its own soft limit to the hard one at boot, so the worker looked at is a
+    // plain program: `sleep`, as a second app without `listen`.
+    let options = Options::default().instances(1);
+    let (corral, hold) = prepared(&options)?;
+    let config = format!(
+        "{}\n[[app]]\nname = \"plain\"\ncommand = [\"sleep\", \"600\"]\nkill_timeout = \"3s\"\n",
+        options.config_text(hold.addr)
+    );
+    std::fs::write(&corral.config, config)?;
+    corral.launch(&["prlimit", "--nofile=1024:4096"], &[])?;
+    corral.wait_online(1)?;
+    hold.release();
+    let plain: u32 = poll_until(DEADLINE, "the plain app's worker", || {
+        let status = corral.status()?;
+        let worker = &status["apps"][1]["workers"][0];
+        (worker["state"] == "online").then_some(worker["pid"].as_u64()? as u32)
+    })
+    .map_err(|e| corral.explain(e))?;
+    assert_eq!(nofile(corral.pid())?, (4096, 4096), "corral's own limit");
+    assert_eq!(nofile(plain)?, (1024, 4096), "the worker's limit");
+    assert!(
+        corral.logs().contains("file descriptor limit"),
+        "the limit is logged:\n{}",
+        corral.logs()
+    );
+    Ok(())
+}
+
 /// Processes a test started outside corral, killed (with their groups) when it ends.
 #[derive(Default)]
 struct Strangers {

@@ -2,7 +2,8 @@
 //!
 //! A worker runs in its own process group (so a stop reaches whatever it forked too), with
 //! `PR_SET_PDEATHSIG = SIGKILL` (so it dies with the front process even if that is SIGKILLed),
-//! stdin closed and stdout/stderr piped to corral. Its environment is corral's without
+//! stdin closed and stdout/stderr piped to corral, and the soft `RLIMIT_NOFILE` corral started
+//! with (corral raises its own, see [`crate::limits`]). Its environment is corral's without
 //! `NOTIFY_SOCKET` (systemd's socket is for corral alone), plus the app's `env`, plus `PORT` (or
 //! `port_env`), `HOST=127.0.0.1`, `NODE_APP_INSTANCE=<slot>` and the run's marker
 //! ([`crate::leftovers::MARKER`], how leftover cleanup recognises what a worker forked).
@@ -99,8 +100,9 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
     }
     let child_channel = channel.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
     let parent = std::process::id();
+    let nofile = crate::limits::for_workers();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (prctl, getppid, dup2, fcntl); it allocates nothing: every error
+    // system calls (prctl, getppid, setrlimit, dup2, fcntl); it allocates nothing: every error
     // is an errno wrapped by `from_raw_os_error`, which stores the number inline.
     #[allow(unsafe_code)]
     unsafe {
@@ -111,6 +113,10 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
             // ESRCH ("no such process"): the parent is gone.
             if nix::unistd::getppid().as_raw() as u32 != parent {
                 return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            if let Some((soft, hard)) = nofile {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                    .map_err(errno)?;
             }
             if let Some(fd) = child_channel {
                 if fd == CHANNEL_FD {
