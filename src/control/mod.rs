@@ -1,13 +1,14 @@
 //! The control socket: how `corral status`, `corral stop` (and later `reload`) reach a running
 //! front process.
 //!
-//! A Unix domain socket, mode 0600 in the runtime directory ([`runtime_dir`]: ours, 0700, checked
-//! before every use), whose path follows from the config file's absolute path ([`socket_path`]),
-//! so every CLI command given the same `-c` finds the same instance and two configs never
-//! collide. The protocol is newline-delimited JSON: the
-//! client sends one [`Request`] line; the server answers with [`Reply`] lines. For `stop`, the
-//! server acknowledges and keeps the connection open; the client sees EOF when the front process
-//! has exited, which is how `corral stop` knows the stop is complete.
+//! A Unix domain socket, mode 0600 in the runtime directory ([`runtime_dir`]: ours, 0700,
+//! checked before every use), whose path follows from the config file's absolute path
+//! ([`socket_path`]), so every CLI command given the same `-c` finds the same instance and two
+//! configs never collide. The protocol is newline-delimited JSON: the client sends one
+//! [`Request`] line; the server answers with [`Reply`] lines. For `stop`, the server
+//! acknowledges and keeps the connection open; the client sees EOF when the front process has
+//! exited, which is how `corral stop` knows the stop is complete. A `corral run` that finds a
+//! socket already there asks it for a status, for at most 2 s, before deciding it is stale.
 //!
 //! The server owns no state: it turns requests into calls on the supervisor's [`Handle`] and
 //! into a cancellation of the root shutdown token.
@@ -156,7 +157,7 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Binds the socket for `config`. Creates or checks the runtime directory first. Refuses
     /// if an instance answers on the socket, or if something listens there without answering
-    /// within [`PROBE_TIMEOUT`]; removes the file only when nobody listens on it.
+    /// within 2 s (`PROBE_TIMEOUT`); removes the file only when nobody listens on it.
     pub async fn bind(config: &Path) -> Result<ControlSocket, ControlError> {
         let path = socket_path(config);
         let io = |source| ControlError::Io {
