@@ -257,23 +257,38 @@ fn startup(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         Err(e) => return Ok(config_error(&e)),
     };
     let exe = std::env::current_exe().context("cannot find the corral binary")?;
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "root".into(), |u| u.name);
+    let path_env = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    println!("{}", unit_text(&config, &exe, &user, &path_env));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The systemd unit `corral startup` prints for `config`, run as `user` from `exe`.
+fn unit_text(config: &Config, exe: &std::path::Path, user: &str, path_env: &str) -> String {
     let dir = config.path.parent().unwrap_or(std::path::Path::new("/"));
     let stem = config
         .path
         .file_stem()
         .map_or_else(|| "corral".into(), |s| s.to_string_lossy().into_owned());
     let unit = format!("corral-{stem}.service");
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map_or_else(|| "root".into(), |u| u.name);
-    let stop = crate::run::stop_deadline(&config).as_secs();
-    let path_env = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
-    println!(
+    let stop = crate::run::stop_deadline(config).as_secs();
+    // As root the CLI looks in /run/corral by default; anyone else must be told where it is.
+    let cli_hint = if user == "root" {
+        String::new()
+    } else {
+        "# CLI:      export CORRAL_RUNTIME_DIR=/run/corral   (as this user, so `corral status`\n\
+         #           finds the unit's instance; root looks there by default)\n"
+            .to_owned()
+    };
+    format!(
         "# {unit}: runs {config} with corral at boot.\n\
          # Install:  save this as /etc/systemd/system/{unit}, then\n\
          #           systemctl daemon-reload && systemctl enable --now {unit}\n\
          # Deploy:   systemctl reload {unit}   (a rolling reload, like `corral reload`)\n\
+         {cli_hint}\
          [Unit]\n\
          Description=corral: {config}\n\
          After=network-online.target\n\
@@ -285,6 +300,10 @@ fn startup(path: &std::path::Path) -> anyhow::Result<ExitCode> {
          User={user}\n\
          WorkingDirectory={dir}\n\
          Environment=PATH={path_env}\n\
+         # The control socket and state file: /run/corral, created by systemd for {user} alone\n\
+         # (corral finds it through $RUNTIME_DIRECTORY and refuses a directory that is not 0700).\n\
+         RuntimeDirectory=corral\n\
+         RuntimeDirectoryMode=0700\n\
          ExecStart={exe} run -c {config}\n\
          ExecReload=/bin/kill -HUP $MAINPID\n\
          # Only corral gets SIGTERM: it drains connections, then stops its workers itself.\n\
@@ -298,8 +317,7 @@ fn startup(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         config = config.path.display(),
         dir = dir.display(),
         exe = exe.display(),
-    );
-    Ok(ExitCode::SUCCESS)
+    )
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {
@@ -463,5 +481,34 @@ fn uptime(ms: u64) -> String {
         60..=3599 => format!("{}m", s / 60),
         3600..=86_399 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unit_has_a_private_runtime_directory() -> Result<(), Box<dyn std::error::Error>> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
+        let config = Config::from_str(include_str!("../proxy.example.toml"), &path)
+            .map_err(|problems| format!("{problems:?}"))?;
+        let exe = std::path::Path::new("/usr/local/bin/corral");
+        let unit = unit_text(&config, exe, "root", "/usr/bin");
+        for line in [
+            "RuntimeDirectory=corral",
+            "RuntimeDirectoryMode=0700",
+            "Type=notify",
+            "User=root",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+        }
+        let exec = format!("ExecStart=/usr/local/bin/corral run -c {}", path.display());
+        assert!(unit.lines().any(|l| l == exec), "{exec} missing:\n{unit}");
+        assert!(!unit.contains("CORRAL_RUNTIME_DIR"), "root needs no hint:\n{unit}");
+        let unit = unit_text(&config, exe, "app", "/usr/bin");
+        assert!(unit.contains("export CORRAL_RUNTIME_DIR=/run/corral"), "{unit}");
+        assert!(unit.lines().any(|l| l == "User=app"), "{unit}");
+        Ok(())
     }
 }

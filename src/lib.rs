@@ -37,6 +37,8 @@ pub mod config;
 pub mod control;
 // The state file; stopping what a killed earlier run left behind.
 pub mod leftovers;
+// File-descriptor limit: raised for corral, restored for workers.
+pub mod limits;
 // Public sockets: bind once, accept, drain.
 pub mod listener;
 // tracing setup and worker output capture.

@@ -1,11 +1,12 @@
 //! The front process: wires the parts together and runs the stop sequence.
 //!
-//! Start: start the proxy's shard threads, bind every public socket (so a taken address fails
-//! before any worker starts), bind the control socket (so a second `corral run` of the same
-//! config is refused), start the supervisor on this thread's runtime, then one accept loop per
-//! proxied app and shard, on that shard. Each accept loop waits for its app's first ready
-//! worker before accepting (up to `listen_timeout`), so clients that connect during boot queue
-//! in the kernel's backlog instead of getting 503s.
+//! Start: raise the file-descriptor limit ([`crate::limits`]), start the proxy's shard threads,
+//! bind every public socket (so a taken address fails before any worker starts), bind the
+//! control socket (after checking the runtime directory, see [`crate::control::runtime_dir`];
+//! so a second `corral run` of the same config is refused), start the supervisor on this
+//! thread's runtime, then one accept loop per proxied app and shard, on that shard. Each accept
+//! loop waits for its app's first ready worker before accepting (up to `listen_timeout`), so
+//! clients that connect during boot queue in the kernel's backlog instead of getting 503s.
 //!
 //! Stop (SIGTERM, SIGINT or `corral stop`): one root [`CancellationToken`] is cancelled; the
 //! accept loops stop accepting, close their sockets and drain their open connections (in-flight
@@ -52,6 +53,7 @@ pub enum RunError {
 
 /// Runs `config` until stopped.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    crate::limits::raise();
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     let shards = Shards::start(crate::config::usable_cpus()).map_err(RunError::Shards)?;
@@ -80,7 +82,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .collect();
     let mut accept_loops = JoinSet::new();
     let proxied = sockets.iter().filter(|s| s.is_some()).count();
-    let fd_limit = open_file_limit();
+    let fd_limit = crate::limits::fd_limit();
     for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
         let (Some(socket), Some(balancer)) = (socket, balancer) else {
             continue;
@@ -207,9 +209,4 @@ pub fn stop_deadline(config: &Config) -> Duration {
         .max()
         .unwrap_or_default()
         + Duration::from_secs(10)
-}
-
-/// The soft limit on open files, which bounds the connections corral can hold.
-fn open_file_limit() -> u64 {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }

@@ -12,6 +12,8 @@ fn run_cli(
     config_text: Option<&str>,
 ) -> Result<(Output, tempfile::TempDir), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
+    // corral refuses a runtime directory that others may write to.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let path = dir.path().join("proxy.toml");
     if let Some(text) = config_text {
         std::fs::write(&path, text)?;

@@ -6,6 +6,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 
+use super::runtime_dir::{self, Presence, RuntimeDirError};
 use super::{Reply, Request};
 
 /// Talking to the running instance failed.
@@ -25,6 +26,9 @@ pub enum ClientError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The runtime directory is not safe to talk through (someone else could own the socket).
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
     /// The instance answered something unreadable.
     #[error("unexpected reply from the running instance: {0}")]
     Protocol(String),
@@ -53,9 +57,16 @@ impl Replies {
     }
 }
 
-/// Sends `request` to the instance listening on `socket`.
+/// Sends `request` to the instance listening on `socket`, after checking the runtime
+/// directory that holds it ([`runtime_dir::check`]): a socket in a directory that someone else
+/// could write to may not be corral's at all.
 pub async fn request(socket: &Path, request: &Request) -> Result<Replies, ClientError> {
     let path = socket.display().to_string();
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if runtime_dir::check(dir)? == Presence::Missing {
+            return Err(ClientError::NotRunning { path });
+        }
+    }
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| match source.kind() {

@@ -1,19 +1,23 @@
 //! The control socket: how `corral status`, `corral stop` (and later `reload`) reach a running
 //! front process.
 //!
-//! A Unix domain socket, mode 0600 in a 0700 directory, whose path follows from the config
-//! file's absolute path ([`socket_path`]), so every CLI command given the same `-c` finds the
-//! same instance and two configs never collide. The protocol is newline-delimited JSON: the
-//! client sends one [`Request`] line; the server answers with [`Reply`] lines. For `stop`, the
-//! server acknowledges and keeps the connection open; the client sees EOF when the front process
-//! has exited, which is how `corral stop` knows the stop is complete.
+//! A Unix domain socket, mode 0600 in the runtime directory ([`runtime_dir`]: ours, 0700,
+//! checked before every use), whose path follows from the config file's absolute path
+//! ([`socket_path`]), so every CLI command given the same `-c` finds the same instance and two
+//! configs never collide. The protocol is newline-delimited JSON: the client sends one
+//! [`Request`] line; the server answers with [`Reply`] lines. For `stop`, the server
+//! acknowledges and keeps the connection open; the client sees EOF when the front process has
+//! exited, which is how `corral stop` knows the stop is complete. A `corral run` that finds a
+//! socket already there asks it for a status, for at most 2 s, before deciding it is stale.
 //!
 //! The server owns no state: it turns requests into calls on the supervisor's [`Handle`] and
 //! into a cancellation of the root shutdown token.
 
 pub mod client;
+pub mod runtime_dir;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -24,6 +28,10 @@ use tracing::{debug, info, warn};
 
 use crate::supervisor::status::Status;
 use crate::supervisor::{Handle, Scale, SupervisorGone};
+use runtime_dir::RuntimeDirError;
+
+/// How long `corral run` waits for an existing control socket to answer before it gives up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request from the CLI.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +94,15 @@ pub enum ControlError {
         /// The socket.
         path: PathBuf,
     },
+    /// Something listens on the socket but does not answer (a wedged instance, or not corral).
+    #[error("another instance seems to be running but does not answer: {}", path.display())]
+    NotAnswering {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The runtime directory is missing and cannot be created, or is not safe to use.
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
     /// Filesystem or socket failure.
     #[error("cannot create the control socket {}: {source}", path.display())]
     Io {
@@ -96,17 +113,17 @@ pub enum ControlError {
     },
 }
 
-/// Where the control socket of the instance running `config` lives.
-///
-/// `$CORRAL_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/corral`, else `/tmp/corral-UID`; the file name
-/// is the config's stem plus a hash of its absolute path (socket paths are limited to 107
-/// bytes, so the config path itself cannot be used).
+/// Where the control socket of the instance running `config` lives: in [`runtime_dir::dir`].
 pub fn socket_path(config: &Path) -> PathBuf {
+    socket_path_in(&runtime_dir::dir(), config)
+}
+
+/// The control socket of the instance running `config`, in the runtime directory `dir`.
+///
+/// The file name is the config's stem plus a hash of its absolute path (socket paths are
+/// limited to 107 bytes, so the config path itself cannot be used).
+pub fn socket_path_in(dir: &Path, config: &Path) -> PathBuf {
     let absolute = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
-    let dir = std::env::var_os("CORRAL_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("corral")))
-        .unwrap_or_else(|| PathBuf::from(format!("/tmp/corral-{}", nix::unistd::getuid())));
     let stem: String = absolute
         .file_stem()
         .map(|s| {
@@ -138,8 +155,9 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Binds the socket for `config`. Refuses if a live instance answers on it; removes a
-    /// stale file left by a dead one.
+    /// Binds the socket for `config`. Creates or checks the runtime directory first. Refuses
+    /// if an instance answers on the socket, or if something listens there without answering
+    /// within 2 s (`PROBE_TIMEOUT`); removes the file only when nobody listens on it.
     pub async fn bind(config: &Path) -> Result<ControlSocket, ControlError> {
         let path = socket_path(config);
         let io = |source| ControlError::Io {
@@ -147,23 +165,16 @@ impl ControlSocket {
             source,
         };
         if let Some(dir) = path.parent() {
-            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            runtime_dir::ensure(dir)?;
         }
-        if path.exists() {
-            match client::request(&path, &Request::Status).await {
-                Ok(mut replies) => {
-                    if let Ok(Some(Reply::Status(status))) = replies.next().await {
-                        return Err(ControlError::AlreadyRunning { pid: status.pid, path });
-                    }
-                    return Err(ControlError::AlreadyRunning { pid: 0, path });
-                }
-                Err(_) => {
+        // lstat: a dangling link or any other leftover entry is ours (the directory is) and
+        // goes the same way as a stale socket.
+        if std::fs::symlink_metadata(&path).is_ok() {
+            match tokio::time::timeout(PROBE_TIMEOUT, probe(&path)).await {
+                Err(_) | Ok(Probe::Mute) => return Err(ControlError::NotAnswering { path }),
+                Ok(Probe::Running(pid)) => return Err(ControlError::AlreadyRunning { pid, path }),
+                Ok(Probe::Failed(source)) => return Err(io(source)),
+                Ok(Probe::Stale) => {
                     debug!(path = %path.display(), "removing stale control socket");
                     std::fs::remove_file(&path).map_err(io)?;
                 }
@@ -171,6 +182,8 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(&path).map_err(io)?;
         {
+            // The directory is 0700 and ours, so nobody can reach the socket between the bind
+            // and this chmod.
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         }
@@ -195,6 +208,34 @@ impl ControlSocket {
                 }
             }
         }
+    }
+}
+
+/// What an existing control socket turned out to be.
+enum Probe {
+    /// Nobody listens: a file left by a dead instance.
+    Stale,
+    /// An instance answered with its status.
+    Running(u32),
+    /// Something accepted the connection but answered nothing usable.
+    Mute,
+    /// The connection failed for another reason (permissions...).
+    Failed(std::io::Error),
+}
+
+/// Asks the socket at `path` for a status (the caller bounds the wait).
+async fn probe(path: &Path) -> Probe {
+    match client::request(path, &Request::Status).await {
+        Ok(mut replies) => match replies.next().await {
+            Ok(Some(Reply::Status(status))) => Probe::Running(status.pid),
+            _ => Probe::Mute,
+        },
+        Err(client::ClientError::NotRunning { .. }) => Probe::Stale,
+        // A full backlog: someone listens but does not accept.
+        Err(client::ClientError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => Probe::Mute,
+        Err(client::ClientError::Io { source, .. }) => Probe::Failed(source),
+        Err(client::ClientError::RuntimeDir(e)) => Probe::Failed(std::io::Error::other(e)),
+        Err(client::ClientError::Protocol(_)) => Probe::Mute,
     }
 }
 

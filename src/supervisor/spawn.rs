@@ -2,8 +2,15 @@
 //!
 //! A worker runs in its own process group (so a stop reaches whatever it forked too), with
 //! `PR_SET_PDEATHSIG = SIGKILL` (so it dies with the front process even if that is SIGKILLed),
-//! stdin closed and stdout/stderr piped to corral. Its environment is corral's plus the app's
-//! `env`, plus `PORT` (or `port_env`), `HOST=127.0.0.1` and `NODE_APP_INSTANCE=<slot>`.
+//! stdin closed and stdout/stderr piped to corral, and the soft `RLIMIT_NOFILE` corral started
+//! with (corral raises its own, see [`crate::limits`]). Its environment is corral's without
+//! `NOTIFY_SOCKET` (systemd's socket is for corral alone), plus the app's `env`, plus `PORT` (or
+//! `port_env`), `HOST=127.0.0.1`, `NODE_APP_INSTANCE=<slot>` and the run's marker
+//! ([`crate::leftovers::MARKER`], how leftover cleanup recognises what a worker forked).
+//!
+//! The pre-exec hook runs in the forked child of a multi-threaded process: it may only make
+//! async-signal-safe calls, so it allocates nothing (errors are raw errno values,
+//! `io::Error::from_raw_os_error`, never a formatted message).
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process. Workers are
 //! spawned from the supervisor task, which runs on the runtime's worker threads; those live as
@@ -62,6 +69,9 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
     command
         .args(&app.command[1..])
         .current_dir(&app.cwd)
+        // Only corral talks to the service manager; removed before the app's own `env`, so an
+        // app may still set one explicitly.
+        .env_remove("NOTIFY_SOCKET")
         .envs(app.env.iter().map(|(k, v)| (k, v)))
         .env("NODE_APP_INSTANCE", slot.to_string())
         .stdin(Stdio::null())
@@ -85,17 +95,28 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
     } else {
         None
     };
+    if let Some(marker) = crate::leftovers::own_marker() {
+        command.env(crate::leftovers::MARKER, marker);
+    }
     let child_channel = channel.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
     let parent = std::process::id();
+    let nofile = crate::limits::for_workers();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (prctl, getppid, dup2, fcntl); it allocates nothing.
+    // system calls (prctl, getppid, setrlimit, dup2, fcntl); it allocates nothing: every error
+    // is an errno wrapped by `from_raw_os_error`, which stores the number inline.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(errno)?;
             // If corral died between fork and prctl, nobody would ever signal this child.
+            // ESRCH ("no such process"): the parent is gone.
             if nix::unistd::getppid().as_raw() as u32 != parent {
-                return Err(std::io::Error::other("corral exited while starting the worker"));
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            if let Some((soft, hard)) = nofile {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                    .map_err(errno)?;
             }
             if let Some(fd) = child_channel {
                 if fd == CHANNEL_FD {

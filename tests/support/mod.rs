@@ -191,50 +191,75 @@ impl Corral {
 
     /// Like [`Corral::spawn_with_config`], with extra environment for `corral run`.
     pub fn spawn_with_env(config: &str, addr: SocketAddr, env: &[(&str, &str)]) -> Result<Corral, Box<dyn Error>> {
-        Corral::spawn_with(config, addr, |command| {
-            command.envs(env.iter().copied());
-        })
+        let corral = Corral::prepare(config, addr)?;
+        corral.launch(&[], env)?;
+        Ok(corral)
     }
 
     /// Like [`Corral::spawn_with_config`], with `setup` applied to the `corral run` command
-    /// (resource limits, CPU affinity, environment).
+    /// (resource limits or CPU affinity set in `pre_exec`, say).
     pub fn spawn_with(
         config: &str,
         addr: SocketAddr,
         setup: impl FnOnce(&mut Command),
     ) -> Result<Corral, Box<dyn Error>> {
+        let corral = Corral::prepare(config, addr)?;
+        let mut command = corral.command(&["run"]);
+        setup(&mut command);
+        corral.run_command(command)?;
+        Ok(corral)
+    }
+
+    /// Writes `config` into a new temp dir with an empty runtime dir (`run`, mode 0700, as
+    /// corral requires), without starting anything: [`Corral::launch`] does.
+    pub fn prepare(config: &str, addr: SocketAddr) -> Result<Corral, Box<dyn Error>> {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config)?;
-        std::fs::create_dir(dir.path().join("run"))?;
-        let corral = Corral {
+        std::fs::DirBuilder::new().mode(0o700).create(dir.path().join("run"))?;
+        Ok(Corral {
             child: RefCell::new(None),
             dir,
             config: path,
             addr,
             seen_pids: RefCell::default(),
-        };
-        let mut command = corral.command(&["run"]);
-        setup(&mut command);
-        let child = command
-            .stdout(std::fs::File::create(corral.dir.path().join("stdout.log"))?)
-            .stderr(std::fs::File::create(corral.dir.path().join("stderr.log"))?)
-            .stdin(Stdio::null())
-            .spawn()?;
-        corral.child.replace(Some(child));
-        Ok(corral)
+        })
     }
 
-    /// Starts `corral run` again on the same config (after the previous one exited).
-    pub fn respawn(&self) -> std::io::Result<()> {
+    /// The runtime dir (`CORRAL_RUNTIME_DIR`) of this instance.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Starts `corral run` on the config, through `wrapper` (a program and its arguments that
+    /// exec the rest, like `prlimit --nofile=1024:4096`; empty for none), with extra
+    /// environment. Its output is appended to `stdout.log` and `stderr.log`. A previous
+    /// `corral run` of this harness is killed first.
+    pub fn launch(&self, wrapper: &[&str], env: &[(&str, &str)]) -> std::io::Result<()> {
+        let mut command = match wrapper.split_first() {
+            None => self.command(&["run"]),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(corral_bin());
+                self.with_args(&mut command, &["run"]);
+                command
+            }
+        };
+        command.envs(env.iter().copied());
+        self.run_command(command)
+    }
+
+    /// Runs `command` (a `corral run`) as this harness's instance, its output appended to
+    /// `stdout.log` and `stderr.log`; a previous one is killed first.
+    fn run_command(&self, mut command: Command) -> std::io::Result<()> {
         let log = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(self.dir.path().join(name))
         };
-        let child = self
-            .command(&["run"])
+        let child = command
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?)
             .stdin(Stdio::null())
@@ -246,16 +271,25 @@ impl Corral {
         Ok(())
     }
 
+    /// Starts `corral run` again on the same config (after the previous one exited).
+    pub fn respawn(&self) -> std::io::Result<()> {
+        self.launch(&[], &[])
+    }
+
     /// A `corral` command for this instance's config and control-socket dir.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(corral_bin());
+        self.with_args(&mut command, args);
+        command
+    }
+
+    fn with_args(&self, command: &mut Command, args: &[&str]) {
         command
             .args(args)
             .arg("-c")
             .arg(&self.config)
-            .env("CORRAL_RUNTIME_DIR", self.dir.path().join("run"))
+            .env("CORRAL_RUNTIME_DIR", self.runtime_dir())
             .env("CORRAL_LOG", "info,corral=debug");
-        command
     }
 
     /// Rewrites the config file (for reload tests).
