@@ -327,7 +327,12 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "TCP_NODELAY failed");
         }
-        let local = stream.local_addr().unwrap_or(addr);
+        // The address the client reached (only a wildcard listen address needs asking).
+        let local = if addr.ip().is_unspecified() {
+            stream.local_addr().unwrap_or(addr)
+        } else {
+            addr
+        };
         let proxy = Arc::clone(&proxy);
         let client = Peer::new(peer, local);
         let service = service_fn(move |req| Arc::clone(&proxy).serve(req, client.clone()));

@@ -46,8 +46,8 @@ pub struct Peer {
     pub ip: IpAddr,
     /// `ip` as a header value.
     pub ip_header: HeaderValue,
-    /// The address the client connected to, as a `Host` value (for HTTP/1.0 without one).
-    pub local: HeaderValue,
+    /// The address the client connected to (the `Host` of an HTTP/1.0 request without one).
+    pub local: SocketAddr,
 }
 
 impl Peer {
@@ -56,7 +56,6 @@ impl Peer {
         let ip = addr.ip().to_canonical();
         let ip_header = HeaderValue::try_from(ip.to_string()).expect("UNWRAP: an IP address is a valid header value");
         let local = SocketAddr::new(local.ip().to_canonical(), local.port());
-        let local = HeaderValue::try_from(local.to_string()).expect("UNWRAP: an address is a valid header value");
         Peer {
             addr,
             ip,
@@ -108,7 +107,9 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
     match field {
         Some(host) if valid_host(host.as_bytes()) => Ok(host.clone()),
         Some(_) => refuse(StatusCode::BAD_REQUEST, "invalid Host header"),
-        None if head.version == Version::HTTP_10 => Ok(peer.local.clone()),
+        None if head.version == Version::HTTP_10 => {
+            Ok(HeaderValue::try_from(peer.local.to_string()).expect("UNWRAP: an address is a valid header value"))
+        }
         None => refuse(StatusCode::BAD_REQUEST, "missing Host header"),
     }
 }
@@ -195,9 +196,9 @@ pub fn encode_request(
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            use std::io::Write as _;
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
