@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod http;
 pub mod load;
 
@@ -98,6 +99,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Wait until this many workers are online (defaults to `instances`).
     pub wait_online: Option<usize>,
+    /// The worker script in `tests/fixtures/` (defaults to `app.js`).
+    pub fixture: String,
 }
 
 impl Default for Options {
@@ -107,6 +110,7 @@ impl Default for Options {
             app_keys: Vec::new(),
             env: Vec::new(),
             wait_online: None,
+            fixture: "app.js".to_owned(),
         }
     }
 }
@@ -127,8 +131,14 @@ impl Options {
         self
     }
 
+    /// Runs `tests/fixtures/<name>` as the worker instead of `app.js`.
+    pub fn fixture(mut self, name: &str) -> Self {
+        self.fixture = name.to_owned();
+        self
+    }
+
     pub fn config_text(&self, addr: SocketAddr) -> String {
-        let fixture = fixture("app.js");
+        let fixture = fixture(&self.fixture);
         let mut text = format!(
             "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\nlisten = \"{addr}\"\ninstances = {}\n",
             fixture.display(),
