@@ -2,7 +2,6 @@
 //! items 2, 4 and 10).
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::http::Conn;
@@ -55,10 +54,12 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn running_out_of_descriptors_never_marks_a_worker_down() -> TestResult {
     // Issue 11 item 2: EMFILE on connecting to a worker was read as "worker refused" and took
-    // it out of rotation. Here corral's fd limit is lowered (prlimit) to what it holds plus 12;
-    // idle clients use up all but one, so the next client takes the last fd and the connect to
-    // the worker fails with EMFILE. Once the clients leave, corral must answer at once, with
-    // the worker never reported as refusing.
+    // it out of rotation. corral's fd limit is lowered (prlimit) to what it holds plus 12, and
+    // idle clients take descriptors until corral can accept no more (its log says so); the
+    // last client waits in the backlog with a request written. One idle client leaves: corral
+    // accepts the waiting one with the freed descriptor, and connecting to the worker for its
+    // request finds none. Once the clients leave, corral must answer again, with the worker
+    // never reported as refusing.
     let capture = capture(&["header_read_timeout = \"60s\""])?;
     let pid = capture.corral.pid();
     let limit = open_fds(pid) + 12;
@@ -68,21 +69,32 @@ fn running_out_of_descriptors_never_marks_a_worker_down() -> TestResult {
         .status()?;
     assert!(status.success(), "prlimit failed: {status}");
     let mut idle = Vec::new();
-    while open_fds(pid) < limit - 1 {
+    let mut waiting = loop {
         let before = open_fds(pid);
-        idle.push(TcpStream::connect(capture.addr())?);
-        // Accepted once corral holds one more descriptor (accept retries under EMFILE).
-        poll_until(DEADLINE, "corral to accept an idle client", || {
-            (open_fds(pid) > before).then_some(())
-        })?;
-    }
-    let mut last = open(&capture, Duration::from_secs(5))?;
-    last.send_raw(b"GET /under-pressure HTTP/1.1\r\nHost: h\r\n\r\n")?;
+        let mut conn = open(&capture, Duration::from_secs(5))?;
+        let accepted = poll_until(DEADLINE, "corral to accept a client or run out of descriptors", || {
+            if open_fds(pid) > before {
+                Some(true)
+            } else {
+                capture.corral.logs().contains("accept failed").then_some(false)
+            }
+        })
+        .map_err(|e| capture.explain(e))?;
+        if !accepted {
+            conn.send_raw(b"GET /under-pressure HTTP/1.1\r\nHost: h\r\n\r\n")?;
+            break conn;
+        }
+        idle.push(conn);
+        if idle.len() > 64 {
+            return Err(capture.explain("corral never ran out of descriptors"));
+        }
+    };
+    drop(idle.pop());
     // Whatever corral answers now (an error, or nothing until descriptors free up) is its
     // choice; what matters is what it concludes about the worker.
-    let under_pressure = read_replies(&mut last, 1);
+    let under_pressure = read_replies(&mut waiting, 1);
     drop(idle);
-    let after = read_replies(&mut last, 1);
+    let after = read_replies(&mut waiting, 1);
     eprintln!("under pressure: {under_pressure:?}; after: {after:?}");
     let response = poll_until(DEADLINE, "a 200 once the pressure is gone", || {
         let r = crate::support::http::get(capture.addr(), "/fixed").ok()?;
