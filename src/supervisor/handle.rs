@@ -1,0 +1,130 @@
+//! The way in: [`Handle`], the cheap cloneable sender every other part of corral holds, and the
+//! [`Command`]s it sends (with [`Scale`], the argument of `corral scale`). Kept apart from the
+//! actor so the public surface of the supervisor reads in one place; `mod.rs` re-exports it.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::status::Status;
+
+/// The supervisor task has ended; nothing more can be asked of it.
+#[derive(Debug, thiserror::Error)]
+#[error("the supervisor has stopped")]
+pub struct SupervisorGone;
+
+/// A cheap, cloneable way to talk to the supervisor.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub(super) tx: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    /// A snapshot of every app and worker.
+    pub async fn status(&self) -> Result<Status, SupervisorGone> {
+        self.ask(Command::Status).await
+    }
+
+    /// Stops every worker (kill_signal, kill_timeout, SIGKILL) and waits until all have exited.
+    pub async fn shutdown(&self) -> Result<(), SupervisorGone> {
+        self.ask(Command::Shutdown).await
+    }
+
+    /// SIGKILLs every worker's process group now.
+    pub async fn kill(&self) -> Result<(), SupervisorGone> {
+        self.ask(Command::Kill).await
+    }
+
+    /// Re-reads the config file and replaces the workers of `app` (or of every app), slot by
+    /// slot. Progress lines go to `progress`; the answer is the summary, or why nothing (or
+    /// not everything) changed.
+    pub async fn reload(
+        &self,
+        app: Option<String>,
+        progress: mpsc::UnboundedSender<String>,
+    ) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::Reload { app, progress, reply }).await
+    }
+
+    /// Changes the worker count of `app` (until the next reload, which applies the file's
+    /// `instances`). New workers enter rotation when ready; removed ones drain, then stop.
+    pub async fn scale(&self, app: String, change: Scale) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::Scale { app, change, reply }).await
+    }
+
+    /// Stops one app's workers (draining them first); they stay stopped until a reload of it.
+    pub async fn stop_app(&self, app: String) -> Result<Result<String, String>, SupervisorGone> {
+        self.ask(|reply| Command::StopApp { app, reply }).await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| SupervisorGone)?;
+        answer.await.map_err(|_| SupervisorGone)
+    }
+}
+
+/// A change of worker count: `N`, `+N` or `-N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Exactly this many.
+    To(usize),
+    /// This many more.
+    Up(usize),
+    /// This many fewer (never below 1).
+    Down(usize),
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scale, String> {
+        let number = |digits: &str| {
+            digits
+                .parse::<usize>()
+                .map_err(|_| format!("{text:?} is not N, +N or -N"))
+        };
+        match text.as_bytes().first() {
+            Some(b'+') => number(&text[1..]).map(Scale::Up),
+            Some(b'-') => number(&text[1..]).map(Scale::Down),
+            _ => match number(text)? {
+                0 => Err("an app needs at least one worker (use `corral stop` to stop everything)".into()),
+                n => Ok(Scale::To(n)),
+            },
+        }
+    }
+}
+
+/// Requests to the supervisor.
+#[derive(Debug)]
+pub enum Command {
+    /// Reply with a status snapshot.
+    Status(oneshot::Sender<Status>),
+    /// Stop all workers; reply when they are gone.
+    Shutdown(oneshot::Sender<()>),
+    /// SIGKILL all workers; reply at once.
+    Kill(oneshot::Sender<()>),
+    /// Stop one app's workers.
+    StopApp {
+        /// The app.
+        app: String,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Change an app's worker count.
+    Scale {
+        /// The app.
+        app: String,
+        /// The change.
+        change: Scale,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Rolling reload; reply when it succeeded or was rolled back.
+    Reload {
+        /// Only this app.
+        app: Option<String>,
+        /// Progress lines.
+        progress: mpsc::UnboundedSender<String>,
+        /// The outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
