@@ -83,13 +83,26 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
     if head.method == Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
     }
-    let mut codings = head.headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(first) = codings.next() {
-        if codings.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+    if head.headers.contains_key(header::TRANSFER_ENCODING) {
+        // hyper made sure the last coding is chunked; it must be the only one.
+        let (mut chunked, mut others) = (0, 0);
+        for value in head.headers.get_all(header::TRANSFER_ENCODING) {
+            for coding in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                match coding {
+                    b"" => {}
+                    c if c.eq_ignore_ascii_case(b"chunked") => chunked += 1,
+                    _ => others += 1,
+                }
+            }
+        }
+        if others > 0 {
             return refuse(
                 StatusCode::NOT_IMPLEMENTED,
-                "transfer codings other than a single chunked are not supported",
+                "transfer codings other than chunked are not supported",
             );
+        }
+        if chunked > 1 {
+            return refuse(StatusCode::BAD_REQUEST, "chunked applied more than once");
         }
     }
     let mut hosts = head.headers.get_all(header::HOST).iter();
@@ -114,9 +127,28 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
     }
 }
 
-/// `uri-host [ ":" port ]`, without user information.
+/// `uri-host [ ":" port ]` (RFC 3986 §3.2.2): an IP literal in brackets or a registered name
+/// (an IPv4 address is one too), and a port of digits.
 fn valid_host(value: &[u8]) -> bool {
-    !value.is_empty() && !value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok()
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) if !value.starts_with(b"[") || value[..colon].ends_with(b"]") => {
+            (&value[..colon], Some(&value[colon + 1..]))
+        }
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty() && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        name => {
+            !name.is_empty()
+                && name
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+        }
+    };
+    port_ok && host_ok
 }
 
 /// The request head for the worker. `host`: from [`check`]; `trusted`: the peer is one of the
@@ -391,15 +423,21 @@ mod tests {
         assert_eq!(refused("GET", "/", v11, &[("host", "")]), 400);
         assert_eq!(refused("GET", "/", v11, &[("host", "a b")]), 400);
         assert_eq!(refused("GET", "/", v11, &[("host", "user@a")]), 400);
+        for bad in ["a.example/evil", "a.example:port", "a:", "[::1", "a:123456", "[zz]:80"] {
+            assert_eq!(refused("GET", "/", v11, &[("host", bad)]), 400, "{bad}");
+        }
         assert_eq!(refused("GET", "ftp://a/x", v11, &[("host", "a")]), 400);
         assert_eq!(refused("CONNECT", "a:443", v11, &[("host", "a:443")]), 405);
-        for te in [
-            &[("transfer-encoding", "gzip, chunked")][..],
-            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+        for (te, status) in [
+            (&[("transfer-encoding", "gzip, chunked")][..], 501),
+            (
+                &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+                400,
+            ),
         ] {
             let mut pairs = vec![("host", "a")];
             pairs.extend_from_slice(te);
-            assert_eq!(refused("POST", "/", v11, &pairs), 501, "{te:?}");
+            assert_eq!(refused("POST", "/", v11, &pairs), status, "{te:?}");
         }
     }
 
@@ -413,7 +451,15 @@ mod tests {
             host("http://a.example/x", Version::HTTP_11, &[("host", "b.example")]),
             "a.example"
         );
-        assert_eq!(host("/", Version::HTTP_11, &[("host", "b.example:81")]), "b.example:81");
+        for good in [
+            "b.example:81",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+            "xn--bcher-kva.example",
+        ] {
+            assert_eq!(host("/", Version::HTTP_11, &[("host", good)]), good);
+        }
         assert_eq!(host("/", Version::HTTP_10, &[]), "127.0.0.1:8080");
         let absolute = parts(
             "GET",

@@ -23,9 +23,10 @@
 //! never the more lenient of the two: wherever it could disagree with hyper, the stream ends
 //! with an error there (a chunk-size line it cannot read: [`Scan::Failed`], which hyper sees as
 //! a broken body, 400) or the request cannot continue the connection: it stops looking only
-//! after a head too large for hyper (431) and after a request that asks for an upgrade, whose
-//! response corral always sends with `Connection: close` unless it is the `101` that turns the
-//! connection into a tunnel (see [`crate::proxy::Proxy`]).
+//! after a head too large for hyper (431, connection closed), and when the connection becomes
+//! a tunnel: [`FramingGuard::stop`] is called by the tunnel once hyper has handed the upgraded
+//! connection over. A request that asks for an upgrade is followed like any other, so one the
+//! worker declines (a `200` to `Upgrade: h2c`) leaves the connection guarded.
 
 use std::io;
 use std::pin::Pin;
@@ -47,8 +48,7 @@ enum Scan {
     ChunkData(u64),
     /// Reading trailer lines after the last chunk.
     Trailers,
-    /// No longer looking: after an upgrade request (its connection ends after the response
-    /// unless it becomes a tunnel), or a head hyper refuses itself.
+    /// No longer looking: the connection is a tunnel, or hyper refuses the head itself.
     Off,
     /// The stream cannot be followed (an unreadable chunk-size line): what came before is
     /// delivered, then reads fail and the connection ends.
@@ -164,6 +164,12 @@ impl<IO> FramingGuard<IO> {
     }
 
     /// Stops scanning; everything held back goes to hyper as it is.
+    /// Stops looking: the connection now carries another protocol (an upgrade that hyper has
+    /// completed), so every byte, a held-back partial "head" included, passes as it is.
+    pub fn stop(&mut self) {
+        self.give_up();
+    }
+
     fn give_up(&mut self) {
         self.head_start = None;
         self.scan = Scan::Off;
@@ -233,7 +239,6 @@ fn check_head(head: &mut [u8]) -> Scan {
     let (mut length_seen, mut length_bad) = (false, false);
     let mut te_value: Option<(usize, usize)> = None;
     let mut chunked = false;
-    let mut upgrade = head.starts_with(b"CONNECT ");
     let mut offset = 0;
     for (index, line) in head.split(|&b| b == b'\n').enumerate() {
         let start = offset;
@@ -265,8 +270,6 @@ fn check_head(head: &mut [u8]) -> Scan {
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
         }
     }
     if let (true, Some((from, to))) = (length_seen, te_value) {
@@ -279,12 +282,12 @@ fn check_head(head: &mut [u8]) -> Scan {
         head[0] = 0x01;
         return Scan::Off;
     }
-    match (upgrade, te_value, length) {
-        (true, _, _) => Scan::Off,
-        (_, Some(_), _) if chunked => Scan::ChunkSize,
-        (_, Some(_), _) => Scan::Off,
-        (_, None, Some(0)) | (_, None, None) => Scan::Head,
-        (_, None, Some(n)) => Scan::Fixed(n),
+    match (te_value, length) {
+        (Some(_), _) if chunked => Scan::ChunkSize,
+        // Not chunked last: hyper answers 400 and closes.
+        (Some(_), _) => Scan::Off,
+        (None, Some(0)) | (None, None) => Scan::Head,
+        (None, Some(n)) => Scan::Fixed(n),
     }
 }
 
@@ -460,9 +463,24 @@ mod tests {
     }
 
     #[test]
-    fn upgrades_and_oversized_heads_are_left_to_hyper() {
+    fn an_upgrade_request_is_followed_until_the_tunnel_stops_the_guard() {
+        // Tunnel bytes after the handshake look like a partial head and are held back...
         let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
-        assert_eq!(run(upgrade, 3), (upgrade.to_vec(), Scan::Off));
+        let mut guard = FramingGuard::new((), 64 * 1024);
+        guard.feed(upgrade);
+        let deliverable = guard.head_start.unwrap_or(guard.ready.len());
+        assert_eq!(&guard.ready[..deliverable], &upgrade[..upgrade.len() - 7]);
+        // ...until the upgrade is done: then everything passes.
+        guard.stop();
+        assert_eq!((&guard.ready[..], guard.scan), (&upgrade[..], Scan::Off));
+        // A declined upgrade leaves the connection guarded.
+        let declined = b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (out, _) = run(declined, 5);
+        assert!(String::from_utf8_lossy(&out).contains("Transfer-Encoding: xxxxxxx"));
+    }
+
+    #[test]
+    fn oversized_heads_are_left_to_hyper() {
         let mut big = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', 70 * 1024));
         let (out, scan) = run(&big, 4096);

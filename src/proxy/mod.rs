@@ -109,17 +109,7 @@ impl Proxy {
 
     /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
     pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, Infallible> {
-        // The framing guard stops following the client's stream at a request that carries
-        // `Upgrade` (or is a CONNECT): unless it became a tunnel, its connection ends with it,
-        // so nothing after it is ever read as HTTP.
-        let last = req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT;
-        let mut response = self.handle(req, peer).await;
-        if last && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            response
-                .headers_mut()
-                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        Ok(response)
+        Ok(self.handle(req, peer).await)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::framing::FramingGuard;
 use crate::balancer::InFlight;
 
 /// The protocol a request asks to upgrade to, if it asks (`Connection: upgrade` + `Upgrade`).
@@ -68,10 +69,22 @@ pub async fn splice(
             return;
         }
     };
-    let client = TokioIo::new(client);
+    // The client's own socket back from hyper, with what hyper had read beyond the handshake;
+    // its framing guard stops following HTTP from here on.
+    let (client, pending) = match client.downcast::<TokioIo<FramingGuard<TcpStream>>>() {
+        Ok(parts) => {
+            let mut socket = parts.io.into_inner();
+            socket.stop();
+            (socket, parts.read_buf)
+        }
+        Err(_) => {
+            debug!("upgraded connection of an unexpected type; tunnel not opened");
+            return;
+        }
+    };
     let cut = guard.upstream().cut.clone();
     tokio::select! {
-        ended = pump(client, &mut worker, early, idle) => debug!("tunnel closed: {ended}"),
+        ended = pump(client, &mut worker, pending, early, idle) => debug!("tunnel closed: {ended}"),
         _ = cut.cancelled() => debug!("tunnel closed: its worker's drain time is up"),
         _ = closing.cancelled() => debug!("tunnel closed: corral is stopping"),
     }
@@ -82,7 +95,8 @@ pub async fn splice(
 async fn pump(
     client: impl AsyncRead + AsyncWrite,
     worker: &mut TcpStream,
-    early: Bytes,
+    to_worker_first: Bytes,
+    to_client_first: Bytes,
     idle: Option<Duration>,
 ) -> &'static str {
     let start = Instant::now();
@@ -90,8 +104,8 @@ async fn pump(
     let last = AtomicU64::new(0);
     let (mut from_client, mut to_client) = tokio::io::split(client);
     let (mut from_worker, mut to_worker) = worker.split();
-    let up = copy_half(&mut from_client, &mut to_worker, Bytes::new(), start, &last);
-    let down = copy_half(&mut from_worker, &mut to_client, early, start, &last);
+    let up = copy_half(&mut from_client, &mut to_worker, to_worker_first, start, &last);
+    let down = copy_half(&mut from_worker, &mut to_client, to_client_first, start, &last);
     tokio::pin!(up, down);
     let (mut up_open, mut down_open) = (true, true);
     let mut half_closed_at: Option<Instant> = None;

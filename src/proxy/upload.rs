@@ -19,6 +19,10 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+/// How long the rest of a client's upload is read and dropped after the worker answered
+/// without reading it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The body of a request on its way to a worker.
 #[derive(Debug)]
 pub enum UpstreamBody {
@@ -163,15 +167,26 @@ impl Upload {
         }
     }
 
-    /// Reads the rest of the client's body and drops it; ready when it has ended.
-    pub(super) fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while !self.ended {
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                Some(Ok(_)) => {}
-                None | Some(Err(_)) => self.ended = true,
-            }
+    /// Reads the rest of the client's body and drops it, for at most [`LINGER`], in a task of
+    /// its own on this shard: the worker answered without wanting it, and the client must not
+    /// be reset while it reads that answer.
+    pub(super) fn discard_rest(self: Box<Self>) {
+        if self.ended {
+            return;
         }
-        Poll::Ready(())
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut body = self.body;
+        runtime.spawn(async move {
+            let drain = std::future::poll_fn(|cx| loop {
+                match ready!(Pin::new(&mut body).poll_frame(cx)) {
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => return Poll::Ready(()),
+                }
+            });
+            let _over_or_timed_out = tokio::time::timeout(LINGER, drain).await;
+        });
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Result<(), Stop>> {

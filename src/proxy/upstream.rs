@@ -40,9 +40,6 @@ use tokio::net::TcpStream;
 const BODY_READ_SPACE: usize = 16 * 1024;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 4 * 1024;
-/// How long the rest of a client's upload is read and dropped after the worker answered
-/// without reading it (see [`ResponseBody`]).
-const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How an exchange failed.
 #[derive(Debug)]
@@ -152,7 +149,6 @@ impl Conn {
             state: framing,
             reusable,
             upload: upload.filter(|u| !u.ended || !u.done).map(Box::new),
-            linger: None,
             trailers: None,
         });
         *response.status_mut() = parsed.status;
@@ -199,11 +195,12 @@ fn not_sent_if(nothing_written: bool, e: io::Error) -> Failure {
 /// A worker's response body, read from its connection as hyper asks for it.
 ///
 /// When the worker answered without reading the whole request body (a 413 for an upload too
-/// large, say), the body does not end until the rest of the upload has been read from the
-/// client and dropped, for at most `LINGER` (10 s): closing a socket with unread data makes the
-/// kernel reset the connection, and the client could lose the answer it is about to read.
-/// This is nginx's lingering close, done before the response ends so that the client's
-/// connection also stays usable.
+/// large, say), the rest of the upload is read from the client and dropped once this body is
+/// dropped, in a task of its own, for at most 10 s (see [`Upload::discard_rest`]): closing a
+/// socket with unread data makes the kernel reset the connection, and the client could lose
+/// the answer it is reading. This is nginx's lingering close, done so that the client's
+/// connection also stays usable. (It cannot be done inside the body: hyper stops polling a
+/// body once its `Content-Length` is written, and drops it.)
 #[derive(Debug)]
 pub struct ResponseBody {
     conn: Option<Conn>,
@@ -212,8 +209,6 @@ pub struct ResponseBody {
     /// The rest of the request body, when the response head came before its end (boxed:
     /// uploads are the rare case, and this body lives in every response).
     upload: Option<Box<Upload>>,
-    /// Bounds the reading of an upload the worker did not want (set up only then).
-    linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Trailer fields read so far, for a chunked body that has them.
     trailers: Option<Box<HeaderMap>>,
 }
@@ -301,6 +296,14 @@ fn cut_short() -> io::Error {
     )
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            upload.discard_rest();
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = io::Error;
@@ -322,16 +325,7 @@ impl Body for ResponseBody {
         }
         loop {
             match this.state {
-                State::Done => {
-                    if let Some(upload) = this.upload.as_mut().filter(|u| !u.ended) {
-                        let linger = this.linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
-                        if linger.as_mut().poll(cx).is_pending() {
-                            ready!(upload.poll_discard(cx));
-                        }
-                    }
-                    return Poll::Ready(None);
-                }
-                State::Upgraded => return Poll::Ready(None),
+                State::Done | State::Upgraded => return Poll::Ready(None),
                 State::Fixed(left) => {
                     let data = ready!(this.poll_data(cx, left))?.ok_or_else(cut_short)?;
                     let left = left - data.len() as u64;
@@ -407,8 +401,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        // Not while an unwanted upload is still to be read and dropped (see `State::Done`).
-        matches!(self.state, State::Done | State::Upgraded) && self.upload.as_ref().is_none_or(|u| u.ended)
+        matches!(self.state, State::Done | State::Upgraded)
     }
 
     fn size_hint(&self) -> SizeHint {
