@@ -70,6 +70,24 @@ pub fn for_workers() -> Option<(u64, u64)> {
     LIMITS.get().filter(|l| l.raised != l.original.0).map(|l| l.original)
 }
 
+/// True for the errors that say corral itself ran out of something (file descriptors, memory
+/// for socket buffers, local ports): no peer is to blame, and the right answer is to back off
+/// or answer 503, never to mark a worker down.
+pub fn is_exhausted(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::ENOMEM,
+            Errno::EADDRNOTAVAIL,
+        ]
+        .iter()
+        .any(|errno| *errno as i32 == code)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

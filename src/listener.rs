@@ -126,16 +126,6 @@ impl Throttle {
     }
 }
 
-/// True for accept errors that say this process is out of descriptors or memory.
-fn out_of_resources(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    e.raw_os_error().is_some_and(|code| {
-        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
-            .iter()
-            .any(|errno| *errno as i32 == code)
-    })
-}
-
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
 const BACKLOG: i32 = 1024;
 
@@ -299,7 +289,7 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
-                Err(e) if out_of_resources(&e) => {
+                Err(e) if crate::limits::is_exhausted(&e) => {
                     // Keep the socket, slow down, and let clients queue until fds are free.
                     if accept_warning.ready() {
                         warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed: out of file descriptors; backing off");

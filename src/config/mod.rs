@@ -226,6 +226,9 @@ pub struct HttpLimits {
     /// The longest wait between two reads of a request body; a client that stalls longer gets
     /// 408 and its worker connection is closed (nginx's `client_body_timeout`). Default 60 s.
     pub client_body_timeout: Duration,
+    /// Request bodies of a declared length up to this are read whole before a worker is chosen
+    /// (nginx's `client_body_buffer_size`); larger and chunked ones are streamed. Default 16 KiB.
+    pub client_body_buffer_size: u64,
     /// Largest request body in bytes; a larger one gets 413 (before any of it is forwarded
     /// when its `Content-Length` says so). Default: none (nginx's `client_max_body_size`).
     pub max_body_size: Option<u64>,
@@ -250,6 +253,7 @@ impl Default for HttpLimits {
             upstream_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
             max_body_size: None,
+            client_body_buffer_size: 16 * 1024,
             max_connections: None,
             max_connections_per_ip: None,
             tunnel_idle_timeout: None,

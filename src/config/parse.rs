@@ -62,6 +62,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "upstream_timeout",
     "client_body_timeout",
     "max_body_size",
+    "client_body_buffer_size",
     "max_connections",
     "max_connections_per_ip",
     "tunnel_idle_timeout",
@@ -206,6 +207,12 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
             .optional("client_body_timeout", r, read_positive_duration)
             .unwrap_or(defaults.client_body_timeout),
         max_body_size: t.optional("max_body_size", r, read_size),
+        client_body_buffer_size: t
+            .optional("client_body_buffer_size", r, |v| match read_size(v)? {
+                n if n > 16 << 20 => Err("must be at most 16M".into()),
+                n => Ok(n),
+            })
+            .unwrap_or(defaults.client_body_buffer_size),
         max_connections: t.optional("max_connections", r, |v| read_count(v, 1, 100_000_000)),
         max_connections_per_ip: t.optional("max_connections_per_ip", r, |v| read_count(v, 1, 100_000_000)),
         tunnel_idle_timeout: t.optional("tunnel_idle_timeout", r, read_positive_duration),

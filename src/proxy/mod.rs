@@ -42,11 +42,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::config::HttpLimits;
-
 use crate::balancer::sticky::{self, CookieSigner};
 use crate::balancer::{Balancer, InFlight};
-use crate::config::Sticky;
+use crate::config::{HttpLimits, Sticky};
 use body::ProxyBody;
 use error::ProxyError;
 use forward::Framing;
@@ -81,6 +79,7 @@ impl Proxy {
                 upstream_timeout: limits.upstream_timeout,
                 client_body_timeout: limits.client_body_timeout,
                 max_body_size: limits.max_body_size,
+                client_body_buffer_size: limits.client_body_buffer_size,
             },
             tunnel_idle: limits.tunnel_idle_timeout,
             closing: CancellationToken::new(),
@@ -145,11 +144,6 @@ impl Proxy {
             (UpstreamBody::Empty, None) => Framing::Length(0),
             (UpstreamBody::Stream(_), None) => Framing::Chunked,
         };
-        // After a request was written and the exchange failed, only a bodiless idempotent
-        // request may be sent again (once, elsewhere), as nginx does. The head is only borrowed
-        // by an exchange, so that costs no copy.
-        let mut may_resend = is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty);
-
         let (sticky_mode, affinity, trusted) = self.balancer.with_routing(|routing| {
             let affinity = match routing.sticky {
                 Sticky::None => None,
@@ -163,7 +157,21 @@ impl Proxy {
             (routing.sticky, affinity, trusted)
         });
         // Encoded once: a retry sends the same bytes.
-        let encoded = forward::encode_request(&head, &peer, &host, trusted, upgrade.as_ref().map(|(p, _)| p), framing);
+        let mut encoded =
+            forward::encode_request(&head, &peer, &host, trusted, upgrade.as_ref().map(|(p, _)| p), framing);
+        if let (UpstreamBody::Stream(incoming), Framing::Length(length)) = (&mut body, framing) {
+            if length <= self.limits.client_body_buffer_size {
+                encoded.reserve(usize::try_from(length).unwrap_or(0));
+                upload::read_whole(incoming, &mut encoded, self.limits.client_body_timeout)
+                    .await
+                    .map_err(|fault| self.client_fault(fault))?;
+                body = UpstreamBody::Empty;
+            }
+        }
+        // After a request was written and the exchange failed, only an idempotent request whose
+        // body (if any) is in hand may be sent again (once, elsewhere), as nginx does. The
+        // encoded request is only borrowed by an exchange, so that costs no copy.
+        let mut may_resend = is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty);
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
@@ -175,7 +183,7 @@ impl Proxy {
                 Some(conn) => (conn, true),
                 None => match upstream.pool.connect().await {
                     Ok(conn) => (conn, false),
-                    Err(e) if is_exhaustion(&e) => {
+                    Err(e) if crate::limits::is_exhausted(&e) => {
                         // corral's own limit, not the worker's: it stays in rotation.
                         return Err(ProxyError::Exhausted { reason: e.to_string() });
                     }
@@ -286,23 +294,6 @@ impl Proxy {
             },
         }
     }
-}
-
-/// True for the errors that say corral itself ran out of something (file descriptors, memory
-/// for socket buffers, local ports), which no worker is to blame for.
-fn is_exhaustion(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    e.raw_os_error().is_some_and(|code| {
-        [
-            Errno::EMFILE,
-            Errno::ENFILE,
-            Errno::ENOBUFS,
-            Errno::ENOMEM,
-            Errno::EADDRNOTAVAIL,
-        ]
-        .iter()
-        .any(|errno| *errno as i32 == code)
-    })
 }
 
 /// Methods that RFC 9110 defines as idempotent.

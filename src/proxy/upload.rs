@@ -52,6 +52,35 @@ pub struct Limits {
     pub client_body_timeout: std::time::Duration,
     /// Largest body passed on.
     pub max_body_size: Option<u64>,
+    /// Bodies of a declared length up to this are read whole before a worker is chosen.
+    pub client_body_buffer_size: u64,
+}
+
+/// Reads the rest of a body whose length is declared and small, appending it to `into`, with
+/// at most `stall` between two frames. Such a body is read whole before any worker is chosen
+/// (nginx buffers request bodies too): an upload that never completes, a slow or an aborted
+/// one, then never reaches a worker nor holds a connection to it, and the head and body go out
+/// in one write.
+pub async fn read_whole(
+    body: &mut Incoming,
+    into: &mut Vec<u8>,
+    stall: std::time::Duration,
+) -> Result<(), ClientFault> {
+    loop {
+        let frame = tokio::time::timeout(stall, std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)))
+            .await
+            .map_err(|_| ClientFault::Stalled)?;
+        match frame {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(ClientFault::Broken(e.to_string())),
+            // Trailers are dropped, as for streamed bodies.
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    into.extend_from_slice(data);
+                }
+            }
+        }
+    }
 }
 
 /// Why the client's side of a request failed; the worker is not to blame.

@@ -460,6 +460,7 @@ mod wire_tests {
         upstream_timeout: std::time::Duration::from_secs(30),
         client_body_timeout: std::time::Duration::from_secs(30),
         max_body_size: None,
+        client_body_buffer_size: 0,
     };
 
     /// A GET to a worker answering `answer`.

@@ -11,10 +11,11 @@ use crate::{capture, never_received, open, read_replies, wait_until, End, AT_ONC
 #[test]
 fn a_client_that_aborts_its_upload_releases_the_worker_connection_at_once() -> TestResult {
     // Issue 11 item 2: each of these held a client socket and a worker socket until
-    // upstream_timeout (60 s here); 700 of them pinned a 1,024-fd instance.
+    // upstream_timeout (60 s here); 700 of them pinned a 1,024-fd instance. A body larger than
+    // client_body_buffer_size is streamed, so the worker has the head when the client leaves.
     let capture = capture(&[])?;
     let mut conn = open(&capture, AT_ONCE)?;
-    conn.send_raw(b"POST /abort HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\nxx")?;
+    conn.send_raw(b"POST /abort HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\nxx")?;
     capture.wait_for(AT_ONCE, "the worker to get the head", |conns| {
         conns.iter().any(|c| c.carried("/abort")).then_some(())
     })?;
@@ -44,6 +45,25 @@ fn a_client_that_aborts_its_upload_releases_the_worker_connection_at_once() -> T
         capture.describe()
     );
     Ok(())
+}
+
+#[test]
+fn an_abandoned_small_upload_never_reaches_a_worker() -> TestResult {
+    // The issue's exact reproducer: a body within client_body_buffer_size (16 KiB) is read whole
+    // before a worker is chosen, so the worker never sees the request, and corral lets go of
+    // the client at once.
+    let capture = capture(&[])?;
+    let pid = capture.corral.pid();
+    let before = open_fds(pid);
+    for _ in 0..20 {
+        let mut conn = open(&capture, AT_ONCE)?;
+        conn.send_raw(b"POST /abort HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\nxx")?;
+    }
+    poll_until(AT_ONCE, "corral to let go of the abandoned uploads", || {
+        (open_fds(pid) <= before).then_some(())
+    })
+    .map_err(|e| capture.explain(e))?;
+    never_received(&capture, "/abort")
 }
 
 /// How many descriptors `pid` has open.
