@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::probe::{http_ok, Readiness};
+use super::probe::{probe, Readiness};
 use super::status;
 use super::worker::WorkerState;
 use super::{Event, Supervisor};
@@ -56,7 +56,12 @@ impl Supervisor {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(check.interval) => {}
                 }
-                let ok = tokio::time::timeout(check.timeout, http_ok(addr, Some(&check.path))).await == Ok(true);
+                let ok = match tokio::time::timeout(check.timeout, probe(addr, Some(&check.path))).await {
+                    // corral is out of file descriptors: no verdict on the worker this time.
+                    Ok(None) => continue,
+                    Ok(Some(ok)) => ok,
+                    Err(_) => false,
+                };
                 if events.send(Event::Health { id, ok }).is_err() {
                     return;
                 }

@@ -59,18 +59,26 @@ impl Readiness {
 
 /// True if `addr` accepts a connection and, with a `path`, answers `GET path` with 2xx.
 pub(super) async fn http_ok(addr: SocketAddr, path: Option<&str>) -> bool {
+    probe(addr, path).await == Some(true)
+}
+
+/// Like [`http_ok`], but `None` when corral itself could not open a connection (out of file
+/// descriptors): that says nothing about the worker, and a health check skips it.
+pub(super) async fn probe(addr: SocketAddr, path: Option<&str>) -> Option<bool> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
+    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) if crate::limits::is_exhausted(&e) => return None,
+        Err(_) => return Some(false),
     };
-    let Some(path) = path else { return true };
+    let Some(path) = path else { return Some(true) };
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-health\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
+        return Some(false);
     }
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
+    Some(stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2')
 }
 
 /// PM2's `wait_ready`: reports `Ready` when the worker's `process.send('ready')` arrives on its
