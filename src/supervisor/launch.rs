@@ -43,10 +43,11 @@ impl Supervisor {
             .filter_map(|w| w.port)
             .collect();
         let proxied = self.apps[app_index].balancer.is_some();
-        let port = proxied
-            .then(|| spawn::free_port(&taken))
-            .transpose()
-            .map_err(|e| e.to_string())?;
+        let (port, port_hold) = match proxied.then(|| spawn::free_port(&taken)).transpose() {
+            Ok(Some((port, hold))) => (Some(port), Some(hold)),
+            Ok(None) => (None, None),
+            Err(e) => return Err(e.to_string()),
+        };
         let spawn::Spawned { mut child, channel } = spawn::spawn(&spec, slot, port).map_err(|e| e.to_string())?;
         let pid = child.id().ok_or("the process exited at once")?;
         let id = self.next_id;
@@ -112,6 +113,7 @@ impl Supervisor {
             start_time: crate::leftovers::Proc::of(pid).map_or(0, |p| p.start),
             usage: None,
             port,
+            port_hold,
             state: WorkerState::Starting,
             started: Instant::now(),
             was_ready: false,

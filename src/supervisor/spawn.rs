@@ -18,7 +18,7 @@
 //! never spawn workers.)
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 
 use std::os::fd::AsRawFd;
@@ -151,14 +151,34 @@ unsafe fn libc_fcntl_clear_cloexec(fd: i32) -> i32 {
     unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) }
 }
 
-/// A free loopback port not in `taken`. The kernel picks it; it is free when we look, and the
-/// worker binds it moments later (a race we report as a worker that failed to listen).
-pub fn free_port(taken: &HashSet<u16>) -> Result<u16, SpawnError> {
+/// A loopback port kept for a worker: a socket bound to it with `SO_REUSEADDR` that never
+/// listens. The worker's own `listen` on the port succeeds beside it (Node sets `SO_REUSEADDR`
+/// too, and the held socket is not listening), but the kernel hands the port to nobody else
+/// that asks for any free port (`bind` to port 0, or an outgoing connection's local port) while
+/// it is held. Without it, two corral instances (or a worker and a client) picked the same
+/// free port now and then; a second worker then failed with EADDRINUSE while its readiness
+/// probe reached the first one. Held for the worker's life (one descriptor, close-on-exec).
+#[derive(Debug)]
+pub struct PortHold {
+    _socket: socket2::Socket,
+}
+
+/// A free loopback port not in `taken`, held for the worker that will listen on it.
+pub fn free_port(taken: &HashSet<u16>) -> Result<(u16, PortHold), SpawnError> {
     for _ in 0..16 {
-        let probe = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(SpawnError::Port)?;
-        let port = probe.local_addr().map_err(SpawnError::Port)?.port();
+        let hold =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(SpawnError::Port)?;
+        hold.set_reuse_address(true).map_err(SpawnError::Port)?;
+        hold.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .map_err(SpawnError::Port)?;
+        let port = hold
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .ok_or_else(|| SpawnError::Port(std::io::Error::other("no local address")))?;
         if !taken.contains(&port) {
-            return Ok(port);
+            return Ok((port, PortHold { _socket: hold }));
         }
     }
     Err(SpawnError::Port(std::io::Error::other(

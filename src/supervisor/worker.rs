@@ -79,6 +79,10 @@ pub struct Worker {
     pub usage: Option<(crate::supervisor::status::Usage, Instant, Option<f64>)>,
     /// Its loopback port (proxied apps only).
     pub port: Option<u16>,
+    /// Keeps that port from being handed to anyone else (see [`super::spawn::PortHold`]);
+    /// only held, never read.
+    #[allow(dead_code)]
+    pub port_hold: Option<super::spawn::PortHold>,
     /// Lifecycle state.
     pub state: WorkerState,
     /// When it was spawned.
