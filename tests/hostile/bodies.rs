@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::http::Conn;
 use crate::support::{poll_until, TestResult, DEADLINE};
-use crate::{capture, never_received, open, read_replies, wait_until, End, AT_ONCE};
+use crate::{capture, first, never_received, open, read_replies, wait_until, worker_connections_closed, End, AT_ONCE};
 
 #[test]
 fn a_client_that_aborts_its_upload_releases_the_worker_connection_at_once() -> TestResult {
@@ -20,16 +20,10 @@ fn a_client_that_aborts_its_upload_releases_the_worker_connection_at_once() -> T
         conns.iter().any(|c| c.carried("/abort")).then_some(())
     })?;
     drop(conn);
-    capture.wait_for(
-        AT_ONCE,
+    worker_connections_closed(
+        &capture,
+        "/abort",
         "the worker connection to close after the client left",
-        |conns| {
-            conns
-                .iter()
-                .filter(|c| c.carried("/abort"))
-                .all(|c| c.closed)
-                .then_some(())
-        },
     )?;
     poll_until(AT_ONCE, "no request in flight", || {
         (capture.corral.total("in_flight")? == 0).then_some(())
@@ -161,10 +155,7 @@ fn an_upload_longer_than_upstream_timeout_succeeds() -> TestResult {
     // The honesty check: the upload really outlasted upstream_timeout.
     assert!(took > Duration::from_secs(3), "the upload took only {took:?}");
     let reply = read_replies(&mut conn, 1);
-    let response = reply
-        .responses
-        .first()
-        .ok_or_else(|| capture.explain(format!("{reply:?}")))?;
+    let response = first(&capture, &reply)?;
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(
         response.json()["body"],
@@ -188,13 +179,7 @@ fn a_body_that_stalls_past_client_body_timeout_is_ended() -> TestResult {
         (Some(408), _) | (None, End::Closed) | (None, End::Broken(_)) => {}
         other => return Err(capture.explain(format!("expected 408 or a close at once, got {other:?}"))),
     }
-    capture.wait_for(AT_ONCE, "the worker connection of the stalled body to close", |conns| {
-        conns
-            .iter()
-            .filter(|c| c.carried("/stall"))
-            .all(|c| c.closed)
-            .then_some(())
-    })?;
+    worker_connections_closed(&capture, "/stall", "the worker connection of the stalled body to close")?;
     Ok(())
 }
 
@@ -299,12 +284,6 @@ fn max_body_size_cuts_a_chunked_body_that_grows_past_it() -> TestResult {
         .into_iter()
         .any(|s| s.ev == "end" && s.url == "/big-chunked");
     assert!(!ended, "the worker got the whole body:\n{}", capture.describe());
-    capture.wait_for(AT_ONCE, "the worker connection to close", |conns| {
-        conns
-            .iter()
-            .filter(|c| c.carried("/big-chunked"))
-            .all(|c| c.closed)
-            .then_some(())
-    })?;
+    worker_connections_closed(&capture, "/big-chunked", "the worker connection to close")?;
     Ok(())
 }

@@ -6,7 +6,9 @@ use std::net::Shutdown;
 
 use crate::support::http::Conn;
 use crate::support::TestResult;
-use crate::{capture, closes, never_received, open, read_replies, send, End, AT_ONCE};
+use crate::{
+    capture, closes, first, never_received, open, read_replies, send, worker_connections_closed, End, AT_ONCE,
+};
 
 #[test]
 fn error_bodies_never_show_a_worker_address() -> TestResult {
@@ -23,10 +25,7 @@ fn error_bodies_never_show_a_worker_address() -> TestResult {
             format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
             1,
         )?;
-        let response = reply
-            .responses
-            .first()
-            .ok_or_else(|| capture.explain(format!("{reply:?}")))?;
+        let response = first(&capture, &reply)?;
         assert_eq!(response.status, status, "{target}: {}", response.text());
         assert!(!response.text().is_empty(), "{target}: the body names the cause");
         for (name, value) in &response.headers {
@@ -109,13 +108,7 @@ fn a_websocket_client_half_close_reaches_the_worker_and_the_tunnel_ends() -> Tes
     assert_eq!(rest, b"\x81\x03bye", "the worker's answer to the half-close");
     let ended = capture.seen().into_iter().any(|s| s.ev == "ws-end");
     assert!(ended, "the worker never saw the half-close:\n{}", capture.describe());
-    capture.wait_for(AT_ONCE, "the worker's tunnel connection to close", |conns| {
-        conns
-            .iter()
-            .filter(|c| c.carried("/ws"))
-            .all(|c| c.closed)
-            .then_some(())
-    })?;
+    worker_connections_closed(&capture, "/ws", "the worker's tunnel connection to close")?;
     assert_eq!(capture.corral.total("in_flight"), Some(0));
     Ok(())
 }
@@ -131,12 +124,6 @@ fn tunnel_idle_timeout_ends_an_idle_websocket() -> TestResult {
         .read_to_end(&mut rest)
         .map_err(|e| capture.explain(format!("the idle tunnel stayed open: {e}")))?;
     assert_eq!(read, rest.len());
-    capture.wait_for(AT_ONCE, "the worker's tunnel connection to close", |conns| {
-        conns
-            .iter()
-            .filter(|c| c.carried("/ws"))
-            .all(|c| c.closed)
-            .then_some(())
-    })?;
+    worker_connections_closed(&capture, "/ws", "the worker's tunnel connection to close")?;
     Ok(())
 }

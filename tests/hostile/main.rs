@@ -112,6 +112,26 @@ pub fn read_replies(conn: &mut Conn, expect: usize) -> Reply {
 
 /// Sends `bytes` on a fresh connection and reads up to `expect` responses, each within
 /// [`AT_ONCE`].
+/// The first response of `reply`; without one, an error showing corral's and the worker's side.
+pub fn first(capture: &Capture, reply: &Reply) -> Result<Response, Box<dyn Error>> {
+    reply
+        .responses
+        .first()
+        .cloned()
+        .ok_or_else(|| capture.explain(format!("{reply:?}")))
+}
+
+/// Waits until every worker connection that carried a request for `target` has closed.
+pub fn worker_connections_closed(capture: &Capture, target: &str, what: &str) -> Result<(), Box<dyn Error>> {
+    capture.wait_for(AT_ONCE, what, |conns| {
+        conns
+            .iter()
+            .filter(|c| c.carried(target))
+            .all(|c| c.closed)
+            .then_some(())
+    })
+}
+
 pub fn send(capture: &Capture, bytes: &[u8], expect: usize) -> Result<Reply, Box<dyn Error>> {
     let mut conn = open(capture, AT_ONCE)?;
     conn.send_raw(bytes)?;

@@ -2,7 +2,7 @@
 //! CL+TE refusal cannot be switched off (item 8), pipelining and `Expect: 100-continue`.
 
 use crate::support::TestResult;
-use crate::{capture, closes, framed_by_corral, never_received, open, read_replies, send, End, AT_ONCE};
+use crate::{capture, closes, first, framed_by_corral, never_received, open, read_replies, send, End, AT_ONCE};
 
 /// The exact reproducer of issue 11 item 1: `Connection: content-length` used to strip the
 /// Content-Length while corral still sent the body unframed, so Node read the body as a second
@@ -64,10 +64,7 @@ fn a_smuggled_request_never_answers_another_client() -> TestResult {
             format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
             1,
         )?;
-        let response = reply
-            .responses
-            .first()
-            .ok_or_else(|| capture.explain(format!("{reply:?}")))?;
+        let response = first(&capture, &reply)?;
         assert_eq!(
             response.header("x-request"),
             Some(format!("GET {target}").as_str()),
@@ -131,16 +128,13 @@ fn no_connection_token_touches_framing_or_host() -> TestResult {
     Ok(())
 }
 
-/// A CL+TE request after `first` on the same connection: refused, never forwarded.
-fn cl_te_after(first: &[u8], first_target: &str) -> TestResult {
+/// A CL+TE request after `opening` on the same connection: refused, never forwarded.
+fn cl_te_after(opening: &[u8], first_target: &str) -> TestResult {
     let capture = capture(&[])?;
     let mut conn = open(&capture, AT_ONCE)?;
-    conn.send_raw(first)?;
+    conn.send_raw(opening)?;
     let reply = read_replies(&mut conn, 1);
-    let response = reply
-        .responses
-        .first()
-        .ok_or_else(|| capture.explain(format!("{reply:?}")))?;
+    let response = first(&capture, &reply)?;
     assert_eq!(response.status, 200, "{reply:?}");
     assert_eq!(
         response.header("x-request").map(|r| r.ends_with(first_target)),
