@@ -66,7 +66,12 @@ enum Command {
         follow: bool,
     },
     /// Print a systemd unit that runs this config at boot, and how to install it.
-    Startup,
+    Startup {
+        /// The user the unit runs corral as (like `pm2 startup -u`); default: the current one.
+        /// A normal user gets `CAP_NET_BIND_SERVICE` for ports below 1024.
+        #[arg(short, long)]
+        user: Option<String>,
+    },
     /// Change an app's worker count without a reload: `N`, `+N` or `-N`. New workers enter
     /// rotation when ready; removed ones drain first. The next reload applies the file's
     /// `instances` again.
@@ -139,7 +144,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
-        Command::Startup => startup(&cli.config),
+        Command::Startup { user } => startup(&cli.config, user.as_deref()),
         Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
         Command::Reload { app } => control_with_deadline(
@@ -251,16 +256,25 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
     Ok(ExitCode::SUCCESS)
 }
 
-fn startup(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn startup(path: &std::path::Path, user: Option<&str>) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => return Ok(config_error(&e)),
     };
     let exe = std::env::current_exe().context("cannot find the corral binary")?;
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map_or_else(|| "root".into(), |u| u.name);
+    let user = match user {
+        Some(name) => match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => user.name,
+            _ => {
+                eprintln!("corral: no such user: {name}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None => nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| "root".into(), |u| u.name),
+    };
     let path_env = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     println!("{}", unit_text(&config, &exe, &user, &path_env));
     Ok(ExitCode::SUCCESS)
@@ -283,12 +297,36 @@ fn unit_text(config: &Config, exe: &std::path::Path, user: &str, path_env: &str)
          #           finds the unit's instance; root looks there by default)\n"
             .to_owned()
     };
+    // A normal user may still bind ports below 1024: the unit grants that one capability.
+    let low_port = config.apps.iter().any(|a| a.listen.is_some_and(|l| l.port() < 1024));
+    let capability = if user != "root" && low_port {
+        "# Ports below 1024 without root: only this capability, and only for corral's process.\n\
+         AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+    } else {
+        ""
+    };
+    let switching: Vec<&str> = config
+        .apps
+        .iter()
+        .filter(|a| a.run_as.as_ref().is_some_and(|r| r.name != user))
+        .map(|a| a.name.as_str())
+        .collect();
+    let switch_hint = if user != "root" && !switching.is_empty() {
+        format!(
+            "# Note:     {} set `user`: running workers as another user needs corral to run as\n\
+             #           root (run `corral startup` as root), or remove `user` from the config.\n",
+            switching.join(", ")
+        )
+    } else {
+        String::new()
+    };
     format!(
         "# {unit}: runs {config} with corral at boot.\n\
          # Install:  save this as /etc/systemd/system/{unit}, then\n\
          #           systemctl daemon-reload && systemctl enable --now {unit}\n\
          # Deploy:   systemctl reload {unit}   (a rolling reload, like `corral reload`)\n\
          {cli_hint}\
+         {switch_hint}\
          [Unit]\n\
          Description=corral: {config}\n\
          After=network-online.target\n\
@@ -304,6 +342,7 @@ fn unit_text(config: &Config, exe: &std::path::Path, user: &str, path_env: &str)
          # (corral finds it through $RUNTIME_DIRECTORY and refuses a directory that is not 0700).\n\
          RuntimeDirectory=corral\n\
          RuntimeDirectoryMode=0700\n\
+         {capability}\
          ExecStart={exe} run -c {config}\n\
          ExecReload=/bin/kill -HUP $MAINPID\n\
          # Only corral gets SIGTERM: it drains connections, then stops its workers itself.\n\
@@ -509,6 +548,25 @@ mod tests {
         let unit = unit_text(&config, exe, "app", "/usr/bin");
         assert!(unit.contains("export CORRAL_RUNTIME_DIR=/run/corral"), "{unit}");
         assert!(unit.lines().any(|l| l == "User=app"), "{unit}");
+        assert!(
+            !unit.contains("AmbientCapabilities"),
+            "port 4321 needs no capability:\n{unit}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_normal_user_gets_the_capability_for_a_low_port_only() -> Result<(), Box<dyn std::error::Error>> {
+        let text =
+            include_str!("../proxy.example.toml").replace("listen = \"127.0.0.1:4321\"", "listen = \"0.0.0.0:443\"");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.toml");
+        let config = Config::from_str(&text, &path).map_err(|problems| format!("{problems:?}"))?;
+        let exe = std::path::Path::new("/usr/local/bin/corral");
+        let line = "AmbientCapabilities=CAP_NET_BIND_SERVICE";
+        let unit = unit_text(&config, exe, "app", "/usr/bin");
+        assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+        let unit = unit_text(&config, exe, "root", "/usr/bin");
+        assert!(!unit.contains("AmbientCapabilities"), "root needs none:\n{unit}");
         Ok(())
     }
 }

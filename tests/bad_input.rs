@@ -212,3 +212,12 @@ fn malformed_requests_get_4xx_and_the_next_request_is_served() -> TestResult {
     assert_eq!(conn.read_response()?.status, 200);
     Ok(())
 }
+
+#[test]
+fn an_unknown_user_or_a_group_alone_is_named() -> TestResult {
+    assert_rejected(
+        Some(&app("user = \"no-such-user-for-corral\"\n")),
+        &["proxy.toml:5:", "user: no such user on this machine"],
+    )?;
+    assert_rejected(Some(&app("group = \"root\"\n")), &["group: needs `user` too"])
+}

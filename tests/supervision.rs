@@ -206,3 +206,58 @@ fn with_wait_ready_a_worker_that_never_says_so_is_reported() -> TestResult {
     })?;
     Ok(())
 }
+
+/// The uid and gid of a running process, from `/proc/PID/status`.
+fn ids_of(pid: u64) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u32> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+#[test]
+fn with_user_a_root_corral_runs_its_workers_as_that_user() -> TestResult {
+    if !nix::unistd::geteuid().is_root() {
+        // Switching users needs root: CI runs as root, and so does this check.
+        return Err("this test needs root (CI runs as root)".into());
+    }
+    let nobody = nix::unistd::User::from_name("nobody")?.ok_or("no user nobody")?;
+    // The worker's program must be readable by that user wherever the tests run from.
+    let app_dir = tempfile::tempdir()?;
+    std::fs::set_permissions(app_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let script = app_dir.path().join("app.js");
+    std::fs::copy(support::fixture("app.js"), &script)?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let hold = support::PortHold::new()?;
+    let config = format!(
+        "[[app]]\nname = \"web\"\ncommand = [\"node\", {:?}]\ncwd = {:?}\nlisten = \"{}\"\ninstances = 2\nuser = \"nobody\"\n",
+        script.display(),
+        app_dir.path().display(),
+        hold.addr
+    );
+    let corral = Corral::spawn_with_config(&config, hold.addr)?;
+    let workers = corral.wait_online(2)?;
+    hold.release();
+    for worker in &workers {
+        let pid = worker["pid"].as_u64().ok_or("no pid")?;
+        assert_eq!(
+            ids_of(pid),
+            Some((nobody.uid.as_raw(), nobody.gid.as_raw())),
+            "worker {pid}"
+        );
+        let env = std::fs::read(format!("/proc/{pid}/environ"))?;
+        assert!(
+            env.split(|&b| b == 0).any(|kv| kv == b"USER=nobody"),
+            "USER names the worker's user"
+        );
+    }
+    assert_eq!(get(corral.addr, "/whoami")?.status, 200);
+    assert_eq!(
+        ids_of(u64::from(corral.pid())).map(|(uid, _)| uid),
+        Some(0),
+        "corral stays root"
+    );
+    Ok(())
+}

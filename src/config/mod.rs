@@ -110,8 +110,24 @@ pub struct AppConfig {
     /// RSS cap of a worker's process tree, bytes; over it the worker is replaced without
     /// downtime. Checked every 2 s. Default: none.
     pub max_memory_restart: Option<u64>,
+    /// Run the workers as this user (and group) instead of corral's own (PM2's `uid`/`gid`);
+    /// needs corral to run as root. Default: none.
+    pub run_as: Option<RunAs>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
+}
+
+/// The user a worker runs as (`user`, `group`), resolved when the config is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name, for `USER`, `LOGNAME` and messages.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The `group` key's gid, else the user's primary group.
+    pub gid: u32,
+    /// The user's home directory, for `HOME`.
+    pub home: PathBuf,
 }
 
 /// Where worker output is written (PM2's log keys).

@@ -49,6 +49,8 @@ pub(super) const APP_KEYS: &[&str] = &[
     "exp_backoff_restart_delay",
     "stop_exit_codes",
     "max_memory_restart",
+    "user",
+    "group",
     "wait_ready",
     "out_file",
     "error_file",
@@ -185,6 +187,21 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         }),
         retain: t.optional("log_retain", r, |v| read_count(v, 0, 1000)).unwrap_or(5),
     };
+    let user = t.optional("user", r, read_user);
+    let group = t.optional("group", r, read_group);
+    let run_as = match (user, group) {
+        (Some(mut user), group) => {
+            if let Some(gid) = group {
+                user.gid = gid;
+            }
+            Some(user)
+        }
+        (None, Some(_)) => {
+            r.at(t.span.clone(), format!("{}group: needs `user` too", ctx(&name)));
+            None
+        }
+        (None, None) => None,
+    };
     let max_memory_restart = t.optional("max_memory_restart", r, |v| match read_size(v)? {
         0 => Err("must be greater than zero".into()),
         n => Ok(n),
@@ -256,6 +273,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         exp_backoff_restart_delay,
         stop_exit_codes,
         max_memory_restart,
+        run_as,
         wait_ready,
         logs,
         http,

@@ -25,8 +25,12 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.instances, Instances::MaxMinus(0));
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
     assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
+    // Switching users needs root, and the example runs as whoever tries it: shown commented.
+    let commented = ["user", "group"];
     for key in super::parse::APP_KEYS {
-        let documented = EXAMPLE.contains(&format!("\n{key} = ")) || EXAMPLE.contains(&format!("[app.{key}]"));
+        let documented = EXAMPLE.contains(&format!("\n{key} = "))
+            || EXAMPLE.contains(&format!("[app.{key}]"))
+            || (commented.contains(key) && EXAMPLE.contains(&format!("\n# {key} = ")));
         assert!(documented, "proxy.example.toml does not document `{key}`");
     }
 }

@@ -11,7 +11,46 @@ use toml::de::DeValue;
 
 use super::table::type_name;
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
-use super::{Balance, HealthCheck, Instances, Network, Sticky};
+use super::{Balance, HealthCheck, Instances, Network, RunAs, Sticky};
+
+/// `user`: a user name or a numeric uid that exists on this machine.
+pub(super) fn read_user(v: &DeValue<'_>) -> Result<RunAs, String> {
+    use nix::unistd::{Uid, User};
+    let found = match v {
+        DeValue::String(name) => User::from_name(name),
+        _ => match integer(v) {
+            Some(uid) if (0..=i64::from(u32::MAX)).contains(&uid) => User::from_uid(Uid::from_raw(uid as u32)),
+            _ => return Err(format!("expected a user name or uid, found {}", type_name(v))),
+        },
+    };
+    match found {
+        Ok(Some(user)) => Ok(RunAs {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }),
+        Ok(None) => Err("no such user on this machine".into()),
+        Err(e) => Err(format!("cannot look the user up: {e}")),
+    }
+}
+
+/// `group`: a group name or a numeric gid that exists on this machine.
+pub(super) fn read_group(v: &DeValue<'_>) -> Result<u32, String> {
+    use nix::unistd::{Gid, Group};
+    let found = match v {
+        DeValue::String(name) => Group::from_name(name),
+        _ => match integer(v) {
+            Some(gid) if (0..=i64::from(u32::MAX)).contains(&gid) => Group::from_gid(Gid::from_raw(gid as u32)),
+            _ => return Err(format!("expected a group name or gid, found {}", type_name(v))),
+        },
+    };
+    match found {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err("no such group on this machine".into()),
+        Err(e) => Err(format!("cannot look the group up: {e}")),
+    }
+}
 
 pub(super) fn integer(v: &DeValue<'_>) -> Option<i64> {
     v.as_integer()

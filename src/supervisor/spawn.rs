@@ -7,6 +7,9 @@
 //! `NOTIFY_SOCKET` (systemd's socket is for corral alone), plus the app's `env`, plus `PORT` (or
 //! `port_env`), `HOST=127.0.0.1`, `NODE_APP_INSTANCE=<slot>` and the run's marker
 //! ([`crate::leftovers::MARKER`], how leftover cleanup recognises what a worker forked).
+//! With `user` (and `group`), a worker started by a root corral runs as that user, with the
+//! user's supplementary groups and `USER`, `LOGNAME` and `HOME` (systemd's `User=` does the
+//! same); its working directory is entered before the switch.
 //!
 //! The pre-exec hook runs in the forked child of a multi-threaded process: it may only make
 //! async-signal-safe calls, so it allocates nothing (errors are raw errno values,
@@ -71,7 +74,36 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
         .current_dir(&app.cwd)
         // Only corral talks to the service manager; removed before the app's own `env`, so an
         // app may still set one explicitly.
-        .env_remove("NOTIFY_SOCKET")
+        .env_remove("NOTIFY_SOCKET");
+    // `user`/`group`: the identity is switched in the pre-exec hook; the groups are looked up
+    // here, where allocating is allowed.
+    let euid = nix::unistd::geteuid();
+    let identity = match &app.run_as {
+        // Already that user: nothing to switch.
+        Some(user) if !euid.is_root() && euid.as_raw() == user.uid => None,
+        None => None,
+        Some(user) => {
+            if !euid.is_root() {
+                return Err(exec_error(std::io::Error::other(format!(
+                    "running workers as user {} needs corral to run as root",
+                    user.name
+                ))));
+            }
+            let name = std::ffi::CString::new(user.name.as_str()).map_err(|e| exec_error(std::io::Error::other(e)))?;
+            let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(user.gid))
+                .map_err(|e| exec_error(e.into()))?;
+            command
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name)
+                .env("HOME", &user.home);
+            Some((
+                nix::unistd::Uid::from_raw(user.uid),
+                nix::unistd::Gid::from_raw(user.gid),
+                groups,
+            ))
+        }
+    };
+    command
         .envs(app.env.iter().map(|(k, v)| (k, v)))
         .env("NODE_APP_INSTANCE", slot.to_string())
         .stdin(Stdio::null())
@@ -102,12 +134,19 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
     let parent = std::process::id();
     let nofile = crate::limits::for_workers();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (prctl, getppid, setrlimit, dup2, fcntl); it allocates nothing: every error
+    // system calls (setgroups, setgid, setuid, prctl, getppid, setrlimit, dup2, fcntl); it
+    // allocates nothing: every error
     // is an errno wrapped by `from_raw_os_error`, which stores the number inline.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
             let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+            // First: a change of uid clears the parent-death signal set below.
+            if let Some((uid, gid, groups)) = &identity {
+                nix::unistd::setgroups(groups).map_err(errno)?;
+                nix::unistd::setgid(*gid).map_err(errno)?;
+                nix::unistd::setuid(*uid).map_err(errno)?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(errno)?;
             // If corral died between fork and prctl, nobody would ever signal this child.
             // ESRCH ("no such process"): the parent is gone.
