@@ -13,43 +13,45 @@ use super::table::type_name;
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
 use super::{Balance, HealthCheck, Instances, Network, RunAs, Sticky};
 
-/// `user`: a user name or a numeric uid that exists on this machine.
-pub(super) fn read_user(v: &DeValue<'_>) -> Result<RunAs, String> {
-    use nix::unistd::{Uid, User};
+/// An account named by a name or a number: looked up with `by_name` or `by_id`; `what` is
+/// "user" or "group", for the messages.
+fn account<T>(
+    v: &DeValue<'_>,
+    what: &str,
+    by_name: impl FnOnce(&str) -> nix::Result<Option<T>>,
+    by_id: impl FnOnce(u32) -> nix::Result<Option<T>>,
+) -> Result<T, String> {
     let found = match v {
-        DeValue::String(name) => User::from_name(name),
-        _ => match integer(v) {
-            Some(uid) if (0..=i64::from(u32::MAX)).contains(&uid) => User::from_uid(Uid::from_raw(uid as u32)),
-            _ => return Err(format!("expected a user name or uid, found {}", type_name(v))),
+        DeValue::String(name) => by_name(name),
+        _ => match integer(v).and_then(|id| u32::try_from(id).ok()) {
+            Some(id) => by_id(id),
+            None => return Err(format!("expected a {what} name or id, found {}", type_name(v))),
         },
     };
     match found {
-        Ok(Some(user)) => Ok(RunAs {
-            name: user.name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        }),
-        Ok(None) => Err("no such user on this machine".into()),
-        Err(e) => Err(format!("cannot look the user up: {e}")),
+        Ok(Some(account)) => Ok(account),
+        Ok(None) => Err(format!("no such {what} on this machine")),
+        Err(e) => Err(format!("cannot look the {what} up: {e}")),
     }
+}
+
+/// `user`: a user name or a numeric uid that exists on this machine.
+pub(super) fn read_user(v: &DeValue<'_>) -> Result<RunAs, String> {
+    use nix::unistd::{Uid, User};
+    let user = account(v, "user", User::from_name, |id| User::from_uid(Uid::from_raw(id)))?;
+    Ok(RunAs {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        home: user.dir,
+    })
 }
 
 /// `group`: a group name or a numeric gid that exists on this machine.
 pub(super) fn read_group(v: &DeValue<'_>) -> Result<u32, String> {
     use nix::unistd::{Gid, Group};
-    let found = match v {
-        DeValue::String(name) => Group::from_name(name),
-        _ => match integer(v) {
-            Some(gid) if (0..=i64::from(u32::MAX)).contains(&gid) => Group::from_gid(Gid::from_raw(gid as u32)),
-            _ => return Err(format!("expected a group name or gid, found {}", type_name(v))),
-        },
-    };
-    match found {
-        Ok(Some(group)) => Ok(group.gid.as_raw()),
-        Ok(None) => Err("no such group on this machine".into()),
-        Err(e) => Err(format!("cannot look the group up: {e}")),
-    }
+    let group = account(v, "group", Group::from_name, |id| Group::from_gid(Gid::from_raw(id)))?;
+    Ok(group.gid.as_raw())
 }
 
 pub(super) fn integer(v: &DeValue<'_>) -> Option<i64> {
