@@ -167,11 +167,21 @@ fn check(path: &std::path::Path) -> ExitCode {
                 config.apps.len(),
                 if config.apps.len() == 1 { "" } else { "s" }
             );
+            for warning in &config.warnings {
+                println!(
+                    "  warning: {}:{}:{}: {}",
+                    path.display(),
+                    warning.line,
+                    warning.column,
+                    warning.message
+                );
+            }
             for app in &config.apps {
                 let n = app.instances.resolve(cpus);
+                let scheme = if app.tls.is_some() { " (https)" } else { "" };
                 let listen = app
                     .listen
-                    .map_or_else(|| "no proxy".to_owned(), |a| format!("listening on {a}"));
+                    .map_or_else(|| "no proxy".to_owned(), |a| format!("listening on {a}{scheme}"));
                 println!(
                     "  {}: {n} worker{} of `{}`, {listen}, listen_timeout {}, kill_timeout {}",
                     app.name,
@@ -420,6 +430,26 @@ fn control_with_deadline(
 }
 
 /// The `corral status` table; coloured states on a terminal (unless `NO_COLOR` is set).
+/// One app's certificate for `status`: subject and expiry, and what is wrong if anything.
+fn certificate_line(tls: &crate::tls::CertStatus) -> String {
+    let mut line = match (&tls.subject, tls.not_after) {
+        (Some(subject), Some(not_after)) => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after);
+            let day = crate::logs::files::timestamp("YYYY-MM-DD", at);
+            let left = at.duration_since(std::time::SystemTime::now()).map_or_else(
+                |_| "EXPIRED".to_owned(),
+                |d| format!("{} days left", d.as_secs() / 86_400),
+            );
+            format!("certificate {subject}, expires {day} ({left})")
+        }
+        _ => "no certificate yet".to_owned(),
+    };
+    if let Some(problem) = &tls.problem {
+        line.push_str(&format!("; {problem}"));
+    }
+    line
+}
+
 fn table(status: &Status) -> String {
     use std::io::IsTerminal;
     let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -492,6 +522,11 @@ fn table(status: &Status) -> String {
         uptime(status.uptime_ms),
         apps.join("; ")
     ));
+    for app in &status.apps {
+        if let Some(tls) = &app.tls {
+            out.push_str(&format!("{}: {}\n", app.name, certificate_line(tls)));
+        }
+    }
     if status.reloading {
         out.push_str("a reload is running\n");
     }

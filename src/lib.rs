@@ -16,7 +16,8 @@
 //!   Everything else talks to it through a cloneable [`supervisor::Handle`];
 //! - the **control socket** ([`control`]) lets the CLI ([`cli`]) reach a running instance;
 //! - [`run`] wires these together and owns the stop sequence; [`signals`] maps Unix signals to
-//!   intents; [`config`] turns `proxy.toml` into validated types; [`logs`] sets up tracing and
+//!   intents; [`tls`] holds each app's certificates and picks one per handshake; [`sites`]
+//!   maps host names to the apps sharing an address; [`config`] turns `proxy.toml` into validated types; [`logs`] sets up tracing and
 //!   carries worker output.
 //!
 //! Per-worker in-flight counts are RAII guards ([`balancer::InFlight`]) carried inside response
@@ -53,5 +54,9 @@ pub mod run;
 pub mod shards;
 // Unix signals mapped to intents.
 pub mod signals;
+// Several apps on one address: which app a host name belongs to.
+pub mod sites;
 // The actor that owns every worker process.
 pub mod supervisor;
+// TLS at the edge: certificates by SNI, ticket keys, ACME.
+pub mod tls;

@@ -24,12 +24,15 @@ use tracing::{debug, error, info, warn};
 use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::control::{ControlError, ControlSocket};
-use crate::listener::{self, Admission, ListenError, PerIp};
+use crate::listener::redirect::Redirect;
+use crate::listener::{self, Admission, Front, ListenError, PerIp};
 use crate::logs::OutputSink;
 use crate::proxy::Proxy;
 use crate::shards::Shards;
 use crate::signals::{Intent, Signals};
+use crate::sites::Names;
 use crate::supervisor::{Handle, Supervisor};
+use crate::tls::{CertError, CertStore, Challenges, SniResolver, Tickets};
 
 /// Why `corral run` could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,12 @@ pub enum RunError {
     /// The proxy's threads could not be started.
     #[error("cannot start the proxy threads: {0}")]
     Shards(std::io::Error),
+    /// An app's certificate could not be loaded.
+    #[error("app {0:?}: tls.{1}")]
+    Tls(String, CertError),
+    /// The system gave no randomness for the TLS ticket keys.
+    #[error("cannot make TLS session ticket keys: the system has no randomness to give")]
+    Random,
     /// A second stop signal arrived; workers were killed without waiting.
     #[error("stopped by a second {0}: workers were killed without draining")]
     Forced(&'static str),
@@ -57,23 +66,50 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
     let shards = Shards::start(crate::config::usable_cpus()).map_err(RunError::Shards)?;
+    for warning in &config.warnings {
+        warn!("{}:{}: {}", config.path.display(), warning.line, warning.message);
+    }
+    // One front per public address: the apps that share it (several when they name `hosts`).
+    let addresses = group_by(&config, |app| app.listen);
     let mut sockets = Vec::new();
+    for (addr, _) in &addresses {
+        sockets.push(listener::bind(*addr, shards.len())?);
+    }
+    let redirects = group_by(&config, |app| app.http_redirect);
+    let mut redirect_sockets = Vec::new();
+    for (addr, _) in &redirects {
+        redirect_sockets.push(listener::bind(*addr, shards.len())?);
+    }
+    // Certificates are loaded before anything starts: a file that broke since `check` fails
+    // the start with its name.
+    let mut certs: Vec<Option<Arc<CertStore>>> = Vec::new();
     for app in &config.apps {
-        sockets.push(app.listen.map(|addr| listener::bind(addr, shards.len())).transpose()?);
+        certs.push(match &app.tls {
+            Some(tls) => Some(CertStore::load(tls).map_err(|e| RunError::Tls(app.name.clone(), e))?),
+            None => None,
+        });
     }
     let control = ControlSocket::bind(&config.path).await?;
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
-    let balancers: Vec<Option<Arc<Balancer>>> = sockets.iter().map(|s| s.as_ref().map(|_| Arc::default())).collect();
+    let balancers: Vec<Option<Arc<Balancer>>> = config.apps.iter().map(|a| a.listen.map(|_| Arc::default())).collect();
     // The control socket is ours, so no live instance runs this config: whatever its state file
     // still lists was left behind by a killed front process.
     let state_file = crate::leftovers::path_for(control.path());
     crate::leftovers::clean(&state_file);
     let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
-    let supervisor = supervisor.with_state_file(state_file.clone());
+    let supervisor = supervisor.with_state_file(state_file.clone()).with_certs(certs.clone());
     let supervisor = tokio::spawn(supervisor.run());
 
     let shutdown = CancellationToken::new();
+    let challenges = Arc::new(Challenges::default());
+    let tickets = Tickets::new().ok_or(RunError::Random)?;
+    tokio::spawn(Arc::clone(&tickets).rotate_every_period(shutdown.clone()));
+    for (app, store) in config.apps.iter().zip(&certs) {
+        if let (Some(crate::config::Tls::Acme(_acme)), Some(_store)) = (&app.tls, store) {
+            // ACME: the certificate task of this app starts here (crate::tls::acme).
+        }
+    }
     let balancers_ready: Vec<(Arc<Balancer>, std::time::Duration)> = config
         .apps
         .iter()
@@ -81,43 +117,109 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .filter_map(|(app, b)| b.as_ref().map(|b| (Arc::clone(b), app.listen_timeout)))
         .collect();
     let mut accept_loops = JoinSet::new();
-    let proxied = sockets.iter().filter(|s| s.is_some()).count();
     let fd_limit = crate::limits::fd_limit();
-    for ((app, socket), balancer) in config.apps.iter().zip(sockets).zip(balancers) {
-        let (Some(socket), Some(balancer)) = (socket, balancer) else {
-            continue;
-        };
-        let proxy = Arc::new(Proxy::new(app.name.clone(), balancer, &app.http));
-        let (limits, drain, boot) = (app.http, app.drain_timeout, app.listen_timeout);
-        let max_connections = limits.connection_limit(fd_limit, proxied);
-        debug!(app = %app.name, max_connections, fd_limit, "connection limit");
+    let proxies: Vec<Option<Arc<Proxy>>> = config
+        .apps
+        .iter()
+        .zip(&balancers)
+        .map(|(app, balancer)| {
+            balancer
+                .as_ref()
+                .map(|b| Arc::new(Proxy::new(app.name.clone(), Arc::clone(b), &app.http).with_hsts(app.hsts)))
+        })
+        .collect();
+    for ((addr, apps), socket) in addresses.iter().zip(sockets) {
+        let first = &config.apps[apps[0]];
+        let names = Arc::new(Names::new(
+            apps.iter()
+                .map(|&i| (&config.apps[i].hosts[..], config.apps[i].default_host)),
+        ));
+        let sites: Vec<Arc<Proxy>> = apps.iter().filter_map(|&i| proxies[i].clone()).collect();
+        let resolver = first.tls.is_some().then(|| {
+            let stores = apps.iter().filter_map(|&i| certs[i].clone()).collect();
+            Arc::new(SniResolver::new(Arc::clone(&names), stores, Arc::clone(&challenges)))
+        });
+        let acme = apps
+            .iter()
+            .any(|&i| matches!(config.apps[i].tls, Some(crate::config::Tls::Acme(_))));
+        let (limits, drain, boot) = (first.http, first.drain_timeout, first.listen_timeout);
+        let max_connections = limits.connection_limit(fd_limit, addresses.len());
+        debug!(%addr, max_connections, fd_limit, "connection limit");
         let admission = Admission {
             per_shard: max_connections.div_ceil(shards.len().max(1)),
             per_ip: limits.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
         };
-        let addr = socket.addr;
+        let label: Vec<&str> = apps.iter().map(|&i| config.apps[i].name.as_str()).collect();
+        let label = label.join(", ");
         for (shard, (listener, runtime)) in socket.sockets.into_iter().zip(shards.handles()).enumerate() {
             let stop = shutdown.child_token();
-            let name = app.name.clone();
-            let proxy = Arc::clone(&proxy);
+            let name = label.clone();
+            // Each shard has its own front (and TLS config, with its own session cache), so
+            // the clones a request makes stay on its CPU.
+            let front = Arc::new(Front {
+                addr: *addr,
+                names: Arc::clone(&names),
+                sites: sites.clone(),
+            });
+            let tls = resolver
+                .as_ref()
+                .map(|r| crate::tls::server_config(Arc::clone(r), Arc::clone(&tickets), acme));
             let admission = admission.clone();
+            let addr = *addr;
             let accept_loop = async move {
+                let ready = async {
+                    for proxy in &front.sites {
+                        proxy.balancer().wait_ready().await;
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = proxy.balancer().wait_ready() => {}
+                    _ = ready => {}
                     _ = tokio::time::sleep(boot) => if shard == 0 {
                         warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)");
                     },
                 }
                 if shard == 0 {
-                    info!(app = %name, %addr, "accepting connections");
+                    info!(app = %name, %addr, tls = tls.is_some(), "accepting connections");
                 }
-                if let Err(e) = listener::serve(listener, addr, proxy, limits, admission, stop, drain).await {
+                if let Err(e) = listener::serve(listener, front, tls, limits, admission, stop, drain).await {
                     error!(app = %name, %shard, error = %e, "accept loop failed");
                 }
             };
             accept_loops.spawn_on(accept_loop, runtime);
         }
+    }
+    for ((addr, apps), socket) in redirects.iter().zip(redirect_sockets) {
+        let first = &config.apps[apps[0]];
+        let redirect = Arc::new(Redirect {
+            addr: *addr,
+            names: Names::new(
+                apps.iter()
+                    .map(|&i| (&config.apps[i].hosts[..], config.apps[i].default_host)),
+            ),
+            ports: apps
+                .iter()
+                .map(|&i| config.apps[i].listen.map_or(443, |l| l.port()))
+                .collect(),
+            challenges: Arc::clone(&challenges),
+        });
+        let (limits, drain) = (first.http, first.drain_timeout);
+        let per_shard = limits
+            .connection_limit(fd_limit, addresses.len())
+            .div_ceil(shards.len().max(1));
+        for (listener, runtime) in socket.sockets.into_iter().zip(shards.handles()) {
+            let (redirect, stop) = (Arc::clone(&redirect), shutdown.child_token());
+            accept_loops.spawn_on(
+                async move {
+                    if let Err(e) = listener::redirect::serve(listener, redirect, limits, per_shard, stop, drain).await
+                    {
+                        error!(error = %e, "http_redirect accept loop failed");
+                    }
+                },
+                runtime,
+            );
+        }
+        info!(%addr, "http_redirect: answering 308 to https");
     }
     let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
     // READY=1 once every proxied app accepts connections (or its boot wait is over).
@@ -197,6 +299,23 @@ async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static s
             }
         }
     }
+}
+
+/// The apps' addresses (as `key` gives them), each with the indices of the apps on it, in
+/// config order.
+fn group_by(
+    config: &Config,
+    key: impl Fn(&crate::config::AppConfig) -> Option<std::net::SocketAddr>,
+) -> Vec<(std::net::SocketAddr, Vec<usize>)> {
+    let mut groups: Vec<(std::net::SocketAddr, Vec<usize>)> = Vec::new();
+    for (index, app) in config.apps.iter().enumerate() {
+        let Some(addr) = key(app) else { continue };
+        match groups.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, apps)) => apps.push(index),
+            None => groups.push((addr, vec![index])),
+        }
+    }
+    groups
 }
 
 /// How long `corral stop` waits for the instance to exit before giving up: the longest

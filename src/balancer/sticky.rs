@@ -75,8 +75,9 @@ impl CookieSigner {
     }
 
     /// A `Set-Cookie` value pinning the client to `slot`.
-    pub fn set_cookie(&self, name: &str, slot: usize) -> HeaderValue {
-        let text = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax", self.value(slot));
+    pub fn set_cookie(&self, name: &str, slot: usize, secure: bool) -> HeaderValue {
+        let secure = if secure { "; Secure" } else { "" };
+        let text = format!("{name}={}; Path=/; HttpOnly; SameSite=Lax{secure}", self.value(slot));
         HeaderValue::try_from(text).expect("UNWRAP: cookie names are validated, values are digits and hex")
     }
 }
@@ -156,7 +157,7 @@ mod tests {
             HeaderValue::try_from(format!("theme=dark; corral_sticky={value}")).expect("value"),
         );
         assert_eq!(signer.slot_from(&headers, "corral_sticky"), Some(3));
-        let set = signer.set_cookie("corral_sticky", 1);
+        let set = signer.set_cookie("corral_sticky", 1, false);
         let set = set.to_str().expect("ascii");
         assert!(
             set.starts_with("corral_sticky=1.") && set.ends_with("; Path=/; HttpOnly; SameSite=Lax"),

@@ -22,6 +22,7 @@
 mod cpus;
 mod parse;
 mod table;
+mod tls;
 pub mod units;
 mod values;
 
@@ -45,6 +46,9 @@ pub struct Config {
     pub path: PathBuf,
     /// The `[[app]]` tables, in file order.
     pub apps: Vec<AppConfig>,
+    /// What works but is probably a mistake (an expired certificate, ...): `check` shows
+    /// these, `run` and `reload` log them.
+    pub warnings: Vec<Problem>,
 }
 
 /// One `[[app]]`: a command run as N workers, optionally behind a public address.
@@ -115,6 +119,55 @@ pub struct AppConfig {
     pub run_as: Option<RunAs>,
     /// Limits of the HTTP front end.
     pub http: HttpLimits,
+    /// `[app.tls]`: the public socket speaks TLS (and HTTP/2). Default: plain HTTP.
+    pub tls: Option<Tls>,
+    /// A plain-HTTP listener answering 308 to the https URL (and ACME HTTP-01). Default: none.
+    pub http_redirect: Option<SocketAddr>,
+    /// Names this app answers on a shared `listen`, lower-case (`*.x` wildcards). Default: none.
+    pub hosts: Vec<String>,
+    /// This app takes the names no app of its `listen` claims. Default: false.
+    pub default_host: bool,
+    /// `max-age` of the Strict-Transport-Security header on TLS responses. Default: none.
+    pub hsts: Option<Duration>,
+}
+
+/// `[app.tls]`: certificate files, or automatic certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// `cert`/`key`, and `extra` certificates picked by SNI.
+    Files {
+        /// `cert` and `key`.
+        main: CertFiles,
+        /// `extra = [{ cert, key }, ...]`.
+        extra: Vec<CertFiles>,
+    },
+    /// `[app.tls.acme]`.
+    Acme(AcmeConfig),
+}
+
+/// A certificate chain file and its key file (absolute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM key: PKCS#8, PKCS#1 or SEC1.
+    pub key: PathBuf,
+}
+
+/// `[app.tls.acme]`: certificates from an ACME (RFC 8555) directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// Names to certify, lower-case, no wildcards.
+    pub domains: Vec<String>,
+    /// Contact address for the account. Default: none.
+    pub email: Option<String>,
+    /// Directory URL. Default: Let's Encrypt production.
+    pub directory: String,
+    /// Where the account key and certificates are kept (absolute). Default: `acme/` beside
+    /// the config file.
+    pub cache_dir: PathBuf,
+    /// An extra trusted root for the directory's HTTPS (a private CA, a test server).
+    pub ca_root: Option<PathBuf>,
 }
 
 /// The user a worker runs as (`user`, `group`), resolved when the config is read.
@@ -374,10 +427,11 @@ impl Config {
     /// Validates config text as if it were read from `path` (which anchors relative `cwd`s).
     pub fn from_str(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
         let base = path.parent().unwrap_or(Path::new("/"));
-        let apps = parse::parse(text, base)?;
+        let (apps, warnings) = parse::parse(text, base)?;
         Ok(Config {
             path: path.to_path_buf(),
             apps,
+            warnings,
         })
     }
 

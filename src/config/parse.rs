@@ -21,7 +21,7 @@ use super::{AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
-const NOT_YET: &[&str] = &["ready", "tls"];
+const NOT_YET: &[&str] = &["ready"];
 
 pub(super) const APP_KEYS: &[&str] = &[
     "name",
@@ -68,12 +68,18 @@ pub(super) const APP_KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_ip",
     "tunnel_idle_timeout",
+    "tls",
+    "http_redirect",
+    "hosts",
+    "default",
+    "hsts",
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
-pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Problem>> {
+pub(super) fn parse(text: &str, base: &Path) -> Result<(Vec<AppConfig>, Vec<Problem>), Vec<Problem>> {
     let lines = Lines::new(text);
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(e) => {
@@ -86,6 +92,7 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
     let mut report = Report {
         lines: &lines,
         problems: &mut problems,
+        warnings: &mut warnings,
     };
     let root_span = root.span();
     let mut top = Table::new(root.into_inner(), root_span, String::new());
@@ -118,7 +125,8 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Vec<AppConfig>, Vec<Probl
     check_across_apps(&apps, &mut report);
 
     if problems.is_empty() {
-        Ok(apps.into_iter().map(|(app, _)| app).collect())
+        warnings.sort_by_key(|p| (p.line, p.column));
+        Ok((apps.into_iter().map(|(app, _)| app).collect(), warnings))
     } else {
         problems.sort_by_key(|p| (p.line, p.column));
         Err(problems)
@@ -234,8 +242,33 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         max_connections_per_ip: t.optional("max_connections_per_ip", r, |v| read_count(v, 1, 100_000_000)),
         tunnel_idle_timeout: t.optional("tunnel_idle_timeout", r, read_positive_duration),
     };
+    let tls = t
+        .take("tls")
+        .and_then(|(_, value)| super::tls::read_tls(value, base, &ctx(&name), r));
+    let http_redirect = t.optional("http_redirect", r, read_listen);
+    let hosts = t.optional("hosts", r, super::tls::read_hosts).unwrap_or_default();
+    let default_host = t.optional("default", r, read_bool).unwrap_or(false);
+    let hsts = t.optional("hsts", r, super::tls::read_hsts);
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);
+
+    if let Some(tls) = &tls {
+        super::tls::check_files(tls, &hosts, table_span.clone(), &ctx(&name), r);
+    }
+    for (key, set) in [("http_redirect", http_redirect.is_some()), ("hsts", hsts.is_some())] {
+        if set && tls.is_none() {
+            r.at(
+                table_span.clone(),
+                format!("{}{key}: needs [app.tls] (it is about HTTPS)", ctx(&name)),
+            );
+        }
+    }
+    if (http_redirect.is_some() || tls.is_some() || !hosts.is_empty()) && listen.is_none() {
+        r.at(
+            table_span.clone(),
+            format!("{}listen: needed by tls, http_redirect and hosts", ctx(&name)),
+        );
+    }
 
     if !cwd.is_dir() {
         r.at(
@@ -277,6 +310,11 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         wait_ready,
         logs,
         http,
+        tls,
+        http_redirect,
+        hosts,
+        default_host,
+        hsts,
     })
 }
 
@@ -294,13 +332,93 @@ fn check_across_apps(apps: &[(AppConfig, Range<usize>)], r: &mut Report<'_>) {
             );
         }
         if let Some(addr) = app.listen {
-            if earlier.iter().any(|(a, _)| a.listen.is_some_and(|b| overlaps(addr, b))) {
+            let on_it: Vec<&AppConfig> = earlier
+                .iter()
+                .map(|(a, _)| a)
+                .filter(|a| a.listen == Some(addr))
+                .collect();
+            if earlier
+                .iter()
+                .any(|(a, _)| a.listen.is_some_and(|b| b != addr && overlaps(addr, b)))
+            {
                 r.at(
                     span.clone(),
-                    format!("app \"{}\": listen: {addr} is used by another app", app.name),
+                    format!(
+                        "app \"{}\": listen: {addr} overlaps the address of another app",
+                        app.name
+                    ),
                 );
+            } else if !on_it.is_empty() {
+                check_shared(app, &on_it, "listen", addr, span, r);
             }
         }
+        if let Some(redirect) = app.http_redirect {
+            let clash = apps
+                .iter()
+                .any(|(a, _)| a.listen.is_some_and(|b| overlaps(redirect, b)));
+            let partial = earlier
+                .iter()
+                .any(|(a, _)| a.http_redirect.is_some_and(|b| b != redirect && overlaps(redirect, b)));
+            if clash || partial {
+                r.at(
+                    span.clone(),
+                    format!(
+                        "app \"{}\": http_redirect: {redirect} overlaps the address of another app",
+                        app.name
+                    ),
+                );
+            } else {
+                let on_it: Vec<&AppConfig> = earlier
+                    .iter()
+                    .map(|(a, _)| a)
+                    .filter(|a| a.http_redirect == Some(redirect))
+                    .collect();
+                if !on_it.is_empty() && app.listen.is_some_and(|l| on_it.iter().any(|a| a.listen != Some(l))) {
+                    check_shared(app, &on_it, "http_redirect", redirect, span, r);
+                }
+            }
+        }
+    }
+}
+
+/// Apps on one address: each must name `hosts` (or be the one `default`), the names must be
+/// distinct, and TLS must be on for all or none.
+fn check_shared(
+    app: &AppConfig,
+    others: &[&AppConfig],
+    key: &str,
+    addr: SocketAddr,
+    span: &Range<usize>,
+    r: &mut Report<'_>,
+) {
+    let ctx = format!("app \"{}\": ", app.name);
+    let claims = |a: &AppConfig| !a.hosts.is_empty() || a.default_host;
+    if !claims(app) || others.iter().any(|a| !claims(a)) {
+        r.at(span.clone(), format!("{ctx}{key}: {addr} is used by another app; apps share an address only when each names `hosts` (or is the `default`)"));
+        return;
+    }
+    if app.default_host && others.iter().any(|a| a.default_host) {
+        r.at(
+            span.clone(),
+            format!("{ctx}default: another app on {addr} is already the default"),
+        );
+    }
+    for host in &app.hosts {
+        if let Some(other) = others.iter().find(|a| a.hosts.contains(host)) {
+            r.at(
+                span.clone(),
+                format!(
+                    "{ctx}hosts: {host:?} is claimed by app \"{}\" on {addr} too",
+                    other.name
+                ),
+            );
+        }
+    }
+    if others.iter().any(|a| a.tls.is_some() != app.tls.is_some()) {
+        r.at(
+            span.clone(),
+            format!("{ctx}tls: apps on one address are all TLS or all plain HTTP ({addr})"),
+        );
     }
 }
 

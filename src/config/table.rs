@@ -31,12 +31,23 @@ impl Lines {
 pub(super) struct Report<'a> {
     pub(super) lines: &'a Lines,
     pub(super) problems: &'a mut Vec<Problem>,
+    /// Things that work but are probably not what was meant (`check` shows them).
+    pub(super) warnings: &'a mut Vec<Problem>,
 }
 
 impl Report<'_> {
     pub(super) fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = self.lines.position(span.start);
         self.problems.push(Problem {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    pub(super) fn warn_at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = self.lines.position(span.start);
+        self.warnings.push(Problem {
             line,
             column,
             message: message.into(),
@@ -52,6 +63,8 @@ pub(super) struct Table<'i> {
     pub(super) span: Range<usize>,
     /// Prefix for messages, e.g. `app "web": `.
     pub(super) context: String,
+    /// The keys this table may have, for "did you mean" hints.
+    pub(super) known: &'static [&'static str],
 }
 
 impl<'i> Table<'i> {
@@ -60,6 +73,7 @@ impl<'i> Table<'i> {
             entries: table.into_iter().collect(),
             span,
             context,
+            known: APP_KEYS,
         }
     }
 
@@ -108,7 +122,7 @@ impl<'i> Table<'i> {
             let message = if not_yet.contains(&name) {
                 format!("{}{name}: not supported by this version of corral yet", self.context)
             } else {
-                let hint = closest(name, APP_KEYS)
+                let hint = closest(name, self.known)
                     .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default();
                 format!("{}{name}: unknown key{hint}", self.context)

@@ -25,10 +25,12 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.instances, Instances::MaxMinus(0));
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
     assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
-    // Switching users needs root, and the example runs as whoever tries it: shown commented.
-    let commented = ["user", "group"];
+    // Switching users needs root, and the example runs as whoever tries it, on plain HTTP
+    // without certificates: these are shown commented.
+    let commented = ["user", "group", "http_redirect", "hosts", "default", "hsts"];
     for key in super::parse::APP_KEYS {
         let documented = EXAMPLE.contains(&format!("\n{key} = "))
+            || EXAMPLE.contains(&format!("\n# [app.{key}]"))
             || EXAMPLE.contains(&format!("[app.{key}]"))
             || (commented.contains(key) && EXAMPLE.contains(&format!("\n# {key} = ")));
         assert!(documented, "proxy.example.toml does not document `{key}`");
@@ -69,7 +71,7 @@ tls = true
         "6: app \"web\": instances: expected a positive integer, \"max\", or a negative integer (max - n), found 0",
         "7: app \"web\": listen: expected an address such as",
         "8: app \"web\": kill_signal: \"SIGFOO\" is not a signal name",
-        "9: app \"web\": tls: not supported by this version of corral yet",
+        "9: app \"web\": tls: expected a table",
     ];
     assert_eq!(got.len(), want.len(), "{got:#?}");
     for (got, want) in got.iter().zip(want) {
@@ -117,7 +119,18 @@ fn apps_must_be_distinct() {
         got.iter().any(|m| m.contains("name: another app has this name")),
         "{got:#?}"
     );
-    assert!(got.iter().any(|m| m.contains("is used by another app")), "{got:#?}");
+    assert!(
+        got.iter().any(|m| m.contains("overlaps the address of another app")),
+        "{got:#?}"
+    );
+    let same = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4000\n\n[[app]]\nname = \"b\"\ncommand = [\"node\"]\nlisten = 4000\n";
+    assert!(
+        messages(same)
+            .iter()
+            .any(|m| m.contains("apps share an address only when each names `hosts`")),
+        "{:#?}",
+        messages(same)
+    );
     assert!(messages("").iter().any(|m| m.contains("no [[app]] table")));
     assert!(messages("[app]\nname = \"a\"\n")
         .iter()
@@ -177,4 +190,73 @@ fn readiness_and_reload_keys() {
             .any(|m| m.starts_with("5: ") && m.contains("reload_batch: 0 is outside the allowed range")),
         "{got:#?}"
     );
+}
+
+#[test]
+fn apps_share_an_address_by_host_name_with_one_default() {
+    let app =
+        |name: &str, extra: &str| format!("[[app]]\nname = \"{name}\"\ncommand = [\"node\"]\nlisten = 4000\n{extra}\n");
+    let ok = app("a", "hosts = [\"a.test\", \"*.a.test\"]")
+        + &app("b", "hosts = [\"B.test\"]")
+        + &app("c", "default = true");
+    let config = parse(&ok).unwrap_or_else(|p| panic!("{p:?}"));
+    assert_eq!(config.apps[1].hosts, vec!["b.test".to_owned()], "names are lower-cased");
+    assert!(config.apps[2].default_host);
+
+    let twice = app("a", "hosts = [\"a.test\"]") + &app("b", "hosts = [\"x.test\", \"a.test\"]");
+    let got = messages(&twice);
+    assert!(
+        got.iter()
+            .any(|m| m.contains("hosts: \"a.test\" is claimed by app \"a\"")),
+        "{got:#?}"
+    );
+
+    let defaults = app("a", "default = true") + &app("b", "default = true");
+    assert!(messages(&defaults).iter().any(|m| m.contains("already the default")));
+
+    let bad = app("a", "hosts = [\"a.test:443\"]");
+    assert!(messages(&bad).iter().any(|m| m.contains("is not a host name")));
+}
+
+#[test]
+fn the_edge_keys_need_tls_and_tls_needs_its_files() {
+    let text = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4443\nhttp_redirect = 4080\nhsts = \"1y\"\n";
+    let got = messages(text);
+    assert!(
+        got.iter().any(|m| m.contains("http_redirect: needs [app.tls]")),
+        "{got:#?}"
+    );
+    assert!(got.iter().any(|m| m.contains("hsts: needs [app.tls]")), "{got:#?}");
+
+    let missing = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4443\n[app.tls]\ncert = \"no/such.pem\"\nkey = \"no/such.key\"\n";
+    let got = messages(missing);
+    assert!(
+        got.iter()
+            .any(|m| m.contains("tls.cert: ") && m.contains("no/such.pem: cannot read")),
+        "{got:#?}"
+    );
+
+    let both = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4443\n[app.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[app.tls.acme]\ndomains = [\"a.test\"]\n";
+    assert!(messages(both).iter().any(|m| m.contains("not both")));
+
+    let acme = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4443\n[app.tls.acme]\ndomains = [\"a.test\"]\ndirectory = \"http://insecure\"\nemale = \"x\"\n";
+    let got = messages(acme);
+    assert!(
+        got.iter()
+            .any(|m| m.contains("tls.acme.directory: must be an https:// URL")),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.contains("tls.acme.emale: unknown key (did you mean `email`?)")),
+        "{got:#?}"
+    );
+
+    let acme = "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlisten = 4443\n[app.tls.acme]\ndomains = [\"a.test\"]\n";
+    let config = parse(acme).unwrap_or_else(|p| panic!("{p:?}"));
+    let Some(super::Tls::Acme(acme)) = &config.apps[0].tls else {
+        panic!("acme expected")
+    };
+    assert_eq!(acme.directory, super::tls::LETS_ENCRYPT);
+    assert_eq!(acme.cache_dir, repo_root().join("acme"));
 }

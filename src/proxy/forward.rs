@@ -48,11 +48,13 @@ pub struct Peer {
     pub ip_header: HeaderValue,
     /// The address the client connected to (the `Host` of an HTTP/1.0 request without one).
     pub local: SocketAddr,
+    /// The connection is TLS: `X-Forwarded-Proto: https`, a `Secure` affinity cookie, HSTS.
+    pub tls: bool,
 }
 
 impl Peer {
-    /// The peer at `addr`, connected to `local`.
-    pub fn new(addr: SocketAddr, local: SocketAddr) -> Peer {
+    /// The peer at `addr`, connected to `local`, over TLS or not.
+    pub fn new(addr: SocketAddr, local: SocketAddr, tls: bool) -> Peer {
         let ip = addr.ip().to_canonical();
         let ip_header = HeaderValue::try_from(ip.to_string()).expect("UNWRAP: an IP address is a valid header value");
         let local = SocketAddr::new(local.ip().to_canonical(), local.port());
@@ -61,6 +63,7 @@ impl Peer {
             ip,
             ip_header,
             local,
+            tls,
         }
     }
 }
@@ -115,6 +118,12 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
         if !matches!(head.uri.scheme_str(), Some("http" | "https")) || authority.as_str().contains('@') {
             return refuse(StatusCode::BAD_REQUEST, "invalid request target");
         }
+        // HTTP/2 (RFC 9113 §8.3.1): a Host that names another entity than :authority.
+        if head.version == Version::HTTP_2
+            && field.is_some_and(|host| !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()))
+        {
+            return refuse(StatusCode::BAD_REQUEST, "Host differs from :authority");
+        }
         return HeaderValue::from_str(authority.as_str()).or(refuse(StatusCode::BAD_REQUEST, "invalid request target"));
     }
     match field {
@@ -129,7 +138,7 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
 
 /// `uri-host [ ":" port ]` (RFC 3986 §3.2.2): an IP literal in brackets or a registered name
 /// (an IPv4 address is one too), and a port of digits.
-fn valid_host(value: &[u8]) -> bool {
+pub fn valid_host(value: &[u8]) -> bool {
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
         Some(colon) if !value.starts_with(b"[") || value[..colon].ends_with(b"]") => {
             (&value[..colon], Some(&value[colon + 1..]))
@@ -180,8 +189,18 @@ pub fn encode_request(
         None
     };
     let mut forwarded_for: Option<Vec<u8>> = None;
+    // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
+    let mut cookies: Option<Vec<u8>> = None;
     let (mut kept_proto, mut kept_host) = (false, false);
     for (name, value) in headers {
+        if *name == header::COOKIE && head.version == Version::HTTP_2 {
+            let joined = cookies.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+            continue;
+        }
         if is_hop_by_hop(name)
             || *name == header::HOST
             || *name == header::CONTENT_LENGTH
@@ -208,6 +227,9 @@ pub fn encode_request(
         }
         field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
+    if let Some(cookies) = cookies {
+        field(&mut out, b"cookie", &cookies);
+    }
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(earlier) = forwarded_for.filter(|l| !l.is_empty()) {
         out.extend_from_slice(&earlier);
@@ -216,7 +238,11 @@ pub fn encode_request(
     out.extend_from_slice(peer.ip_header.as_bytes());
     out.extend_from_slice(b"\r\n");
     if !kept_proto {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        out.extend_from_slice(if peer.tls {
+            b"x-forwarded-proto: https\r\n"
+        } else {
+            b"x-forwarded-proto: http\r\n"
+        });
     }
     if !kept_host {
         field(&mut out, b"x-forwarded-host", host.as_bytes());
@@ -308,7 +334,11 @@ mod tests {
     }
 
     fn peer(addr: &str) -> Peer {
-        Peer::new(addr.parse().expect("addr"), "127.0.0.1:8080".parse().expect("addr"))
+        Peer::new(
+            addr.parse().expect("addr"),
+            "127.0.0.1:8080".parse().expect("addr"),
+            false,
+        )
     }
 
     fn encoded(pairs: &[(&str, &str)], from: &str, trusted: bool, upgrade: Option<&str>, framing: Framing) -> String {

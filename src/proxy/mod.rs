@@ -66,6 +66,8 @@ pub struct Proxy {
     tunnels: TaskTracker,
     /// Signs the affinity cookies of `sticky = "cookie"`.
     cookies: CookieSigner,
+    /// `Strict-Transport-Security` for responses over TLS (`hsts`).
+    hsts: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -85,7 +87,18 @@ impl Proxy {
             closing: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             cookies,
+            hsts: None,
         }
+    }
+
+    /// Sends `Strict-Transport-Security: max-age=<max_age>` on every response over TLS
+    /// (unless the worker sent its own).
+    pub fn with_hsts(mut self, max_age: Option<std::time::Duration>) -> Proxy {
+        self.hsts = max_age.map(|age| {
+            http::HeaderValue::try_from(format!("max-age={}", age.as_secs()))
+                .expect("UNWRAP: digits are a valid header value")
+        });
+        self
     }
 
     /// Waits until `deadline` for open tunnels (WebSocket) to end, then closes the rest.
@@ -108,7 +121,15 @@ impl Proxy {
 
     /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
     pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, Infallible> {
-        Ok(self.handle(req, peer).await)
+        let hsts = if peer.tls { self.hsts.clone() } else { None };
+        let mut response = self.handle(req, peer).await;
+        if let Some(hsts) = hsts {
+            response
+                .headers_mut()
+                .entry(http::header::STRICT_TRANSPORT_SECURITY)
+                .or_insert(hsts);
+        }
+        Ok(response)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
@@ -209,7 +230,7 @@ impl Proxy {
                 self.limits,
             );
             let failure = match exchange.await {
-                Ok(response) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity)),
+                Ok(response) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity, peer.tls)),
                 Err(failure) => failure,
             };
             let (retry, reason) = match failure {
@@ -252,6 +273,7 @@ impl Proxy {
         upgrade: Option<(http::HeaderValue, hyper::upgrade::OnUpgrade)>,
         sticky_mode: Sticky,
         affinity: Option<usize>,
+        secure: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -274,7 +296,9 @@ impl Proxy {
         let slot = guard.upstream().slot;
         if sticky_mode == Sticky::Cookie && affinity != Some(slot) {
             // No valid cookie, or its slot is not serving: pin the client here.
-            let cookie = self.balancer.with_routing(|r| self.cookies.set_cookie(&r.cookie, slot));
+            let cookie = self
+                .balancer
+                .with_routing(|r| self.cookies.set_cookie(&r.cookie, slot, secure));
             parts.headers.append(SET_COOKIE, cookie);
         }
         Response::from_parts(parts, ProxyBody::upstream(body, guard))

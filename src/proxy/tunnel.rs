@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -56,7 +57,7 @@ pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(60);
 /// (worker drain deadline) or `closing` (corral stopping) fires.
 pub async fn splice(
     client: OnUpgrade,
-    mut worker: TcpStream,
+    worker: TcpStream,
     early: Bytes,
     guard: InFlight,
     closing: CancellationToken,
@@ -69,19 +70,36 @@ pub async fn splice(
             return;
         }
     };
-    // The client's own socket back from hyper, with what hyper had read beyond the handshake;
-    // its framing guard stops following HTTP from here on.
-    let (client, pending) = match client.downcast::<TokioIo<FramingGuard<TcpStream>>>() {
+    // The client's own socket back from hyper (plain or TLS), with what hyper had read beyond
+    // the handshake; its framing guard stops following HTTP from here on.
+    let client = match client.downcast::<TokioIo<FramingGuard<TcpStream>>>() {
         Ok(parts) => {
             let mut socket = parts.io.into_inner();
             socket.stop();
-            (socket, parts.read_buf)
+            return run(socket, parts.read_buf, worker, early, guard, closing, idle).await;
         }
-        Err(_) => {
-            debug!("upgraded connection of an unexpected type; tunnel not opened");
-            return;
-        }
+        Err(client) => client,
     };
+    match client.downcast::<TokioIo<FramingGuard<TlsStream<TcpStream>>>>() {
+        Ok(parts) => {
+            let mut socket = parts.io.into_inner();
+            socket.stop();
+            run(socket, parts.read_buf, worker, early, guard, closing, idle).await;
+        }
+        Err(_) => debug!("upgraded connection of an unexpected type; tunnel not opened"),
+    }
+}
+
+/// The tunnel over the client's socket, until it ends or is cut.
+async fn run(
+    client: impl AsyncRead + AsyncWrite,
+    pending: Bytes,
+    mut worker: TcpStream,
+    early: Bytes,
+    guard: InFlight,
+    closing: CancellationToken,
+    idle: Option<Duration>,
+) {
     let cut = guard.upstream().cut.clone();
     tokio::select! {
         ended = pump(client, &mut worker, pending, early, idle) => debug!("tunnel closed: {ended}"),

@@ -124,6 +124,7 @@ impl Supervisor {
                     listen: app.config.listen.map(|a| a.to_string()),
                     instances: app.instances,
                     ready: workers.iter().filter(|w| w.state == "online").count(),
+                    tls: app.certs.as_ref().map(|c| c.status()),
                     workers,
                 }
             })

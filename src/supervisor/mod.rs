@@ -102,6 +102,8 @@ struct App {
     instances: usize,
     generation: u64,
     balancer: Option<Arc<Balancer>>,
+    /// Its certificates, with `[app.tls]`: re-read on reload, shown by status.
+    certs: Option<Arc<crate::tls::CertStore>>,
     slots: Vec<Slot>,
     workers: Vec<Worker>,
     announced: bool,
@@ -154,6 +156,7 @@ impl Supervisor {
                     instances,
                     generation: 1,
                     balancer,
+                    certs: None,
                     slots: (0..instances).map(|_| Slot::default()).collect(),
                     workers: Vec::new(),
                     announced: false,
@@ -190,6 +193,14 @@ impl Supervisor {
     /// Keeps the state file at `path` up to date (pids of the running workers).
     pub fn with_state_file(mut self, path: PathBuf) -> Supervisor {
         self.state_file = Some(path);
+        self
+    }
+
+    /// The apps' certificate stores (one entry per app, `Some` with `[app.tls]`).
+    pub fn with_certs(mut self, certs: Vec<Option<Arc<crate::tls::CertStore>>>) -> Supervisor {
+        for (app, store) in self.apps.iter_mut().zip(certs) {
+            app.certs = store;
+        }
         self
     }
 

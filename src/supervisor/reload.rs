@@ -30,12 +30,13 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::status::ReloadOutcome;
 use super::worker::{StopReason, WorkerState};
 use super::Supervisor;
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, Tls};
+use crate::tls::CertTable;
 
 /// A reload in progress.
 pub(super) struct ReloadRun {
@@ -123,6 +124,15 @@ impl Supervisor {
                 format!("{why}\nnothing was changed: the running workers keep serving"),
             );
         }
+        for warning in &config.warnings {
+            warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);
+        }
+        if let Err(why) = self.reload_certificates(&config, only.as_deref()) {
+            return refuse(
+                reply,
+                format!("{why}\nnothing was changed: the running workers and certificates keep serving"),
+            );
+        }
         let queue: VecDeque<usize> = (0..self.apps.len())
             .filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name))
             .collect();
@@ -152,6 +162,32 @@ impl Supervisor {
         self.next_phase();
     }
 
+    /// Re-reads the certificate files of every app (or `only` that one) with `[app.tls]`: all
+    /// are loaded and checked first, then swapped in together, so one broken file changes
+    /// nothing. New handshakes get the new certificates; open connections keep theirs.
+    fn reload_certificates(&self, config: &Config, only: Option<&str>) -> Result<(), String> {
+        let mut loaded = Vec::new();
+        for app in self
+            .apps
+            .iter()
+            .filter(|a| only.is_none_or(|name| a.config.name == name))
+        {
+            let (Some(store), Some(Tls::Files { main, extra })) =
+                (&app.certs, config.app(&app.config.name).and_then(|a| a.tls.as_ref()))
+            else {
+                continue;
+            };
+            let table = CertTable::load(main, extra).map_err(|e| format!("app {:?}: tls.{e}", app.config.name))?;
+            loaded.push((&app.config.name, store, table));
+        }
+        for (name, store, table) in loaded {
+            let subject = table.main().leaf.subject.clone();
+            store.replace(table);
+            info!(app = %name, %subject, "certificates re-read");
+        }
+        Ok(())
+    }
+
     /// What a reload cannot change without a restart.
     fn compatible(&self, config: &Config) -> Result<(), String> {
         let old: Vec<&str> = self.apps.iter().map(|a| a.config.name.as_str()).collect();
@@ -169,6 +205,29 @@ impl Supervisor {
                     show(app.config.listen),
                     show(fresh.flatten())
                 ));
+            }
+            if let Some(fresh) = config.app(&app.config.name) {
+                let old = &app.config;
+                let edge = |a: &crate::config::AppConfig| {
+                    let acme = match &a.tls {
+                        Some(Tls::Acme(acme)) => Some(acme.clone()),
+                        _ => None,
+                    };
+                    (
+                        a.tls.is_some(),
+                        acme,
+                        a.http_redirect,
+                        a.hosts.clone(),
+                        a.default_host,
+                        a.hsts,
+                    )
+                };
+                if edge(old) != edge(fresh) {
+                    return Err(format!(
+                        "app {:?}: tls on/off, [app.tls.acme], http_redirect, hosts, default or hsts changed: these shape the public listeners, which are kept across reloads, so they need a restart of corral (certificate files are re-read by a reload)",
+                        app.config.name
+                    ));
+                }
             }
         }
         Ok(())

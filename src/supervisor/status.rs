@@ -43,6 +43,9 @@ pub struct AppStatus {
     pub instances: usize,
     /// Workers in rotation now.
     pub ready: usize,
+    /// The TLS certificate it serves, with `[app.tls]`.
+    #[serde(default)]
+    pub tls: Option<crate::tls::CertStatus>,
     /// One entry per worker, or per empty slot waiting for a restart.
     pub workers: Vec<WorkerStatus>,
 }

@@ -7,34 +7,34 @@
 //! its own. The sockets are never closed and re-bound while corral runs; handing them to a new
 //! corral process (binary upgrade) will start from the same [`PublicSocket`].
 //!
-//! [`serve`] is one shard's accept loop. It owns its socket from then on, turns every
-//! connection into a hyper HTTP/1.1 connection (with upgrades, for WebSocket) running the
-//! [`Proxy`] service, and on shutdown stops accepting, closes the socket, and lets open
-//! connections finish their in-flight request within the drain deadline; tunnels still open
-//! then are closed. (hyper-util's `GracefulShutdown` cannot watch upgradeable connections, so
-//! each connection task selects on the shutdown token itself and the tasks are tracked by a
-//! `TaskTracker`.)
+//! [`serve`] is one shard's accept loop for one address. It owns its socket from then on,
+//! serves every connection for the apps on that address ([`conn::Front`], routing by host
+//! name when several share it): plain HTTP/1.1 (with upgrades, for WebSocket), or TLS with
+//! HTTP/2 or HTTP/1.1 by ALPN ([`conn`]). On shutdown it stops accepting, closes the socket,
+//! and lets open connections finish their in-flight requests within the drain deadline;
+//! tunnels still open then are closed. (hyper-util's `GracefulShutdown` cannot watch
+//! upgradeable connections, so each connection task selects on the shutdown token itself and
+//! the tasks are tracked by a `TaskTracker`.)
 //!
-//! Admission, as nginx's `worker_connections` and `limit_conn`: each shard holds at most its
-//! share of the app's `max_connections` (a semaphore only that shard's thread takes, so no
-//! state is shared across CPUs per connection); at the limit it stops accepting and new
-//! clients wait in the kernel's backlog instead of starving the connections already open.
-//! `max_connections_per_ip` is counted across the shards in one small table ([`PerIp`]), taken
-//! once when a connection opens and once when it closes, and only when the key is set; a
-//! client over it gets a 503 and a closed connection. An accept that fails for lack of file
+//! Admission ([`admission`]): a per-shard share of `max_connections` and the optional
+//! `max_connections_per_ip`; a plain-HTTP client over the per-address limit gets a 503 and a
+//! closed connection, a TLS one a closed connection. An accept that fails for lack of file
 //! descriptors backs off for [`ACCEPT_BACKOFF`] instead of spinning, with one warning per
 //! [`WARN_EVERY`]. Idle keep-alive connections are closed after `header_read_timeout` (hyper
 //! starts that timer whenever it waits for a request head), and each shard sweeps its stale
-//! idle worker connections every [`crate::proxy::pool::SWEEP_EVERY`].
+//! idle worker connections every [`crate::proxy::pool::SWEEP_EVERY`]. The plain-HTTP
+//! `http_redirect` listeners are in [`redirect`].
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod admission;
+pub mod conn;
+pub mod redirect;
 
-use hyper::server::conn::http1;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,87 +44,15 @@ use tracing::{debug, info, warn};
 use crate::config::HttpLimits;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
-use crate::proxy::framing::FramingGuard;
-use crate::proxy::Proxy;
+use admission::Throttle;
+pub use admission::{Admission, PerIp};
+pub use conn::Front;
+use conn::Protocols;
 
 /// How long a shard waits before accepting again after running out of file descriptors.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one warning per this, for each kind of accept-side trouble of a shard.
 pub const WARN_EVERY: Duration = Duration::from_secs(5);
-
-/// Open connections per client address, across an app's shards (`max_connections_per_ip`).
-#[derive(Debug)]
-pub struct PerIp {
-    limit: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl PerIp {
-    /// A table that admits at most `limit` connections per address.
-    pub fn new(limit: usize) -> PerIp {
-        PerIp {
-            limit,
-            open: Mutex::default(),
-        }
-    }
-
-    /// Counts a connection from `ip`, or `None` when that address is at its limit.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(ip).or_default();
-        if *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(IpSlot {
-            table: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-/// One admitted connection of an address; uncounted when dropped.
-#[derive(Debug)]
-struct IpSlot {
-    table: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// An app's connection limits, as one shard applies them.
-#[derive(Debug, Clone)]
-pub struct Admission {
-    /// Connections this shard may hold open.
-    pub per_shard: usize,
-    /// The app's per-address table, when `max_connections_per_ip` is set.
-    pub per_ip: Option<Arc<PerIp>>,
-}
-
-/// Logs a warning at most once per [`WARN_EVERY`].
-#[derive(Debug, Default)]
-struct Throttle(Option<Instant>);
-
-impl Throttle {
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        if self.0.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
-            return false;
-        }
-        self.0 = Some(now);
-        true
-    }
-}
 
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
 const BACKLOG: i32 = 1024;
@@ -200,20 +128,27 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Closes this shard's stale idle worker connections every `SWEEP_EVERY` until `shutdown`.
-async fn sweep_idle(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+/// Closes the shard's stale idle worker connections of every app on the address every
+/// `SWEEP_EVERY` until `shutdown`.
+async fn sweep_idle(front: Arc<Front>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(crate::proxy::pool::SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = every.tick() => proxy.balancer().sweep_idle(),
+            _ = every.tick() => for proxy in &front.sites {
+                proxy.balancer().sweep_idle();
+            },
         }
     }
 }
 
 /// Answers every request of a connection over `max_connections_per_ip` with 503, then closes.
-async fn refuse(stream: tokio::net::TcpStream, http: http1::Builder, _slot: tokio::sync::OwnedSemaphorePermit) {
+async fn refuse(
+    stream: tokio::net::TcpStream,
+    http: hyper::server::conn::http1::Builder,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let service = service_fn(|_req| async {
         let mut response = ProxyError::Exhausted {
             reason: "max_connections_per_ip".into(),
@@ -229,11 +164,6 @@ async fn refuse(stream: tokio::net::TcpStream, http: http1::Builder, _slot: toki
     }
 }
 
-/// hyper's own limit on header fields (kept on the stack); `max_headers` defaults to it.
-const fn hyper_default_max_headers() -> usize {
-    100
-}
-
 /// Where to knock to see whether someone already listens on `addr`.
 fn probe_addr(addr: SocketAddr) -> SocketAddr {
     let mut probe = addr;
@@ -246,34 +176,31 @@ fn probe_addr(addr: SocketAddr) -> SocketAddr {
     probe
 }
 
-/// Accepts connections on `socket` (one of the sockets bound for `addr`) and serves each with
-/// `proxy` until `shutdown` fires; then closes the socket and drains open connections for at
-/// most `drain`. Runs on a shard: the connections it accepts are served on the same thread.
+/// Accepts connections on `socket` (one of the sockets bound for the front's address) and
+/// serves each for the apps of `front`, over TLS when `tls` is given, until `shutdown` fires;
+/// then closes the socket and drains open connections for at most `drain`. Runs on a shard:
+/// the connections it accepts are served on the same thread. `limits` are the connection-level
+/// limits of the address (its first app's).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     socket: std::net::TcpListener,
-    addr: SocketAddr,
-    proxy: Arc<Proxy>,
+    front: Arc<Front>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     limits: HttpLimits,
     admission: Admission,
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
+    let addr = front.addr;
     let listener = TcpListener::from_std(socket)?;
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_size);
-    if limits.max_headers != hyper_default_max_headers() {
-        // Any explicit value makes hyper allocate the header array on the heap per request.
-        http.max_headers(limits.max_headers);
-    }
+    let protocols = Protocols::new(&limits);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     // Every connection task is tracked; on stop each connection is asked to finish its
     // in-flight request and close (hyper's graceful shutdown), and the drain waits for all.
     let connections = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(admission.per_shard.max(1)));
     let (mut full_warning, mut accept_warning) = (Throttle::default(), Throttle::default());
-    let sweeper = tokio::spawn(sweep_idle(Arc::clone(&proxy), shutdown.clone()));
+    let sweeper = tokio::spawn(sweep_idle(Arc::clone(&front), shutdown.clone()));
 
     loop {
         if slots.available_permits() == 0 && full_warning.ready() {
@@ -304,12 +231,15 @@ pub async fn serve(
                 }
             },
         };
+        let accepted_at = tokio::time::Instant::now();
         let ip_slot = match &admission.per_ip {
             None => None,
             Some(table) => match table.admit(peer.ip().to_canonical()) {
                 Some(ip_slot) => Some(ip_slot),
+                // Over TLS a plain 503 would be noise to the client: the connection is closed.
+                None if acceptor.is_some() => continue,
                 None => {
-                    connections.spawn(refuse(stream, http.clone(), slot));
+                    connections.spawn(refuse(stream, protocols.h1.clone(), slot));
                     continue;
                 }
             },
@@ -323,25 +253,19 @@ pub async fn serve(
         } else {
             addr
         };
-        let proxy = Arc::clone(&proxy);
-        let client = Peer::new(peer, local);
-        let service = service_fn(move |req| Arc::clone(&proxy).serve(req, client.clone()));
-        let stream = FramingGuard::new(stream, limits.max_header_size);
-        let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        let stop = shutdown.clone();
+        let client = Peer::new(peer, local, acceptor.is_some());
+        let (front, protocols, stop) = (Arc::clone(&front), protocols.clone(), shutdown.clone());
+        let max_head = limits.max_header_size;
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
             // Held while the HTTP connection is open (a tunnel it turns into is not counted).
             let _admitted = (slot, ip_slot);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match acceptor {
+                None => conn::plain(stream, front, client, protocols, stop, max_head).await,
+                Some(acceptor) => {
+                    let deadline = accepted_at + protocols.header_read_timeout;
+                    conn::tls(stream, acceptor, deadline, front, client, protocols, stop, max_head).await;
                 }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
@@ -355,7 +279,9 @@ pub async fn serve(
         warn!(%addr, shard = crate::shards::current(), ?drain, "drain deadline passed; closing the remaining connections");
     }
     // Tunnels (WebSocket) are not HTTP connections any more: they get the same deadline.
-    proxy.drain_tunnels(deadline).await;
+    for proxy in &front.sites {
+        proxy.drain_tunnels(deadline).await;
+    }
     Ok(())
 }
 

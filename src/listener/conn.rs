@@ -1,0 +1,302 @@
+//! One client connection: TLS handshake (when the address has `[app.tls]`), HTTP/1.1 or
+//! HTTP/2 by ALPN, and the app each request goes to ([`Front`]).
+//!
+//! Deadlines: on a TLS address one deadline, `header_read_timeout`, runs from accept to the end
+//! of the first request head, the handshake included, so a client that handshakes slowly or
+//! never sends a request holds its slot no longer than one that sends its head slowly. After
+//! the first request, hyper's own timer closes HTTP/1.1 connections idle for
+//! `header_read_timeout`; HTTP/2 connections are pinged every [`H2_PING`] and closed when a
+//! ping goes unanswered for [`H2_PING_TIMEOUT`].
+//!
+//! HTTP/2 limits, chosen on purpose: at most [`H2_MAX_STREAMS`] concurrent streams (nginx's
+//! 128), a header list no larger than `max_header_size` (the same limit as HTTP/1.1, which also
+//! bounds a CONTINUATION flood: the h2 crate stops decoding a header block past it and answers
+//! with an error), at most [`H2_PENDING_RESETS`] streams reset by the client before the proxy
+//! saw them. Rapid reset (CVE-2023-44487) is the attack where a client opens and cancels
+//! streams as fast as it can, so the concurrency limit never holds while each stream still
+//! costs the server work (here: a request to a worker). corral counts, per connection, the
+//! streams the client cancels before their response head; past [`RESET_LIMIT`] such streams
+//! making up more than half of the connection's streams, the connection gets GOAWAY and is
+//! closed, and its address is logged. A browser that cancels a few navigations never gets near.
+//!
+//! WebSocket stays on HTTP/1.1: corral does not announce extended CONNECT (RFC 8441) on HTTP/2,
+//! so browsers open their WebSocket on a connection of its own, negotiated as `http/1.1`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::HttpLimits;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::ProxyError;
+use crate::proxy::forward::Peer;
+use crate::proxy::framing::FramingGuard;
+use crate::proxy::Proxy;
+use crate::sites::{host_name, Names};
+
+/// Concurrent streams one HTTP/2 connection may have.
+pub const H2_MAX_STREAMS: u32 = 128;
+/// Streams the client may reset before the server accepted them (the h2 crate's guard).
+pub const H2_PENDING_RESETS: usize = 20;
+/// Streams cancelled by the client before their response, after which a connection where
+/// they are most of the traffic is closed (rapid reset).
+pub const RESET_LIMIT: u32 = 100;
+/// An idle HTTP/2 connection is pinged this often...
+pub const H2_PING: Duration = Duration::from_secs(30);
+/// ... and closed when the ping is not answered within this.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The apps served on one address.
+#[derive(Debug)]
+pub struct Front {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Which app a name belongs to.
+    pub names: Arc<Names>,
+    /// The apps' proxies, indexed like `names`' sites.
+    pub sites: Vec<Arc<Proxy>>,
+}
+
+impl Front {
+    /// Sends `req` to the app its `Host` (or `:authority`) names. On TLS, `sni` is the app the
+    /// handshake's server name picked (`None` without a server name); a request for another
+    /// app is 421, so the client retries on a connection of its own.
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        sni: Option<Option<usize>>,
+    ) -> Response<ProxyBody> {
+        let authority = match req.uri().authority() {
+            Some(authority) => Some(authority.as_str()),
+            None => req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()),
+        };
+        let site = match authority {
+            Some(authority) => self.names.pick(host_name(authority)),
+            None => sni.flatten().or(self.names.pick_sni(None)),
+        };
+        let misdirected = match (site, sni) {
+            (None, _) => Some("no app on this address serves this host"),
+            (Some(site), Some(Some(by_sni))) if site != by_sni => {
+                Some("this connection was made for another host: open a new one")
+            }
+            _ => None,
+        };
+        if let Some(why) = misdirected {
+            return ProxyError::Refused {
+                status: StatusCode::MISDIRECTED_REQUEST,
+                why,
+            }
+            .into_response();
+        }
+        let proxy = Arc::clone(&self.sites[site.unwrap_or_default()]);
+        match proxy.serve(req, peer).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// Per-connection protocol settings, built once per shard.
+#[derive(Clone)]
+pub(super) struct Protocols {
+    pub(super) h1: http1::Builder,
+    pub(super) h2: http2::Builder<TokioExecutor>,
+    pub(super) header_read_timeout: Duration,
+}
+
+impl Protocols {
+    pub(super) fn new(limits: &HttpLimits) -> Protocols {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_size);
+        if limits.max_headers != 100 {
+            // Any explicit value makes hyper allocate the header array on the heap per request.
+            h1.max_headers(limits.max_headers);
+        }
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+            .max_local_error_reset_streams(1024)
+            .keep_alive_interval(H2_PING)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        Protocols {
+            h1,
+            h2,
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+/// What one connection's requests tell its task: that the first request head arrived, and
+/// whether the client cancels most of its streams.
+#[derive(Debug, Default)]
+struct Watch {
+    first: AtomicBool,
+    streams: AtomicU32,
+    cancelled: AtomicU32,
+    abusive: Notify,
+}
+
+/// Counts a stream as cancelled unless its response was produced.
+struct Pending<'a> {
+    watch: &'a Watch,
+    answered: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let cancelled = self.watch.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        if cancelled == RESET_LIMIT + 1 || (cancelled > RESET_LIMIT && cancelled % RESET_LIMIT == 0) {
+            let streams = self.watch.streams.load(Ordering::Relaxed);
+            if cancelled.saturating_mul(2) > streams {
+                self.watch.abusive.notify_one();
+            }
+        }
+    }
+}
+
+/// Drives `conn` to its end: finishes it gracefully on `stop` or when its client abuses
+/// stream resets, and drops it at `first_deadline` if no request head has arrived by then.
+async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+    stop: CancellationToken,
+    watch: &Watch,
+    first_deadline: Option<Instant>,
+    peer: SocketAddr,
+) {
+    tokio::pin!(conn);
+    let (mut stopping, mut abusive, mut deadline) = (false, false, first_deadline);
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                graceful(conn.as_mut());
+            }
+            _ = watch.abusive.notified(), if !abusive => {
+                abusive = true;
+                warn!(%peer, cancelled = watch.cancelled.load(Ordering::Relaxed), streams = watch.streams.load(Ordering::Relaxed), "client cancels most of its HTTP/2 streams (rapid reset): closing the connection");
+                graceful(conn.as_mut());
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                if !watch.first.load(Ordering::Relaxed) {
+                    debug!(%peer, "no request head within header_read_timeout of accept; closing");
+                    return;
+                }
+                deadline = None;
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The service of one connection: every request goes through [`Front::serve`].
+fn service(
+    front: &Arc<Front>,
+    peer: Peer,
+    sni: Option<Option<usize>>,
+    watch: &Arc<Watch>,
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future: Send> + Clone
+{
+    let front = Arc::clone(front);
+    let watch = Arc::clone(watch);
+    service_fn(move |req| {
+        let (front, peer, watch) = (Arc::clone(&front), peer.clone(), Arc::clone(&watch));
+        async move {
+            watch.first.store(true, Ordering::Relaxed);
+            watch.streams.fetch_add(1, Ordering::Relaxed);
+            let mut pending = Pending {
+                watch: &watch,
+                answered: false,
+            };
+            let response = front.serve(req, peer, sni).await;
+            pending.answered = true;
+            drop(pending);
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+/// Serves a plain-HTTP connection (HTTP/1.1, with upgrades).
+pub(super) async fn plain(
+    stream: TcpStream,
+    front: Arc<Front>,
+    peer: Peer,
+    protocols: Protocols,
+    stop: CancellationToken,
+    max_head: usize,
+) {
+    let watch = Arc::new(Watch::default());
+    let addr = peer.addr;
+    let service = service(&front, peer, None, &watch);
+    let io = TokioIo::new(FramingGuard::new(stream, max_head));
+    let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+    drive(conn, |c| c.graceful_shutdown(), stop, &watch, None, addr).await;
+}
+
+/// Serves a TLS connection: the handshake within `deadline`, then HTTP/2 or HTTP/1.1 as ALPN
+/// chose (a TLS-ALPN-01 validation ends after its handshake).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    deadline: Instant,
+    front: Arc<Front>,
+    peer: Peer,
+    protocols: Protocols,
+    stop: CancellationToken,
+    max_head: usize,
+) {
+    let addr = peer.addr;
+    let mut stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return debug!(peer = %addr, error = %e, "TLS handshake failed"),
+        Err(_) => return debug!(peer = %addr, "TLS handshake not done within header_read_timeout"),
+    };
+    let session = stream.get_ref().1;
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.as_deref() == Some(crate::tls::ACME_ALPN) {
+        debug!(peer = %addr, "TLS-ALPN-01 validation handshake");
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let sni = Some(session.server_name().and_then(|name| front.names.pick(name)));
+    let watch = Arc::new(Watch::default());
+    let service = service(&front, peer, sni, &watch);
+    if alpn.as_deref() == Some(b"h2") {
+        let conn = protocols.h2.serve_connection(TokioIo::new(stream), service);
+        drive(conn, |c| c.graceful_shutdown(), stop, &watch, Some(deadline), addr).await;
+    } else {
+        let io = TokioIo::new(FramingGuard::new(stream, max_head));
+        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), stop, &watch, Some(deadline), addr).await;
+    }
+}

@@ -1,0 +1,273 @@
+//! TLS at the edge: certificates per app, picked by SNI, served by rustls.
+//!
+//! Each app with `[app.tls]` has a [`CertStore`]: its certificate (`cert`/`key`), its `extra`
+//! ones, or the one ACME issued ([`acme`]). The store is swapped whole (`ArcSwap`) when
+//! `corral reload` re-reads the files or ACME renews; handshakes read it without a lock, and
+//! open connections keep the certificate they were made with. A new set of files is loaded and
+//! checked completely before it replaces the old one, so a broken file never stops a working
+//! certificate from serving.
+//!
+//! Several apps may share one address ([`crate::sites`]): the [`SniResolver`] of that address
+//! picks the app by the ClientHello's server name (exact names, then wildcards, then the
+//! `default` app), then the certificate within the app: the first of `cert` and `extra` whose
+//! names cover the server name, else `cert`. A ClientHello that offers only `acme-tls/1` gets
+//! the TLS-ALPN-01 challenge certificate (RFC 8737) from [`Challenges`]. With no certificate
+//! to give (ACME has not issued one yet) the handshake is refused with an alert: nothing wrong
+//! is ever presented.
+//!
+//! Protocol policy: TLS 1.3 and 1.2, rustls's default suites (AEAD only, ECDHE only: no RSA key
+//! exchange, no CBC, no SHA-1 MACs), ALPN `h2` and `http/1.1`, no 0-RTT (replayable). Sessions
+//! resume by ticket under keys corral owns ([`tickets`]), so a self-upgrade can hand them over,
+//! and by a per-shard session cache for TLS 1.2 clients without tickets.
+//!
+//! Why aws-lc-rs as the provider and not ring: it is rustls's default, it has the
+//! assembly-optimised P-256 and X25519 paths the handshake benchmark measures, and it brings
+//! the AEAD used for corral's own ticket keys; it builds with the C compiler the machine
+//! already needs, in about a minute once.
+
+pub mod acme;
+pub mod certs;
+pub mod tickets;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwapOption;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use crate::config::{CertFiles, Tls};
+use crate::sites::Names;
+pub use certs::{certified_key, validity, CertError, Loaded};
+pub use tickets::Tickets;
+
+/// The ALPN protocol of TLS-ALPN-01 challenges.
+pub const ACME_ALPN: &[u8] = b"acme-tls/1";
+
+/// TLS 1.2 sessions a shard remembers for resumption by session id.
+const SESSION_CACHE: usize = 4096;
+
+/// The crypto provider of every TLS config corral makes.
+pub fn provider() -> &'static Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}
+
+/// An app's certificates at one moment: `cert` first, then `extra`.
+#[derive(Debug)]
+pub struct CertTable {
+    certs: Vec<Loaded>,
+}
+
+impl CertTable {
+    /// Loads and checks every file of `cert`/`key` and `extra`; the first failure is returned.
+    pub fn load(main: &CertFiles, extra: &[CertFiles]) -> Result<CertTable, CertError> {
+        let certs = std::iter::once(main)
+            .chain(extra)
+            .map(|f| certs::load_files(&f.cert, &f.key))
+            .collect::<Result<_, _>>()?;
+        Ok(CertTable { certs })
+    }
+
+    /// The certificate for server name `sni`: the first whose names cover it, else `cert`.
+    fn pick(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
+        let covering = sni.and_then(|name| {
+            self.certs
+                .iter()
+                .find(|c| c.leaf.names.iter().any(|p| certs::name_matches(p, name)))
+        });
+        &covering.unwrap_or(&self.certs[0]).key
+    }
+
+    /// The main certificate.
+    pub fn main(&self) -> &Loaded {
+        &self.certs[0]
+    }
+}
+
+/// What `corral status` shows about an app's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertStatus {
+    /// The main certificate's subject, if there is one.
+    pub subject: Option<String>,
+    /// Its expiry, seconds since the epoch.
+    pub not_after: Option<u64>,
+    /// Why there is no certificate yet (ACME), or why the last renewal failed.
+    pub problem: Option<String>,
+}
+
+/// One app's certificates, swapped whole on reload or renewal.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    current: ArcSwapOption<CertTable>,
+    problem: Mutex<Option<String>>,
+}
+
+impl CertStore {
+    /// A store for `tls`: its files loaded, or empty until ACME issues a certificate.
+    pub fn load(tls: &Tls) -> Result<Arc<CertStore>, CertError> {
+        let store = Arc::new(CertStore::default());
+        store.reload(tls)?;
+        Ok(store)
+    }
+
+    /// Re-reads the files of `tls`; on any error the certificates in use stay. ACME
+    /// certificates are not files: nothing to do for them here.
+    pub fn reload(&self, tls: &Tls) -> Result<(), CertError> {
+        if let Tls::Files { main, extra } = tls {
+            let table = CertTable::load(main, extra)?;
+            self.current.store(Some(Arc::new(table)));
+        }
+        Ok(())
+    }
+
+    /// Serves `table` from now on (new handshakes).
+    pub fn replace(&self, table: CertTable) {
+        self.current.store(Some(Arc::new(table)));
+    }
+
+    /// Serves the certificate ACME issued from now on (new handshakes).
+    pub fn install_acme(&self, key: Arc<CertifiedKey>) {
+        let leaf = key.cert.first().and_then(certs::describe);
+        let Some(leaf) = leaf else {
+            tracing::error!("an ACME certificate without a readable leaf was not installed");
+            return;
+        };
+        self.current.store(Some(Arc::new(CertTable {
+            certs: vec![Loaded { key, leaf }],
+        })));
+    }
+
+    /// Why there is no certificate (or why renewal fails); `None` clears it.
+    pub fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// The certificate for `sni`, if the store has any.
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().map(|t| Arc::clone(t.pick(sni)))
+    }
+
+    /// Subject and expiry of the main certificate, and the current problem.
+    pub fn status(&self) -> CertStatus {
+        let current = self.current.load();
+        let main = current.as_ref().map(|t| t.main().leaf.clone());
+        CertStatus {
+            subject: main.as_ref().map(|l| l.subject.clone()),
+            not_after: main.and_then(|l| {
+                l.not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            }),
+            problem: self.problem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+/// ACME challenge answers, shared by the TLS resolver (TLS-ALPN-01) and the `http_redirect`
+/// listener (HTTP-01). Touched only while a certificate is being ordered.
+#[derive(Debug, Default)]
+pub struct Challenges {
+    alpn: Mutex<Vec<(String, Arc<CertifiedKey>)>>,
+    http: Mutex<Vec<(String, String)>>,
+}
+
+impl Challenges {
+    /// Answers TLS-ALPN-01 for `domain` with `key` until cleared.
+    pub fn set_alpn(&self, domain: &str, key: Arc<CertifiedKey>) {
+        let mut alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
+        alpn.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
+        alpn.push((domain.to_ascii_lowercase(), key));
+    }
+
+    /// Stops answering TLS-ALPN-01 for `domain`.
+    pub fn clear_alpn(&self, domain: &str) {
+        self.alpn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
+    }
+
+    /// Serves `key_authorization` at `/.well-known/acme-challenge/<token>` until cleared.
+    pub fn set_http(&self, token: &str, key_authorization: String) {
+        let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        http.retain(|(t, _)| t != token);
+        http.push((token.to_owned(), key_authorization));
+    }
+
+    /// Stops serving the HTTP-01 answer of `token`.
+    pub fn clear_http(&self, token: &str) {
+        self.http
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(t, _)| t != token);
+    }
+
+    /// The TLS-ALPN-01 certificate for `domain`.
+    pub fn alpn(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        let alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
+        alpn.iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(domain))
+            .map(|(_, k)| Arc::clone(k))
+    }
+
+    /// The HTTP-01 answer for `token`.
+    pub fn http(&self, token: &str) -> Option<String> {
+        let http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        http.iter().find(|(t, _)| t == token).map(|(_, a)| a.clone())
+    }
+}
+
+/// Picks the certificate of a handshake on one address: the app by server name, then the
+/// certificate within the app.
+#[derive(Debug)]
+pub struct SniResolver {
+    names: Arc<Names>,
+    /// Indexed like `names`' sites.
+    stores: Vec<Arc<CertStore>>,
+    challenges: Arc<Challenges>,
+}
+
+impl SniResolver {
+    /// A resolver over the apps of one address (`stores` in the order of `names`' sites).
+    pub fn new(names: Arc<Names>, stores: Vec<Arc<CertStore>>, challenges: Arc<Challenges>) -> SniResolver {
+        SniResolver {
+            names,
+            stores,
+            challenges,
+        }
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name();
+        let acme = hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_ALPN));
+        if acme {
+            // A validation server: only the challenge certificate, or nothing.
+            return self.challenges.alpn(sni?);
+        }
+        let site = self.names.pick_sni(sni)?;
+        self.stores.get(site)?.pick(sni)
+    }
+}
+
+/// A shard's TLS config for one address: its own session cache, the shared resolver and
+/// ticket keys. `acme`: also offer `acme-tls/1`.
+pub fn server_config(resolver: Arc<SniResolver>, tickets: Arc<Tickets>, acme: bool) -> Arc<ServerConfig> {
+    let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let builder = ServerConfig::builder_with_provider(Arc::clone(provider()))
+        .with_protocol_versions(versions)
+        .expect("UNWRAP: the provider supports TLS 1.2 and 1.3");
+    let mut config = builder.with_no_client_auth().with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        config.alpn_protocols.push(ACME_ALPN.to_vec());
+    }
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    config.ticketer = tickets;
+    config.max_early_data_size = 0;
+    Arc::new(config)
+}
