@@ -13,6 +13,7 @@
 pub mod capture;
 pub mod http;
 pub mod load;
+pub mod tls;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
