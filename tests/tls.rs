@@ -323,6 +323,19 @@ fn reload_serves_a_new_certificate_to_new_handshakes_and_keeps_open_connections(
     let (head, _) = read_response(&mut open)?;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(open.conn.peer_certificates().ok_or("certs")?[0].as_ref(), &old[..]);
+
+    // SIGHUP re-reads them too.
+    let third = leaf_der(&ca.issue(dir.path(), "site", &["localhost"])?.cert);
+    poll_until(DEADLINE, "the SIGHUP reload to be accepted", || {
+        // A reload still running refuses a second one: wait for the first to end.
+        let status = corral.status()?;
+        (status["reloading"] == false).then_some(())
+    })?;
+    corral.signal(nix::sys::signal::Signal::SIGHUP)?;
+    poll_until(DEADLINE, "the third certificate after SIGHUP", || {
+        let conn = ca.connect(corral.addr, "localhost", &[b"http/1.1"]).ok()?;
+        (conn.conn.peer_certificates()?[0].as_ref() == &third[..]).then_some(())
+    })?;
     Ok(())
 }
 

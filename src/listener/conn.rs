@@ -237,7 +237,12 @@ fn service(
                 watch: &watch,
                 answered: false,
             };
-            let response = front.serve(req, peer, sni).await;
+            let h2 = req.version() == http::Version::HTTP_2;
+            let mut response = front.serve(req, peer, sni).await;
+            if h2 {
+                // Connection-specific fields do not exist in HTTP/2 (RFC 9113 §8.2.2).
+                response.headers_mut().remove(http::header::CONNECTION);
+            }
             pending.answered = true;
             drop(pending);
             Ok::<_, Infallible>(response)
