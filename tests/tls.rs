@@ -270,6 +270,19 @@ fn read_response(stream: &mut impl Read) -> std::io::Result<(String, Vec<u8>)> {
     Ok((head, body))
 }
 
+/// A GET of `/whoami` over HTTP/2 for `localhost` answers 200.
+fn assert_serves(ca: &Ca, corral: &Corral) -> TestResult {
+    let out = curl_https(
+        ca,
+        "localhost",
+        corral.addr,
+        "/whoami",
+        &["--http2", "-o", "/dev/null", "-w", "%{http_code}"],
+    )?;
+    assert_eq!(text(&out), "200", "{}", corral.logs());
+    Ok(())
+}
+
 fn leaf_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(path).expect("cert file");
@@ -388,10 +401,7 @@ fn one_deadline_covers_the_handshake_and_the_first_request_head() -> TestResult 
 
 #[test]
 fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
-    let (corral, _dir, ca, _) = https(&[])?;
-    let authority = format!("localhost:{}", corral.addr.port());
-    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
-    conn.write_all(&h2::preface())?;
+    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
     conn.write_all(&h2::get(
         1,
         &authority,
@@ -412,6 +422,15 @@ fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
     Ok(())
 }
 
+/// corral over TLS and an HTTP/2 connection to it, preface sent; and the `:authority` to use.
+fn h2_connection() -> Result<(Corral, tempfile::TempDir, Ca, support::tls::Tls, String), Box<dyn std::error::Error>> {
+    let (corral, dir, ca, _) = https(&[])?;
+    let authority = format!("localhost:{}", corral.addr.port());
+    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
+    conn.write_all(&h2::preface())?;
+    Ok((corral, dir, ca, conn, authority))
+}
+
 /// Reads frames until GOAWAY or the end of the connection; true if either came.
 fn closed_by_server(conn: &mut support::tls::Tls) -> bool {
     loop {
@@ -425,10 +444,7 @@ fn closed_by_server(conn: &mut support::tls::Tls) -> bool {
 
 #[test]
 fn a_rapid_reset_flood_closes_the_connection_and_corral_keeps_serving() -> TestResult {
-    let (corral, _dir, ca, _) = https(&[])?;
-    let authority = format!("localhost:{}", corral.addr.port());
-    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
-    conn.write_all(&h2::preface())?;
+    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
     let mut flood = Vec::new();
     for i in 0..2000u32 {
         let stream = 2 * i + 1;
@@ -446,25 +462,14 @@ fn a_rapid_reset_flood_closes_the_connection_and_corral_keeps_serving() -> TestR
     // time out (30 s) instead of seeing GOAWAY or the close.
     conn.sock.set_read_timeout(Some(DEADLINE))?;
     assert!(closed_by_server(&mut conn), "the connection survived the flood");
-    let out = curl_https(
-        &ca,
-        "localhost",
-        corral.addr,
-        "/whoami",
-        &["--http2", "-o", "/dev/null", "-w", "%{http_code}"],
-    )?;
-    assert_eq!(text(&out), "200");
-    Ok(())
+    assert_serves(&ca, &corral)
 }
 
 #[test]
 fn cancelling_streams_once_they_reached_the_workers_is_caught_too() -> TestResult {
     // The h2 crate only counts streams reset before the server took them; this client waits
     // until its requests are in flight at the workers, then cancels them, round after round.
-    let (corral, _dir, ca, _) = https(&[])?;
-    let authority = format!("localhost:{}", corral.addr.port());
-    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
-    conn.write_all(&h2::preface())?;
+    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
     let mut next = 1u32;
     let mut closed = false;
     for _round in 0..4 {
@@ -501,10 +506,7 @@ fn cancelling_streams_once_they_reached_the_workers_is_caught_too() -> TestResul
 
 #[test]
 fn a_continuation_flood_is_cut_off_long_before_it_ends() -> TestResult {
-    let (corral, _dir, ca, _) = https(&[])?;
-    let authority = format!("localhost:{}", corral.addr.port());
-    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
-    conn.write_all(&h2::preface())?;
+    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
     let start = h2::block(&[
         (":method", "GET"),
         (":scheme", "https"),
@@ -525,15 +527,7 @@ fn a_continuation_flood_is_cut_off_long_before_it_ends() -> TestResult {
     }
     conn.sock.set_read_timeout(Some(DEADLINE))?;
     assert!(refused || closed_by_server(&mut conn), "all {sent} bytes were taken in");
-    let out = curl_https(
-        &ca,
-        "localhost",
-        corral.addr,
-        "/whoami",
-        &["--http2", "-o", "/dev/null", "-w", "%{http_code}"],
-    )?;
-    assert_eq!(text(&out), "200");
-    Ok(())
+    assert_serves(&ca, &corral)
 }
 
 #[test]
@@ -782,13 +776,5 @@ fn an_rsa_pkcs1_key_serves() -> TestResult {
     assert!(std::fs::read_to_string(&pkcs1)?.contains("BEGIN RSA PRIVATE KEY"));
     let corral =
         Corral::start(Options::default().key(&format!("tls = {{ cert = {:?}, key = {:?} }}", issued.cert, pkcs1)))?;
-    let out = curl_https(
-        &ca,
-        "localhost",
-        corral.addr,
-        "/whoami",
-        &["--http2", "-o", "/dev/null", "-w", "%{http_code}"],
-    )?;
-    assert_eq!(text(&out), "200");
-    Ok(())
+    assert_serves(&ca, &corral)
 }

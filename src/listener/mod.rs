@@ -176,6 +176,63 @@ fn probe_addr(addr: SocketAddr) -> SocketAddr {
     probe
 }
 
+/// One shard's way in: a connection slot (its share of `max_connections`), then a connection.
+pub(super) struct Gate {
+    addr: SocketAddr,
+    per_shard: usize,
+    slots: Arc<tokio::sync::Semaphore>,
+    full_warning: Throttle,
+    accept_warning: Throttle,
+}
+
+impl Gate {
+    pub(super) fn new(addr: SocketAddr, per_shard: usize) -> Gate {
+        Gate {
+            addr,
+            per_shard,
+            slots: Arc::new(tokio::sync::Semaphore::new(per_shard.max(1))),
+            full_warning: Throttle::default(),
+            accept_warning: Throttle::default(),
+        }
+    }
+
+    /// The next connection with its slot, or `None` once `shutdown` fires. At the limit it
+    /// waits for a slot (clients queue in the backlog); out of fds it backs off.
+    pub(super) async fn next(
+        &mut self,
+        listener: &TcpListener,
+        shutdown: &CancellationToken,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::net::TcpStream, SocketAddr)> {
+        let addr = self.addr;
+        loop {
+            if self.slots.available_permits() == 0 && self.full_warning.ready() {
+                warn!(%addr, shard = crate::shards::current(), per_shard = self.per_shard, "max_connections reached: new clients wait in the backlog");
+            }
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("UNWRAP: the semaphore is never closed"),
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => return Some((slot, stream, peer)),
+                    Err(e) if crate::limits::is_exhausted(&e) => {
+                        // Keep the socket, slow down, and let clients queue until fds are free.
+                        if self.accept_warning.ready() {
+                            warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed: out of file descriptors; backing off");
+                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    // A connection that went away while queued, and the like: the next one.
+                    Err(e) => debug!(%addr, error = %e, "accept failed"),
+                },
+            }
+        }
+    }
+}
+
 /// Accepts connections on `socket` (one of the sockets bound for the front's address) and
 /// serves each for the apps of `front`, over TLS when `tls` is given, until `shutdown` fires;
 /// then closes the socket and drains open connections for at most `drain`. Runs on a shard:
@@ -198,39 +255,10 @@ pub async fn serve(
     // Every connection task is tracked; on stop each connection is asked to finish its
     // in-flight request and close (hyper's graceful shutdown), and the drain waits for all.
     let connections = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(admission.per_shard.max(1)));
-    let (mut full_warning, mut accept_warning) = (Throttle::default(), Throttle::default());
+    let mut gate = Gate::new(addr, admission.per_shard);
     let sweeper = tokio::spawn(sweep_idle(Arc::clone(&front), shutdown.clone()));
 
-    loop {
-        if slots.available_permits() == 0 && full_warning.ready() {
-            warn!(%addr, shard = crate::shards::current(), per_shard = admission.per_shard, "max_connections reached: new clients wait in the backlog");
-        }
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("UNWRAP: the semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) if crate::limits::is_exhausted(&e) => {
-                    // Keep the socket, slow down, and let clients queue until fds are free.
-                    if accept_warning.ready() {
-                        warn!(%addr, shard = crate::shards::current(), error = %e, "accept failed: out of file descriptors; backing off");
-                    }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-                Err(e) => {
-                    // A connection that went away while queued, and the like: the next one.
-                    debug!(%addr, error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some((slot, stream, peer)) = gate.next(&listener, &shutdown).await {
         let accepted_at = tokio::time::Instant::now();
         let ip_slot = match &admission.per_ip {
             None => None,

@@ -114,27 +114,8 @@ pub async fn serve(
     let listener = TcpListener::from_std(socket)?;
     let protocols = Protocols::new(&limits);
     let connections = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(per_shard.max(1)));
-    loop {
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("UNWRAP: the semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    debug!(addr = %redirect.addr, error = %e, "accept failed");
-                    if crate::limits::is_exhausted(&e) {
-                        tokio::time::sleep(super::ACCEPT_BACKOFF).await;
-                    }
-                    continue;
-                }
-            },
-        };
+    let mut gate = super::Gate::new(redirect.addr, per_shard);
+    while let Some((slot, stream, peer)) = gate.next(&listener, &shutdown).await {
         let redirect = Arc::clone(&redirect);
         let service = service_fn(move |req| {
             let response = redirect.answer(&req);
