@@ -401,7 +401,7 @@ fn one_deadline_covers_the_handshake_and_the_first_request_head() -> TestResult 
 
 #[test]
 fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
-    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
+    let (_corral, _dir, _ca, mut conn, authority) = h2_connection()?;
     conn.write_all(&h2::get(
         1,
         &authority,
@@ -469,7 +469,7 @@ fn a_rapid_reset_flood_closes_the_connection_and_corral_keeps_serving() -> TestR
 fn cancelling_streams_once_they_reached_the_workers_is_caught_too() -> TestResult {
     // The h2 crate only counts streams reset before the server took them; this client waits
     // until its requests are in flight at the workers, then cancels them, round after round.
-    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
+    let (corral, _dir, _ca, mut conn, authority) = h2_connection()?;
     let mut next = 1u32;
     let mut closed = false;
     for _round in 0..4 {
