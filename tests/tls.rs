@@ -423,7 +423,9 @@ fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
 }
 
 /// corral over TLS and an HTTP/2 connection to it, preface sent; and the `:authority` to use.
-fn h2_connection() -> Result<(Corral, tempfile::TempDir, Ca, support::tls::Tls, String), Box<dyn std::error::Error>> {
+type H2Setup = (Corral, tempfile::TempDir, Ca, support::tls::Tls, String);
+
+fn h2_connection() -> Result<H2Setup, Box<dyn std::error::Error>> {
     let (corral, dir, ca, _) = https(&[])?;
     let authority = format!("localhost:{}", corral.addr.port());
     let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
