@@ -780,3 +780,37 @@ fn an_rsa_pkcs1_key_serves() -> TestResult {
         Corral::start(Options::default().key(&format!("tls = {{ cert = {:?}, key = {:?} }}", issued.cert, pkcs1)))?;
     assert_serves(&ca, &corral)
 }
+
+#[test]
+fn pythons_ssl_module_gets_a_page_on_tls12_and_tls13() -> TestResult {
+    let (corral, _dir, ca, _) = https(&[])?;
+    let script = r#"
+import socket, ssl, sys
+port, cafile, version = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+ctx.set_alpn_protocols(["http/1.1"])
+with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        print(tls.version(), tls.selected_alpn_protocol(), data.split(b"\r\n")[0].decode())
+"#;
+    for (version, name) in [("TLSv1_2", "TLSv1.2"), ("TLSv1_3", "TLSv1.3")] {
+        let out = Command::new("python3")
+            .args(["-c", script, &corral.addr.port().to_string()])
+            .arg(&ca.pem)
+            .arg(version)
+            .output()?;
+        let said = text(&out);
+        assert_eq!(
+            said.trim(),
+            format!("{name} http/1.1 HTTP/1.1 200 OK"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
