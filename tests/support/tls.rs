@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 /// A CA whose root the test clients trust.
 pub struct Ca {
     cert: rcgen::Certificate,
-    key: KeyPair,
+    issuer: rcgen::Issuer<'static, KeyPair>,
     /// The root, PEM (for curl's `--cacert`, openssl's `-CAfile`).
     pub pem: PathBuf,
 }
@@ -36,7 +36,8 @@ impl Ca {
         let cert = params.self_signed(&key)?;
         let pem = dir.join("ca.pem");
         std::fs::write(&pem, cert.pem())?;
-        Ok(Ca { cert, key, pem })
+        let issuer = rcgen::Issuer::new(params, key);
+        Ok(Ca { cert, issuer, pem })
     }
 
     /// An ECDSA P-256 certificate for `names` (CN = the first), as `dir/<stem>.pem` and `.key`.
@@ -56,7 +57,7 @@ impl Ca {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         params.distinguished_name.push(DnType::CommonName, names[0]);
         adjust(&mut params);
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         let issued = Issued {
             cert: dir.join(format!("{stem}.pem")),
             key: dir.join(format!("{stem}.key")),
@@ -71,7 +72,7 @@ impl Ca {
         let key = KeyPair::from_pem(key_pem)?;
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         params.distinguished_name.push(DnType::CommonName, names[0]);
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         let issued = Issued {
             cert: dir.join(format!("{stem}.pem")),
             key: dir.join(format!("{stem}.key")),
