@@ -116,13 +116,13 @@ async fn account(config: &AcmeConfig, cache: &Arc<Cache>, http: &Https) -> Resul
 }
 
 /// True when the CA no longer knows the account (a test CA restarted, or the account was
-/// deactivated): the cached credentials are useless.
+/// removed): the cached credentials are useless. Only this problem type: re-creating the
+/// account for any other refusal would open a new account at every retry.
 fn account_is_gone(error: &instant_acme::Error) -> bool {
     match error {
-        instant_acme::Error::Api(problem) => matches!(
-            problem.r#type.as_deref(),
-            Some("urn:ietf:params:acme:error:accountDoesNotExist") | Some("urn:ietf:params:acme:error:unauthorized")
-        ),
+        instant_acme::Error::Api(problem) => {
+            problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+        }
         _ => false,
     }
 }

@@ -106,11 +106,12 @@ impl Manager {
         let mut current = self.cached().await;
         if current.is_none() {
             self.store.set_problem(Some(format!(
-                "no certificate yet: ordering one for {domains} from {}",
+                "ordering a certificate for {domains} from {}",
                 self.config.directory
             )));
         }
         let mut failures = 0u32;
+        let mut last_issued: Option<tokio::time::Instant> = None;
         // After a failed validation, the next order starts with the other challenge type.
         let mut rotate = false;
         loop {
@@ -121,12 +122,19 @@ impl Manager {
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+                // A CA that issues certificates already due (a lifetime of seconds, a clock
+                // far off) must not be asked again in a tight loop.
+                let since = last_issued.map(|at| at.elapsed());
+                if let Some(pause) = since.and_then(|s| timing::FIRST_RETRY.checked_sub(s)) {
+                    tokio::time::sleep(pause).await;
+                }
                 info!(app = %self.app, %domains, expires = %when(issued.not_after), "renewing the certificate: a third of its lifetime is left");
             }
             let kinds = self.kinds(rotate);
             match issue::issue(&self.config, &self.cache, &self.challenges, &kinds).await {
                 Ok(issued) => {
                     failures = 0;
+                    last_issued = Some(tokio::time::Instant::now());
                     rotate = false;
                     info!(app = %self.app, %domains, expires = %when(issued.not_after), "certificate issued");
                     self.store.install_acme(Arc::clone(&issued.key));
@@ -143,18 +151,15 @@ impl Manager {
                         rotate = !rotate;
                     }
                     let delay = timing::retry_delay(failures);
+                    let next = timing::human(delay);
                     let problem = match &current {
                         Some(issued) if issued.not_after > SystemTime::now() => format!(
-                            "renewal failed: {error}; still serving the certificate that expires {}; next attempt in {}",
+                            "renewal failed: {error}; still serving the certificate that expires {}; next attempt in {next}",
                             when(issued.not_after),
-                            timing::human(delay)
                         ),
-                        _ => format!(
-                            "no certificate: {error}; next attempt in {}",
-                            timing::human(delay)
-                        ),
+                        _ => format!("{error}; next attempt in {next}"),
                     };
-                    warn!(app = %self.app, %domains, "{problem}");
+                    warn!(app = %self.app, %domains, "no new certificate: {problem}");
                     self.store.set_problem(Some(problem));
                     tokio::time::sleep(delay).await;
                 }
