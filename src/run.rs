@@ -106,8 +106,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let tickets = Tickets::new().ok_or(RunError::Random)?;
     tokio::spawn(Arc::clone(&tickets).rotate_every_period(shutdown.clone()));
     for (app, store) in config.apps.iter().zip(&certs) {
-        if let (Some(crate::config::Tls::Acme(_acme)), Some(_store)) = (&app.tls, store) {
-            // ACME: the certificate task of this app starts here (crate::tls::acme).
+        if let (Some(crate::config::Tls::Acme(acme)), Some(store)) = (&app.tls, store) {
+            // On this (the main) runtime, never a shard: it serves from its cache at once and
+            // orders or renews in the background, until the stop.
+            tokio::spawn(crate::tls::acme::run(
+                app.name.clone(),
+                acme.clone(),
+                Arc::clone(store),
+                Arc::clone(&challenges),
+                app.http_redirect.is_some(),
+                shutdown.child_token(),
+            ));
         }
     }
     let balancers_ready: Vec<(Arc<Balancer>, std::time::Duration)> = config
