@@ -171,7 +171,7 @@ impl Drop for Pending<'_> {
             return;
         }
         let cancelled = self.watch.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if cancelled == RESET_LIMIT + 1 || (cancelled > RESET_LIMIT && cancelled % RESET_LIMIT == 0) {
+        if cancelled == RESET_LIMIT + 1 || (cancelled > RESET_LIMIT && cancelled.is_multiple_of(RESET_LIMIT)) {
             let streams = self.watch.streams.load(Ordering::Relaxed);
             if cancelled.saturating_mul(2) > streams {
                 self.watch.abusive.notify_one();

@@ -96,7 +96,7 @@ impl Supervisor {
             warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker failed its health check ({}); out of rotation", check.path);
             self.publish(app);
         }
-        if failures % check.unhealthy_threshold == 0 {
+        if failures.is_multiple_of(check.unhealthy_threshold) {
             self.replace(app, id, format!("failed {failures} health checks in a row"));
         }
     }

@@ -58,6 +58,10 @@ pub fn provider() -> &'static Arc<CryptoProvider> {
 #[derive(Debug)]
 pub struct CertTable {
     certs: Vec<Loaded>,
+    /// An ACME certificate is withdrawn once expired (renewal kept failing): handshakes then
+    /// fail with an alert, as before the first issue. Files are served as they are (`check`
+    /// warns about an expired one), as nginx does.
+    withdraw_expired: bool,
 }
 
 impl CertTable {
@@ -67,17 +71,24 @@ impl CertTable {
             .chain(extra)
             .map(|f| certs::load_files(&f.cert, &f.key))
             .collect::<Result<_, _>>()?;
-        Ok(CertTable { certs })
+        Ok(CertTable {
+            certs,
+            withdraw_expired: false,
+        })
     }
 
     /// The certificate for server name `sni`: the first whose names cover it, else `cert`.
-    fn pick(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
+    fn pick(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
         let covering = sni.and_then(|name| {
             self.certs
                 .iter()
                 .find(|c| c.leaf.names.iter().any(|p| certs::name_matches(p, name)))
         });
-        &covering.unwrap_or(&self.certs[0]).key
+        let chosen = covering.unwrap_or(&self.certs[0]);
+        if self.withdraw_expired && chosen.leaf.not_after < std::time::SystemTime::now() {
+            return None;
+        }
+        Some(&chosen.key)
     }
 
     /// The main certificate.
@@ -136,6 +147,7 @@ impl CertStore {
         };
         self.current.store(Some(Arc::new(CertTable {
             certs: vec![Loaded { key, leaf }],
+            withdraw_expired: true,
         })));
     }
 
@@ -146,7 +158,7 @@ impl CertStore {
 
     /// The certificate for `sni`, if the store has any.
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        self.current.load().as_ref().map(|t| Arc::clone(t.pick(sni)))
+        self.current.load().as_ref().and_then(|t| t.pick(sni).map(Arc::clone))
     }
 
     /// Subject and expiry of the main certificate, and the current problem.
@@ -270,4 +282,49 @@ pub fn server_config(resolver: Arc<SniResolver>, tickets: Arc<Tickets>, acme: bo
     config.ticketer = tickets;
     config.max_early_data_size = 0;
     Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `name` valid from `from` to `until` (years), as PEM.
+    fn self_signed(name: &str, from: i32, until: i32) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn an_expired_acme_certificate_is_withdrawn_but_an_expired_file_is_served() {
+        let (cert, key) = self_signed("old.test", 2020, 2021);
+        let key = certified_key(cert.as_bytes(), key.as_bytes()).expect("a valid pair");
+        let store = CertStore::default();
+        store.install_acme(Arc::clone(&key));
+        assert!(store.pick(Some("old.test")).is_none(), "nothing wrong is presented");
+        assert!(store.status().subject.is_some(), "status still says which one expired");
+
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key) = self_signed("old.test", 2020, 2021);
+        let files = CertFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+        };
+        std::fs::write(&files.cert, cert).expect("write");
+        std::fs::write(&files.key, key).expect("write");
+        store
+            .reload(&Tls::Files {
+                main: files,
+                extra: vec![],
+            })
+            .expect("loads");
+        assert!(store.pick(Some("old.test")).is_some());
+
+        let (cert, key) = self_signed("new.test", 2020, 2999);
+        store.install_acme(certified_key(cert.as_bytes(), key.as_bytes()).expect("pair"));
+        assert!(store.pick(None).is_some());
+    }
 }

@@ -151,7 +151,7 @@ impl Manager {
                         rotate = !rotate;
                     }
                     let delay = timing::retry_delay(failures);
-                    let next = timing::human(delay);
+                    let next = crate::config::units::format_duration(delay);
                     let problem = match &current {
                         Some(issued) if issued.not_after > SystemTime::now() => format!(
                             "renewal failed: {error}; still serving the certificate that expires {}; next attempt in {next}",

@@ -36,18 +36,6 @@ pub(super) fn sleep_before(now: SystemTime, due: SystemTime) -> Duration {
     due.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_SLEEP)
 }
 
-/// A duration for people: "10s", "5m", "1h".
-pub(super) fn human(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs >= 3600 && secs % 3600 == 0 {
-        format!("{}h", secs / 3600)
-    } else if secs >= 60 && secs % 60 == 0 {
-        format!("{}m", secs / 60)
-    } else {
-        format!("{secs}s")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,14 +72,5 @@ mod tests {
         assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600, 3600]);
         assert_eq!(retry_delay(0), FIRST_RETRY);
         assert_eq!(retry_delay(u32::MAX), MAX_RETRY);
-    }
-
-    #[test]
-    fn durations_read_as_people_write_them() {
-        assert_eq!(human(Duration::from_secs(10)), "10s");
-        assert_eq!(human(Duration::from_secs(320)), "320s");
-        assert_eq!(human(Duration::from_secs(1280)), "1280s");
-        assert_eq!(human(Duration::from_secs(3600)), "1h");
-        assert_eq!(human(Duration::from_secs(120)), "2m");
     }
 }
