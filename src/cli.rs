@@ -88,6 +88,12 @@ enum Command {
         /// Only this app.
         app: Option<String>,
     },
+    /// Rolling restart: replace every worker (or only APP's) with the config it runs, without
+    /// reading the file and without dropping a request (PM2's `restart`, minus its downtime).
+    Restart {
+        /// Only this app.
+        app: Option<String>,
+    },
 }
 
 /// Parses the command line, runs the command, and picks the exit code.
@@ -150,6 +156,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload { app } => control_with_deadline(
             &cli.config,
             Request::Reload { app },
+            Duration::from_secs(3600),
+            print_reply,
+        ),
+        Command::Restart { app } => control_with_deadline(
+            &cli.config,
+            Request::Restart { app },
             Duration::from_secs(3600),
             print_reply,
         ),
@@ -381,7 +393,7 @@ fn print_reply(reply: Reply) {
     match reply {
         Reply::Progress { message } => println!("{message}"),
         Reply::Done { message } => println!("{message}"),
-        Reply::Error { message } => eprintln!("corral: {message}"),
+        Reply::Error { message, .. } => eprintln!("corral: {message}"),
         Reply::Status(_) => {}
     }
 }

@@ -32,6 +32,8 @@
 pub mod balancer;
 // The command line and its exit codes.
 pub mod cli;
+// The operator commands both transports share (control socket, admin API).
+pub mod commands;
 // `proxy.toml` → validated [`config::Config`].
 pub mod config;
 // The control socket between the CLI and a running instance.

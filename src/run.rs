@@ -300,9 +300,8 @@ async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static s
                     // Progress lines are logged by the supervisor itself.
                     let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
                     match supervisor.reload(None, progress).await {
-                        Ok(Ok(summary)) => info!("SIGHUP: {summary}"),
-                        Ok(Err(why)) => error!("SIGHUP: {why}"),
-                        Err(e) => error!("SIGHUP: {e}"),
+                        Ok(summary) => info!("SIGHUP: {summary}"),
+                        Err(why) => error!("SIGHUP: {why}"),
                     }
                 });
             }

@@ -290,3 +290,35 @@ fn an_old_worker_that_ignores_the_stop_signal_is_killed_after_kill_timeout() -> 
     assert!(logs.contains("was killed by SIGKILL"), "{logs}");
     Ok(())
 }
+
+#[test]
+fn restart_replaces_every_worker_with_the_running_config_under_load_and_reads_no_file() -> TestResult {
+    let corral = Corral::start(Options::default().instances(2))?;
+    let before = corral.online_pids()?;
+    // The file is broken now: a restart does not read it.
+    std::fs::write(&corral.config, "[[app]]\nname = \"web\ncommand = [\n")?;
+    let load = Load::start(corral.addr, 3, 1);
+    let output = corral.cli(&["restart"])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}\n{}", corral.logs());
+    assert!(text.contains("restarting 1 app(s) with the config they run"), "{text}");
+    corral.wait_for_requests(20)?;
+    let tally = load.finish();
+    assert_eq!(
+        tally.failed, 0,
+        "failed requests during the restart: {:?}",
+        tally.failures
+    );
+    let after = corral.online_pids()?;
+    assert_eq!(after.len(), 2);
+    assert!(before.is_disjoint(&after), "{before:?} -> {after:?}");
+
+    let output = corral.cli(&["restart", "nope"])?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("there is no app named \"nope\""));
+    Ok(())
+}

@@ -19,69 +19,20 @@ pub mod runtime_dir;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::supervisor::status::Status;
-use crate::supervisor::{Handle, Scale, SupervisorGone};
+use crate::commands::{self, Answer};
+use crate::supervisor::{CommandError, ErrorCode, Handle};
 use runtime_dir::RuntimeDirError;
 
 /// How long `corral run` waits for an existing control socket to answer before it gives up.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A request from the CLI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    /// Report every worker.
-    Status,
-    /// Graceful stop of the whole instance.
-    Stop,
-    /// Stop one app's workers; corral keeps running.
-    StopApp {
-        /// The app.
-        app: String,
-    },
-    /// Change an app's worker count.
-    Scale {
-        /// The app.
-        app: String,
-        /// `N`, `+N` or `-N`.
-        count: String,
-    },
-    /// Rolling reload, re-reading the config file.
-    Reload {
-        /// Only this app.
-        app: Option<String>,
-    },
-}
-
-/// A reply line from the front process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Reply {
-    /// The status snapshot.
-    Status(Status),
-    /// Progress of a long command.
-    Progress {
-        /// What happened.
-        message: String,
-    },
-    /// The request succeeded; the summary.
-    Done {
-        /// What was done.
-        message: String,
-    },
-    /// The request failed.
-    Error {
-        /// Why.
-        message: String,
-    },
-}
+pub use crate::commands::{Reply, Request};
 
 /// The control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -258,77 +209,32 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
     let request = match serde_json::from_str::<Request>(&line) {
         Ok(request) => request,
         Err(e) => {
-            send(
-                &mut write,
-                &Reply::Error {
-                    message: format!("bad control request: {e}"),
-                },
-            )
-            .await;
+            let error = CommandError::new(ErrorCode::BadRequest, format!("bad control request: {e}"));
+            send(&mut write, &Reply::from(error)).await;
             return;
         }
     };
-    match request {
-        Request::Status => {
-            let reply = match supervisor.status().await {
-                Ok(status) => Reply::Status(status),
-                Err(e) => Reply::Error { message: e.to_string() },
-            };
-            send(&mut write, &reply).await;
-        }
-        Request::Stop => {
-            info!("stop requested over the control socket");
-            shutdown.cancel();
-            send(
-                &mut write,
-                &Reply::Progress {
-                    message: "stopping: draining connections, then stopping workers".into(),
-                },
-            )
-            .await;
-            // The connection stays open until the process exits: the client's EOF tells it
-            // that the stop is complete.
-            std::future::pending::<()>().await;
-        }
-        Request::StopApp { app } => {
-            let reply = outcome(supervisor.stop_app(app).await);
-            send(&mut write, &reply).await;
-        }
-        Request::Scale { app, count } => {
-            let reply = match count.parse::<Scale>() {
-                Err(message) => Reply::Error { message },
-                Ok(change) => outcome(supervisor.scale(app, change).await),
-            };
-            send(&mut write, &reply).await;
-        }
-        Request::Reload { app } => {
-            info!(
-                app = app.as_deref().unwrap_or("(all)"),
-                "reload requested over the control socket"
-            );
-            let (progress, mut lines) = mpsc::unbounded_channel();
-            let reloaded = supervisor.reload(app, progress);
-            tokio::pin!(reloaded);
-            let reply = loop {
-                tokio::select! {
-                    Some(message) = lines.recv() => send(&mut write, &Reply::Progress { message }).await,
-                    result = &mut reloaded => break outcome(result),
-                }
-            };
-            while let Ok(message) = lines.try_recv() {
-                send(&mut write, &Reply::Progress { message }).await;
-            }
-            send(&mut write, &reply).await;
-        }
+    if matches!(request, Request::Stop) {
+        info!("stop requested over the control socket");
     }
-}
-
-/// The final reply for a supervisor's answer: its summary, or why it failed.
-fn outcome(answer: Result<Result<String, String>, SupervisorGone>) -> Reply {
-    match answer {
-        Ok(Ok(message)) => Reply::Done { message },
-        Ok(Err(message)) => Reply::Error { message },
-        Err(e) => Reply::Error { message: e.to_string() },
+    let (progress, mut lines) = mpsc::unbounded_channel();
+    let answer = commands::execute(request, &supervisor, &shutdown, progress);
+    tokio::pin!(answer);
+    let answer = loop {
+        tokio::select! {
+            Some(message) = lines.recv() => send(&mut write, &Reply::Progress { message }).await,
+            answer = &mut answer => break answer,
+        }
+    };
+    while let Ok(message) = lines.try_recv() {
+        send(&mut write, &Reply::Progress { message }).await;
+    }
+    let stopping = matches!(answer, Ok(Answer::Stopping(_)));
+    send(&mut write, &Reply::from_answer(answer)).await;
+    if stopping {
+        // The connection stays open until the process exits: the client's EOF tells it
+        // that the stop is complete.
+        std::future::pending::<()>().await;
     }
 }
 

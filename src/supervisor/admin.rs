@@ -5,12 +5,15 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::status::{self, AppStatus, Status, WorkerStatus};
-use super::{Scale, Supervisor};
+use super::{CommandError, ErrorCode, Outcome, Scale, Supervisor};
 
 impl Supervisor {
-    pub(super) fn stop_app(&mut self, name: &str) -> Result<String, String> {
+    pub(super) fn stop_app(&mut self, name: &str) -> Outcome {
         if self.reload.is_some() {
-            return Err("a reload is running; stop the app when it has finished".into());
+            return Err(CommandError::new(
+                ErrorCode::Busy,
+                "a reload is running; stop the app when it has finished",
+            ));
         }
         let app = self.app_named(name)?;
         for slot in &mut self.apps[app].slots {
@@ -25,12 +28,44 @@ impl Supervisor {
         ))
     }
 
-    pub(super) fn scale(&mut self, name: &str, change: Scale) -> Result<String, String> {
+    pub(super) fn start_app(&mut self, name: &str) -> Outcome {
         if self.stopping.is_some() {
-            return Err("corral is stopping".into());
+            return Err(CommandError::new(ErrorCode::Stopping, "corral is stopping"));
         }
         if self.reload.is_some() {
-            return Err("a reload is running; scale again when it has finished".into());
+            return Err(CommandError::new(
+                ErrorCode::Busy,
+                "a reload is running; start the app when it has finished",
+            ));
+        }
+        let app = self.app_named(name)?;
+        let config = Arc::clone(&self.apps[app].config);
+        let generation = self.apps[app].generation;
+        let mut started = 0;
+        for slot in 0..self.apps[app].instances {
+            self.apps[app].slots[slot].parked = None;
+            if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
+                self.start(app, slot, Arc::clone(&config), generation);
+                started += 1;
+            }
+        }
+        info!(app = %name, started, "app started on request");
+        Ok(if started == 0 {
+            format!("{name}: every worker is already running")
+        } else {
+            format!("{name}: starting {started} worker(s); they enter rotation when ready")
+        })
+    }
+
+    pub(super) fn scale(&mut self, name: &str, change: Scale) -> Outcome {
+        if self.stopping.is_some() {
+            return Err(CommandError::new(ErrorCode::Stopping, "corral is stopping"));
+        }
+        if self.reload.is_some() {
+            return Err(CommandError::new(
+                ErrorCode::Busy,
+                "a reload is running; scale again when it has finished",
+            ));
         }
         let app = self.app_named(name)?;
         let from = self.apps[app].instances;
@@ -40,7 +75,10 @@ impl Supervisor {
             Scale::Down(n) => from.saturating_sub(n).max(1),
         };
         if to > 1024 {
-            return Err(format!("{to} workers is more than the limit of 1024"));
+            return Err(CommandError::new(
+                ErrorCode::BadRequest,
+                format!("{to} workers is more than the limit of 1024"),
+            ));
         }
         let state = &mut self.apps[app];
         state.instances = to;

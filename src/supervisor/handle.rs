@@ -6,6 +6,70 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::status::Status;
 
+/// Why a command was not carried out: a kind a transport can act on (an HTTP status, an exit
+/// code) and the words for a person. Shared by the control socket and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[error("{message}")]
+pub struct CommandError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What happened, in words a user acts on.
+    pub message: String,
+}
+
+/// The kinds of [`CommandError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No app has that name.
+    NoSuchApp,
+    /// The request itself is malformed (a bad worker count, say).
+    BadRequest,
+    /// Another operation (a reload) is running; try again when it has finished.
+    Busy,
+    /// corral is stopping.
+    Stopping,
+    /// The config file is invalid or asks for what a reload cannot do; nothing changed.
+    InvalidConfig,
+    /// The operation ran and failed (a reload rolled back).
+    Failed,
+    /// The supervisor is gone.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The HTTP status the admin API answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NoSuchApp => 404,
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Busy => 409,
+            ErrorCode::Stopping | ErrorCode::Unavailable => 503,
+            ErrorCode::InvalidConfig => 422,
+            ErrorCode::Failed => 500,
+        }
+    }
+}
+
+impl CommandError {
+    /// An error of kind `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> CommandError {
+        CommandError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SupervisorGone> for CommandError {
+    fn from(gone: SupervisorGone) -> CommandError {
+        CommandError::new(ErrorCode::Unavailable, gone.to_string())
+    }
+}
+
+/// What a command that changes the table answers: its summary, or why not.
+pub type Outcome = Result<String, CommandError>;
+
 /// The supervisor task has ended; nothing more can be asked of it.
 #[derive(Debug, thiserror::Error)]
 #[error("the supervisor has stopped")]
@@ -36,23 +100,42 @@ impl Handle {
     /// Re-reads the config file and replaces the workers of `app` (or of every app), slot by
     /// slot. Progress lines go to `progress`; the answer is the summary, or why nothing (or
     /// not everything) changed.
-    pub async fn reload(
-        &self,
-        app: Option<String>,
-        progress: mpsc::UnboundedSender<String>,
-    ) -> Result<Result<String, String>, SupervisorGone> {
-        self.ask(|reply| Command::Reload { app, progress, reply }).await
+    pub async fn reload(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Outcome {
+        self.ask(|reply| Command::Reload {
+            app,
+            reread: true,
+            progress,
+            reply,
+        })
+        .await?
+    }
+
+    /// Replaces the workers of `app` (or of every app), slot by slot, with the config they run
+    /// now (PM2's `restart`, without its downtime): no file is read.
+    pub async fn restart(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Outcome {
+        self.ask(|reply| Command::Reload {
+            app,
+            reread: false,
+            progress,
+            reply,
+        })
+        .await?
+    }
+
+    /// Starts the workers of `app` that `stop_app` (or a crash loop) left stopped.
+    pub async fn start_app(&self, app: String) -> Outcome {
+        self.ask(|reply| Command::StartApp { app, reply }).await?
     }
 
     /// Changes the worker count of `app` (until the next reload, which applies the file's
     /// `instances`). New workers enter rotation when ready; removed ones drain, then stop.
-    pub async fn scale(&self, app: String, change: Scale) -> Result<Result<String, String>, SupervisorGone> {
-        self.ask(|reply| Command::Scale { app, change, reply }).await
+    pub async fn scale(&self, app: String, change: Scale) -> Outcome {
+        self.ask(|reply| Command::Scale { app, change, reply }).await?
     }
 
     /// Stops one app's workers (draining them first); they stay stopped until a reload of it.
-    pub async fn stop_app(&self, app: String) -> Result<Result<String, String>, SupervisorGone> {
-        self.ask(|reply| Command::StopApp { app, reply }).await
+    pub async fn stop_app(&self, app: String) -> Outcome {
+        self.ask(|reply| Command::StopApp { app, reply }).await?
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SupervisorGone> {
@@ -107,7 +190,7 @@ pub enum Command {
         /// The app.
         app: String,
         /// What was done, or why not.
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Outcome>,
     },
     /// Change an app's worker count.
     Scale {
@@ -116,15 +199,24 @@ pub enum Command {
         /// The change.
         change: Scale,
         /// What was done, or why not.
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Outcome>,
+    },
+    /// Start an app's stopped slots.
+    StartApp {
+        /// The app.
+        app: String,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Outcome>,
     },
     /// Rolling reload; reply when it succeeded or was rolled back.
     Reload {
         /// Only this app.
         app: Option<String>,
+        /// Read the config file (a reload), or run the current configs again (a restart).
+        reread: bool,
         /// Progress lines.
         progress: mpsc::UnboundedSender<String>,
         /// The outcome.
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Outcome>,
     },
 }

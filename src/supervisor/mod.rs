@@ -43,7 +43,7 @@ mod spawn;
 pub mod status;
 mod worker;
 
-pub use handle::{Command, Handle, Scale, SupervisorGone};
+pub use handle::{Command, CommandError, ErrorCode, Handle, Outcome, Scale, SupervisorGone};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -275,7 +275,15 @@ impl Supervisor {
                 }
                 let _receiver_gone = reply.send(());
             }
-            Command::Reload { app, progress, reply } => self.begin_reload(app, progress, reply),
+            Command::Reload {
+                app,
+                reread,
+                progress,
+                reply,
+            } => self.begin_reload(app, reread, progress, reply),
+            Command::StartApp { app, reply } => {
+                let _client_gone = reply.send(self.start_app(&app));
+            }
             Command::StopApp { app, reply } => {
                 let _client_gone = reply.send(self.stop_app(&app));
             }
@@ -318,11 +326,11 @@ impl Supervisor {
     }
 
     /// The index of the app called `name`.
-    fn app_named(&self, name: &str) -> Result<usize, String> {
+    fn app_named(&self, name: &str) -> Result<usize, CommandError> {
         self.apps
             .iter()
             .position(|a| a.config.name == name)
-            .ok_or_else(|| format!("there is no app named {name:?}"))
+            .ok_or_else(|| CommandError::new(ErrorCode::NoSuchApp, format!("there is no app named {name:?}")))
     }
 
     /// Sends `event` to the actor after `delay`.

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use super::status::ReloadOutcome;
 use super::worker::{StopReason, WorkerState};
-use super::Supervisor;
+use super::{CommandError, ErrorCode, Outcome, Supervisor};
 use crate::config::{AppConfig, Config, Tls};
 use crate::tls::CertTable;
 
@@ -45,7 +45,7 @@ pub(super) struct ReloadRun {
     queue: VecDeque<usize>,
     phase: Option<Phase>,
     progress: mpsc::UnboundedSender<String>,
-    reply: Option<oneshot::Sender<Result<String, String>>>,
+    reply: Option<oneshot::Sender<Outcome>>,
     started: Instant,
     replaced: usize,
     done: Vec<String>,
@@ -96,48 +96,42 @@ impl Supervisor {
     pub(super) fn begin_reload(
         &mut self,
         only: Option<String>,
+        reread: bool,
         progress: mpsc::UnboundedSender<String>,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Outcome>,
     ) {
-        let refuse = |reply: oneshot::Sender<Result<String, String>>, why: String| {
+        let refuse = |reply: oneshot::Sender<Outcome>, code: ErrorCode, why: String| {
             error!("reload refused: {why}");
-            let _client_gone = reply.send(Err(why));
+            let _client_gone = reply.send(Err(CommandError::new(code, why)));
         };
         if let Some(run) = &self.reload {
-            return refuse(reply, format!("a reload is already running (started {:.1?} ago); this one was not queued: try again when it has finished", run.started.elapsed()));
+            return refuse(reply, ErrorCode::Busy, format!("a reload is already running (started {:.1?} ago); this one was not queued: try again when it has finished", run.started.elapsed()));
         }
         if self.stopping.is_some() {
-            return refuse(reply, "corral is stopping".into());
+            return refuse(reply, ErrorCode::Stopping, "corral is stopping".into());
         }
-        let config = match Config::load(&self.config_path) {
-            Ok(config) => config,
-            Err(e) => {
-                return refuse(
-                    reply,
-                    format!("{e}\nnothing was changed: the running workers keep serving"),
-                )
+        let config = if reread {
+            match self.fresh_config(only.as_deref()) {
+                Ok(config) => config,
+                Err((code, why)) => return refuse(reply, code, why),
+            }
+        } else {
+            // A restart: the same configs again, as they run now.
+            Config {
+                path: self.config_path.clone(),
+                apps: self.apps.iter().map(|a| (*a.config).clone()).collect(),
+                warnings: Vec::new(),
             }
         };
-        if let Err(why) = self.compatible(&config) {
-            return refuse(
-                reply,
-                format!("{why}\nnothing was changed: the running workers keep serving"),
-            );
-        }
-        for warning in &config.warnings {
-            warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);
-        }
-        if let Err(why) = self.reload_certificates(&config, only.as_deref()) {
-            return refuse(
-                reply,
-                format!("{why}\nnothing was changed: the running workers and certificates keep serving"),
-            );
-        }
         let queue: VecDeque<usize> = (0..self.apps.len())
             .filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name))
             .collect();
         if queue.is_empty() {
-            return refuse(reply, format!("there is no app named {:?}", only.unwrap_or_default()));
+            return refuse(
+                reply,
+                ErrorCode::NoSuchApp,
+                format!("there is no app named {:?}", only.unwrap_or_default()),
+            );
         }
         let run = ReloadRun {
             config,
@@ -149,17 +143,49 @@ impl Supervisor {
             replaced: 0,
             done: Vec::new(),
         };
-        say(
-            &run.progress,
+        let start = if reread {
             format!(
                 "config {} is valid; reloading {} app(s)",
                 self.config_path.display(),
                 run.queue.len()
-            ),
-        );
+            )
+        } else {
+            format!("restarting {} app(s) with the config they run", run.queue.len())
+        };
+        say(&run.progress, start);
         self.reload = Some(run);
         crate::notify::reloading();
         self.next_phase();
+    }
+
+    /// The config file, read and checked against what a reload can change; its certificates
+    /// are loaded and swapped in.
+    fn fresh_config(&self, only: Option<&str>) -> Result<Config, (ErrorCode, String)> {
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(e) => {
+                return Err((
+                    ErrorCode::InvalidConfig,
+                    format!("{e}\nnothing was changed: the running workers keep serving"),
+                ))
+            }
+        };
+        if let Err(why) = self.compatible(&config) {
+            return Err((
+                ErrorCode::InvalidConfig,
+                format!("{why}\nnothing was changed: the running workers keep serving"),
+            ));
+        }
+        for warning in &config.warnings {
+            warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);
+        }
+        if let Err(why) = self.reload_certificates(&config, only) {
+            return Err((
+                ErrorCode::InvalidConfig,
+                format!("{why}\nnothing was changed: the running workers and certificates keep serving"),
+            ));
+        }
+        Ok(config)
     }
 
     /// Re-reads the certificate files of every app (or `only` that one) with `[app.tls]`: all
@@ -549,7 +575,7 @@ impl Supervisor {
             at_ms: self.started.elapsed().as_millis() as u64,
         });
         if let Some(reply) = run.reply.take() {
-            let _client_gone = reply.send(Err(message));
+            let _client_gone = reply.send(Err(CommandError::new(ErrorCode::Failed, message)));
         }
     }
 
@@ -557,7 +583,10 @@ impl Supervisor {
     pub(super) fn reload_aborted(&mut self, why: &str) {
         if let Some(mut run) = self.reload.take() {
             if let Some(reply) = run.reply.take() {
-                let _client_gone = reply.send(Err(format!("reload interrupted: {why}")));
+                let _client_gone = reply.send(Err(CommandError::new(
+                    ErrorCode::Stopping,
+                    format!("reload interrupted: {why}"),
+                )));
             }
         }
     }

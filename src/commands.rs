@@ -1,0 +1,139 @@
+//! The one set of operator commands, whichever transport carries them: the control socket
+//! (newline-delimited JSON, [`crate::control`]) and the admin HTTP API ([`crate::admin`]).
+//!
+//! A [`Request`] is parsed by the transport, [`execute`]d here against the supervisor's
+//! [`Handle`], and answered with an [`Answer`] or a typed [`CommandError`] (its
+//! [`ErrorCode`] becomes an HTTP status on the admin API and a non-zero exit in the CLI).
+//! Progress of long commands (a reload) goes to a channel the transport drains as it likes:
+//! lines on the socket, nothing on HTTP (the event stream shows it).
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::status::Status;
+use crate::supervisor::{CommandError, ErrorCode, Handle, Scale};
+
+/// A command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Report every worker.
+    Status,
+    /// Graceful stop of the whole instance.
+    Stop,
+    /// Stop one app's workers; corral keeps running.
+    StopApp {
+        /// The app.
+        app: String,
+    },
+    /// Start the workers of an app that was stopped (with the running config).
+    StartApp {
+        /// The app.
+        app: String,
+    },
+    /// Rolling replacement of the workers with the config they run (no file is read).
+    Restart {
+        /// Only this app.
+        app: Option<String>,
+    },
+    /// Change an app's worker count.
+    Scale {
+        /// The app.
+        app: String,
+        /// `N`, `+N` or `-N`.
+        count: String,
+    },
+    /// Rolling reload, re-reading the config file.
+    Reload {
+        /// Only this app.
+        app: Option<String>,
+    },
+}
+
+/// What a command that succeeded answers.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// The status snapshot.
+    Status(Box<Status>),
+    /// Done; the summary.
+    Done(String),
+    /// The stop has begun (the process exits when it is complete).
+    Stopping(String),
+}
+
+/// Carries out `request`; progress lines of a reload go to `progress`.
+pub async fn execute(
+    request: Request,
+    supervisor: &Handle,
+    shutdown: &CancellationToken,
+    progress: mpsc::UnboundedSender<String>,
+) -> Result<Answer, CommandError> {
+    match request {
+        Request::Status => Ok(Answer::Status(Box::new(supervisor.status().await?))),
+        Request::Stop => {
+            shutdown.cancel();
+            Ok(Answer::Stopping(
+                "stopping: draining connections, then stopping workers".into(),
+            ))
+        }
+        Request::StopApp { app } => supervisor.stop_app(app).await.map(Answer::Done),
+        Request::StartApp { app } => supervisor.start_app(app).await.map(Answer::Done),
+        Request::Restart { app } => supervisor.restart(app, progress).await.map(Answer::Done),
+        Request::Scale { app, count } => {
+            let change = count
+                .parse::<Scale>()
+                .map_err(|message| CommandError::new(ErrorCode::BadRequest, message))?;
+            supervisor.scale(app, change).await.map(Answer::Done)
+        }
+        Request::Reload { app } => supervisor.reload(app, progress).await.map(Answer::Done),
+    }
+}
+
+/// A reply line on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The status snapshot.
+    Status(Status),
+    /// Progress of a long command.
+    Progress {
+        /// What happened.
+        message: String,
+    },
+    /// The request succeeded; the summary.
+    Done {
+        /// What was done.
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+        /// What kind of failure (absent from replies of older versions).
+        #[serde(default)]
+        code: Option<ErrorCode>,
+    },
+}
+
+impl Reply {
+    /// The last reply line for `answer`.
+    pub fn from_answer(answer: Result<Answer, CommandError>) -> Reply {
+        match answer {
+            Ok(Answer::Status(status)) => Reply::Status(*status),
+            Ok(Answer::Done(message)) => Reply::Done { message },
+            // A progress line: the client waits for the end of the connection.
+            Ok(Answer::Stopping(message)) => Reply::Progress { message },
+            Err(error) => Reply::from(error),
+        }
+    }
+}
+
+impl From<CommandError> for Reply {
+    fn from(error: CommandError) -> Reply {
+        Reply::Error {
+            message: error.message,
+            code: Some(error.code),
+        }
+    }
+}
