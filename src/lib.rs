@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+// The admin HTTP listener: status, commands, health, events.
+pub mod admin;
 // Which worker gets the next request: pool snapshots, round robin, in-flight guards.
 pub mod balancer;
 // The command line and its exit codes.

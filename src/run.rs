@@ -21,6 +21,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::events::{Draft, Events, Kind};
+use crate::admin::Admin;
 use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::control::{ControlError, ControlSocket};
@@ -49,6 +51,9 @@ pub enum RunError {
     /// The proxy's threads could not be started.
     #[error("cannot start the proxy threads: {0}")]
     Shards(std::io::Error),
+    /// The admin listener could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// An app's certificate could not be loaded.
     #[error("app {0:?}: tls.{1}")]
     Tls(String, CertError),
@@ -96,12 +101,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // The control socket is ours, so no live instance runs this config: whatever its state file
     // still lists was left behind by a killed front process.
     let state_file = crate::leftovers::path_for(control.path());
-    crate::leftovers::clean(&state_file);
+    let leftovers = crate::leftovers::clean(&state_file);
+    let events = Arc::new(Events::default());
+    if leftovers > 0 {
+        events.emit(Draft::global(Kind::LeftoversStopped).message(format!(
+            "{leftovers} process(es) left by a killed earlier run were stopped"
+        )));
+    }
     let (supervisor, handle) = Supervisor::new(&config, balancers.clone(), OutputSink::start());
-    let supervisor = supervisor.with_state_file(state_file.clone()).with_certs(certs.clone());
-    let supervisor = tokio::spawn(supervisor.run());
+    let supervisor = supervisor
+        .with_state_file(state_file.clone())
+        .with_certs(certs.clone())
+        .with_events(Arc::clone(&events))
+        .with_leftovers(leftovers);
 
     let shutdown = CancellationToken::new();
+    // Bound before anything is served, so a taken admin address fails the start.
+    let admin = match &config.admin {
+        Some(admin) => Some(Admin::bind(admin, handle.clone(), shutdown.clone(), Arc::clone(&events)).await?),
+        None => None,
+    };
+    let supervisor = tokio::spawn(supervisor.run());
     let challenges = Arc::new(Challenges::default());
     let tickets = Tickets::new().ok_or(RunError::Random)?;
     tokio::spawn(Arc::clone(&tickets).rotate_every_period(shutdown.clone()));
@@ -231,6 +251,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         info!(%addr, "http_redirect: answering 308 to https");
     }
     let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
+    // The admin listener stops with the stop sequence's end, so `/readyz` says "stopping"
+    // while connections drain.
+    let admin_stop = CancellationToken::new();
+    if let Some(admin) = admin {
+        tokio::spawn(admin.serve(admin_stop.clone()));
+    }
     // READY=1 once every proxied app accepts connections (or its boot wait is over).
     let ready: Vec<_> = balancers_ready.into_iter().collect();
     tokio::spawn(async move {
@@ -272,6 +298,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     };
     control_task.abort();
+    admin_stop.cancel();
     if outcome.is_ok() {
         // Everything stopped cleanly: nothing is left for a next run to clean up.
         if let Err(e) = std::fs::remove_file(&state_file) {

@@ -46,6 +46,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The `[[app]]` tables, in file order.
     pub apps: Vec<AppConfig>,
+    /// `[admin]`: the admin HTTP listener (metrics, API, events, dashboard). Default: off.
+    pub admin: Option<AdminConfig>,
     /// What works but is probably a mistake (an expired certificate, ...): `check` shows
     /// these, `run` and `reload` log them.
     pub warnings: Vec<Problem>,
@@ -130,6 +132,19 @@ pub struct AppConfig {
     /// `max-age` of the Strict-Transport-Security header on TLS responses. Default: none.
     pub hsts: Option<Duration>,
 }
+
+/// `[admin]`: the admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Its address (never an app's).
+    pub listen: SocketAddr,
+    /// A file holding the bearer token (absolute); `CORRAL_ADMIN_TOKEN` is the other way.
+    /// Without either the listener must be on loopback.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The environment variable that may carry the admin token instead of `token_file`.
+pub const ADMIN_TOKEN_ENV: &str = "CORRAL_ADMIN_TOKEN";
 
 /// `[app.tls]`: certificate files, or automatic certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,10 +442,11 @@ impl Config {
     /// Validates config text as if it were read from `path` (which anchors relative `cwd`s).
     pub fn from_str(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
         let base = path.parent().unwrap_or(Path::new("/"));
-        let (apps, warnings) = parse::parse(text, base)?;
+        let (apps, admin, warnings) = parse::parse(text, base)?;
         Ok(Config {
             path: path.to_path_buf(),
             apps,
+            admin,
             warnings,
         })
     }

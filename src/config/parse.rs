@@ -17,7 +17,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::table::{Lines, Report, Table};
 use super::values::*;
-use super::{AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky};
+use super::{AdminConfig, AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky};
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
@@ -76,7 +76,10 @@ pub(super) const APP_KEYS: &[&str] = &[
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
-pub(super) fn parse(text: &str, base: &Path) -> Result<(Vec<AppConfig>, Vec<Problem>), Vec<Problem>> {
+/// The apps, the `[admin]` table, and the warnings of a valid file.
+type Parsed = (Vec<AppConfig>, Option<AdminConfig>, Vec<Problem>);
+
+pub(super) fn parse(text: &str, base: &Path) -> Result<Parsed, Vec<Problem>> {
     let lines = Lines::new(text);
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
@@ -121,12 +124,15 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<(Vec<AppConfig>, Vec<Prob
             }
         }
     }
+    let admin = top
+        .take("admin")
+        .and_then(|(_, value)| read_admin(value, base, &apps, &mut report));
     top.finish(&mut report, &[]);
     check_across_apps(&apps, &mut report);
 
     if problems.is_empty() {
         warnings.sort_by_key(|p| (p.line, p.column));
-        Ok((apps.into_iter().map(|(app, _)| app).collect(), warnings))
+        Ok((apps.into_iter().map(|(app, _)| app).collect(), admin, warnings))
     } else {
         problems.sort_by_key(|p| (p.line, p.column));
         Err(problems)
@@ -420,6 +426,63 @@ fn check_shared(
             format!("{ctx}tls: apps on one address are all TLS or all plain HTTP ({addr})"),
         );
     }
+}
+
+/// `[admin]`: `listen` (required) and `token_file`. Without a token (no file and no
+/// `CORRAL_ADMIN_TOKEN` now) the address must be loopback; it must never be an app's.
+fn read_admin(
+    value: toml::Spanned<DeValue<'_>>,
+    base: &Path,
+    apps: &[(AppConfig, Range<usize>)],
+    r: &mut Report<'_>,
+) -> Option<AdminConfig> {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        r.at(span, "admin: expected a table ([admin] with listen)");
+        return None;
+    };
+    let mut t = Table::new(table, span.clone(), "admin.".to_owned());
+    t.known = &["listen", "token_file"];
+    let listen = t.required("listen", r, read_listen);
+    let token_file = t.optional("token_file", r, read_string).map(|p| base.join(p));
+    t.finish(r, &[]);
+    let listen = listen?;
+    let env_token = std::env::var(super::ADMIN_TOKEN_ENV).is_ok_and(|t| !t.trim().is_empty());
+    if token_file.is_none() && !env_token && !listen.ip().is_loopback() {
+        r.at(
+            span.clone(),
+            format!("admin.listen: {listen} is not a loopback address: off loopback the admin API needs a token (token_file or {})", super::ADMIN_TOKEN_ENV),
+        );
+    }
+    if let Some(file) = &token_file {
+        match std::fs::read_to_string(file) {
+            Ok(token) if token.trim().len() < 16 => r.at(
+                span.clone(),
+                format!(
+                    "admin.token_file: {}: the token must be at least 16 characters",
+                    file.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => r.at(
+                span.clone(),
+                format!("admin.token_file: {}: cannot read: {e}", file.display()),
+            ),
+        }
+    }
+    let taken = apps.iter().find(|(a, _)| {
+        [a.listen, a.http_redirect]
+            .into_iter()
+            .flatten()
+            .any(|b| overlaps(listen, b))
+    });
+    if let Some((app, _)) = taken {
+        r.at(
+            span,
+            format!("admin.listen: {listen} overlaps the address of app \"{}\"", app.name),
+        );
+    }
+    Some(AdminConfig { listen, token_file })
 }
 
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {

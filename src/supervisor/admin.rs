@@ -6,6 +6,7 @@ use tracing::info;
 
 use super::status::{self, AppStatus, Status, WorkerStatus};
 use super::{CommandError, ErrorCode, Outcome, Scale, Supervisor};
+use crate::admin::events::Reason;
 
 impl Supervisor {
     pub(super) fn stop_app(&mut self, name: &str) -> Outcome {
@@ -19,7 +20,7 @@ impl Supervisor {
         for slot in &mut self.apps[app].slots {
             slot.parked = Some("stopped");
         }
-        let live = self.drain_where(app, |_| true);
+        let live = self.drain_where(app, Reason::Stop, |_| true);
         self.publish(app);
         info!(app = %name, workers = live.len(), "app stopped on request");
         Ok(format!(
@@ -94,7 +95,7 @@ impl Supervisor {
                 self.start(app, slot, Arc::clone(&config), generation);
             }
         }
-        let removed = self.drain_where(app, |w| w.slot >= to);
+        let removed = self.drain_where(app, Reason::Scale, |w| w.slot >= to);
         self.publish(app);
         Ok(match to.cmp(&from) {
             std::cmp::Ordering::Greater => {
@@ -175,6 +176,7 @@ impl Supervisor {
             reloading: self.reload.is_some(),
             last_reload: self.last_reload.clone(),
             apps,
+            leftovers_stopped: self.leftovers,
         }
     }
 }

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use super::spawn;
 use super::worker::{StopReason, Worker, WorkerState};
 use super::{Event, Supervisor};
+use crate::admin::events::Reason;
 
 impl Supervisor {
     /// Takes a worker out of rotation and asks it to stop; SIGKILL follows at `kill_timeout`.
@@ -40,11 +41,12 @@ impl Supervisor {
     /// Takes a ready worker out of rotation (the caller publishes) and starts its drain: when
     /// its in-flight requests are done, or at `drain_timeout` (which also ends its open
     /// streams), `Drained` follows.
-    pub(super) fn begin_drain(&mut self, app_index: usize, index: usize) {
+    pub(super) fn begin_drain(&mut self, app_index: usize, index: usize, reason: Reason) {
         let worker = &mut self.apps[app_index].workers[index];
         if !worker.is_live() {
             return;
         }
+        worker.leaving.get_or_insert(reason);
         worker.state = WorkerState::Draining;
         worker.stop_watching();
         // Keep only the stream-cutting token: once the last in-flight request is done, the
@@ -71,7 +73,7 @@ impl Supervisor {
     }
 
     /// Starts draining every live worker of `app` that `which` selects; returns their ids.
-    pub(super) fn drain_where(&mut self, app: usize, which: impl Fn(&Worker) -> bool) -> Vec<u64> {
+    pub(super) fn drain_where(&mut self, app: usize, reason: Reason, which: impl Fn(&Worker) -> bool) -> Vec<u64> {
         let chosen: Vec<(usize, u64)> = self.apps[app]
             .workers
             .iter()
@@ -81,7 +83,7 @@ impl Supervisor {
             .collect();
         // Draining changes states, not positions: the indexes stay valid through the loop.
         for &(index, _) in &chosen {
-            self.begin_drain(app, index);
+            self.begin_drain(app, index, reason);
         }
         chosen.into_iter().map(|(_, id)| id).collect()
     }

@@ -17,6 +17,7 @@ use super::probe::{probe, Readiness};
 use super::status;
 use super::worker::WorkerState;
 use super::{Event, Supervisor};
+use crate::admin::events::{Draft, Kind, Reason};
 use crate::config::units;
 
 impl Supervisor {
@@ -94,16 +95,26 @@ impl Supervisor {
         if !worker.unhealthy {
             worker.unhealthy = true;
             warn!(app = %worker.spec.name, slot = worker.slot, pid = worker.pid, "worker failed its health check ({}); out of rotation", check.path);
+            let draft = Draft::new(Kind::WorkerUnhealthy, &worker.spec.name)
+                .worker(worker.slot, Some(worker.pid))
+                .reason(Reason::Health)
+                .message(format!("GET {} failed", check.path));
+            self.emit(draft);
             self.publish(app);
         }
         if failures.is_multiple_of(check.unhealthy_threshold) {
-            self.replace(app, id, format!("failed {failures} health checks in a row"));
+            self.replace(
+                app,
+                id,
+                format!("failed {failures} health checks in a row"),
+                Reason::Health,
+            );
         }
     }
 
     /// Starts a new worker for the slot of worker `id`; once it is ready, `id` drains and stops.
     /// Nothing happens while corral stops or reloads, or if a replacement is already starting.
-    pub(super) fn replace(&mut self, app: usize, id: u64, why: String) {
+    pub(super) fn replace(&mut self, app: usize, id: u64, why: String, reason: Reason) {
         let busy = self.stopping.is_some() || self.reload.is_some() || self.replacing.values().any(|&old| old == id);
         let Some(worker) = self.apps[app].workers.iter().find(|w| w.id == id) else {
             return;
@@ -112,6 +123,9 @@ impl Supervisor {
             return;
         }
         let (slot, pid, spec, generation) = (worker.slot, worker.pid, Arc::clone(&worker.spec), worker.generation);
+        if let Some(old) = self.apps[app].workers.iter_mut().find(|w| w.id == id) {
+            old.leaving = Some(reason);
+        }
         warn!(app = %spec.name, slot, pid, "worker {why}; replacing it without downtime");
         if let Some(s) = self.apps[app].slots.get_mut(slot) {
             s.last_exit = Some(format!("pid {pid} replaced: {why}"));
@@ -162,7 +176,7 @@ impl Supervisor {
             }
         }
         for (app, id, why) in over {
-            self.replace(app, id, why);
+            self.replace(app, id, why, Reason::Memory);
         }
     }
 }

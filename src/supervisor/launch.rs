@@ -17,6 +17,7 @@ use super::probe::{wait_for_ready_message, Readiness};
 use super::spawn;
 use super::worker::{Worker, WorkerState};
 use super::{Event, Supervisor};
+use crate::admin::events::{Draft, Kind};
 use crate::balancer::WorkerStats;
 use crate::config::AppConfig;
 use crate::logs::files::{self, LogFile};
@@ -104,8 +105,14 @@ impl Supervisor {
             }
         }
         debug!(app = %spec.name, slot, pid, port = port.unwrap_or(0), generation, "worker spawned");
+        self.emit(
+            Draft::new(Kind::WorkerSpawned, &spec.name)
+                .worker(slot, Some(pid))
+                .message(format!("generation {generation}")),
+        );
         self.apps[app_index].workers.push(Worker {
             id,
+            leaving: None,
             slot,
             generation,
             spec,

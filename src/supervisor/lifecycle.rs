@@ -9,6 +9,7 @@ use super::drain::kill_group;
 use super::policy::{after_exit, AfterExit, RestartPolicy};
 use super::worker::{describe_exit, StopReason, WorkerState};
 use super::{Event, Supervisor};
+use crate::admin::events::{Draft, Kind, Reason};
 
 impl Supervisor {
     pub(super) fn on_ready(&mut self, id: u64) {
@@ -31,6 +32,10 @@ impl Supervisor {
         worker.was_ready = true;
         let (pid, port, slot, boot) = (worker.pid, worker.port, worker.slot, worker.started.elapsed());
         worker.make_upstream();
+        let draft = Draft::new(Kind::WorkerReady, &worker.spec.name)
+            .worker(slot, Some(pid))
+            .message(format!("ready after {} ms", boot.as_millis()));
+        self.emit(draft);
         if self.reload.as_ref().is_some_and(|r| r.is_candidate(id)) {
             // A reload's new worker waits out of rotation until its batch is ready.
             self.reload_candidate_ready(id, boot);
@@ -48,7 +53,7 @@ impl Supervisor {
             }
             if let Some(old_index) = self.apps[app].workers.iter().position(|w| w.id == old) {
                 info!(app = %name, slot, pid, "replacement ready; draining the unhealthy worker");
-                self.begin_drain(app, old_index);
+                self.begin_drain(app, old_index, Reason::Health);
             }
         }
         self.publish(app);
@@ -117,6 +122,21 @@ impl Supervisor {
         let how = describe_exit(&status);
         let name = app.config.name.clone();
         let slot_index = worker.slot;
+        let reason = match (worker.state, worker.leaving) {
+            (WorkerState::Stopping(StopReason::Shutdown), leaving) => leaving.unwrap_or(Reason::Stop),
+            (WorkerState::Stopping(StopReason::NeverReady), _) => Reason::Health,
+            (WorkerState::Stopping(StopReason::RolledBack), _) => Reason::Reload,
+            (WorkerState::Stopping(StopReason::Replaced) | WorkerState::Draining, leaving) => {
+                leaving.unwrap_or(Reason::Reload)
+            }
+            (_, leaving) => leaving.unwrap_or(Reason::Crash),
+        };
+        self.emit(
+            Draft::new(Kind::WorkerExited, &name)
+                .worker(slot_index, Some(worker.pid))
+                .reason(reason)
+                .message(how.clone()),
+        );
         self.save_state();
         if worker.state == WorkerState::Ready {
             self.publish(app_index);
@@ -180,6 +200,11 @@ impl Supervisor {
                 } else {
                     error!(app = %name, slot = slot_index, pid = worker.pid, "worker {how} before it was ready{hint}; restarting in {delay:?}. Last output:{last}");
                 }
+                let draft = Draft::new(Kind::WorkerRestarting, &name)
+                    .worker(slot_index, None)
+                    .reason(reason)
+                    .message(format!("restart {} in {} ms", slot.restarts, delay.as_millis()));
+                self.feed.emit(draft);
                 self.after(
                     delay,
                     Event::RestartDue {
@@ -201,6 +226,11 @@ impl Supervisor {
         }
         worker.drained = true;
         debug!(pid = worker.pid, "worker drained");
+        let mut draft = Draft::new(Kind::WorkerDrained, &worker.spec.name).worker(worker.slot, Some(worker.pid));
+        if let Some(reason) = worker.leaving {
+            draft = draft.reason(reason);
+        }
+        self.emit(draft);
         // The old workers of a reload still in progress stay until it commits (they are the
         // rollback); any other drained worker stops now.
         if !self.reload.as_ref().is_some_and(|r| r.holds(id)) {

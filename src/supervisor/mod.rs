@@ -139,6 +139,12 @@ pub struct Supervisor {
     /// Replacements of unhealthy workers in progress: new worker id -> old worker id.
     replacing: HashMap<u64, u64>,
     last_reload: Option<ReloadOutcome>,
+    /// `[admin]` as it was at start (a reload cannot change it).
+    admin: Option<crate::config::AdminConfig>,
+    /// Where lifecycle events go (the log, the admin event stream).
+    feed: Arc<crate::admin::events::Events>,
+    /// Processes of a killed earlier run stopped at start.
+    leftovers: usize,
 }
 
 impl Supervisor {
@@ -186,6 +192,9 @@ impl Supervisor {
             replacing: HashMap::new(),
             state_file: None,
             last_reload: None,
+            admin: config.admin.clone(),
+            feed: Arc::default(),
+            leftovers: 0,
         };
         (supervisor, Handle { tx })
     }
@@ -194,6 +203,23 @@ impl Supervisor {
     pub fn with_state_file(mut self, path: PathBuf) -> Supervisor {
         self.state_file = Some(path);
         self
+    }
+
+    /// Sends lifecycle events to `events` (by default they go to a broadcast nobody hears).
+    pub fn with_events(mut self, events: Arc<crate::admin::events::Events>) -> Supervisor {
+        self.feed = events;
+        self
+    }
+
+    /// How many leftovers of a killed earlier run were stopped at start (for status).
+    pub fn with_leftovers(mut self, stopped: usize) -> Supervisor {
+        self.leftovers = stopped;
+        self
+    }
+
+    /// Emits a lifecycle event.
+    fn emit(&self, draft: crate::admin::events::Draft) {
+        self.feed.emit(draft);
     }
 
     /// The apps' certificate stores (one entry per app, `Some` with `[app.tls]`).

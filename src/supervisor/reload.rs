@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use super::status::ReloadOutcome;
 use super::worker::{StopReason, WorkerState};
 use super::{CommandError, ErrorCode, Outcome, Supervisor};
+use crate::admin::events::{Draft, Events, Kind, Reason};
 use crate::config::{AppConfig, Config, Tls};
 use crate::tls::CertTable;
 
@@ -49,6 +50,9 @@ pub(super) struct ReloadRun {
     started: Instant,
     replaced: usize,
     done: Vec<String>,
+    /// A restart keeps each app's current worker count (a `scale` included); a reload takes
+    /// the file's `instances`.
+    keep_counts: bool,
 }
 
 /// The reload of one app.
@@ -87,8 +91,9 @@ impl ReloadRun {
 }
 
 /// Logs a progress line and passes it to whoever asked for the reload.
-fn say(progress: &mpsc::UnboundedSender<String>, line: String) {
+fn say(progress: &mpsc::UnboundedSender<String>, feed: &Events, line: String) {
     info!("reload: {line}");
+    feed.emit(Draft::global(Kind::ReloadProgress).message(line.clone()));
     let _client_gone = progress.send(line);
 }
 
@@ -100,8 +105,10 @@ impl Supervisor {
         progress: mpsc::UnboundedSender<String>,
         reply: oneshot::Sender<Outcome>,
     ) {
+        let feed = Arc::clone(&self.feed);
         let refuse = |reply: oneshot::Sender<Outcome>, code: ErrorCode, why: String| {
             error!("reload refused: {why}");
+            feed.emit(Draft::global(Kind::ReloadFailed).message(format!("refused: {why}")));
             let _client_gone = reply.send(Err(CommandError::new(code, why)));
         };
         if let Some(run) = &self.reload {
@@ -120,6 +127,7 @@ impl Supervisor {
             Config {
                 path: self.config_path.clone(),
                 apps: self.apps.iter().map(|a| (*a.config).clone()).collect(),
+                admin: self.admin.clone(),
                 warnings: Vec::new(),
             }
         };
@@ -142,6 +150,7 @@ impl Supervisor {
             started: Instant::now(),
             replaced: 0,
             done: Vec::new(),
+            keep_counts: !reread,
         };
         let start = if reread {
             format!(
@@ -152,7 +161,8 @@ impl Supervisor {
         } else {
             format!("restarting {} app(s) with the config they run", run.queue.len())
         };
-        say(&run.progress, start);
+        self.emit(Draft::global(Kind::ReloadStarted).message(start.clone()));
+        say(&run.progress, &self.feed, start);
         self.reload = Some(run);
         crate::notify::reloading();
         self.next_phase();
@@ -216,6 +226,11 @@ impl Supervisor {
 
     /// What a reload cannot change without a restart.
     fn compatible(&self, config: &Config) -> Result<(), String> {
+        if config.admin != self.admin {
+            return Err(
+                "[admin] changed: the admin listener is bound once, so a change needs a restart of corral".into(),
+            );
+        }
         let old: Vec<&str> = self.apps.iter().map(|a| a.config.name.as_str()).collect();
         let new: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         if old.iter().collect::<HashSet<_>>() != new.iter().collect::<HashSet<_>>() {
@@ -273,10 +288,15 @@ impl Supervisor {
                 .cloned()
                 .expect("UNWRAP: compatible() checked the app names"),
         );
-        let instances = spec.instances.resolve(crate::config::usable_cpus());
+        let instances = if run.keep_counts {
+            self.apps[app].instances
+        } else {
+            spec.instances.resolve(crate::config::usable_cpus())
+        };
         let generation = self.apps[app].generation + 1;
         say(
             &run.progress,
+            &self.feed,
             format!(
                 "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
                 self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
@@ -322,6 +342,7 @@ impl Supervisor {
                     phase.candidates.push(id);
                     say(
                         &run.progress,
+                        &self.feed,
                         format!("{} slot {slot}: started new worker pid {pid}", spec.name),
                     );
                 }
@@ -348,6 +369,7 @@ impl Supervisor {
             .map_or((0, 0), |w| (w.slot, w.pid));
         say(
             &run.progress,
+            &self.feed,
             format!(
                 "{} slot {slot}: new worker pid {pid} ready in {} ms",
                 phase.spec.name,
@@ -401,7 +423,7 @@ impl Supervisor {
             });
             retiring.extend(old.into_iter().map(|(id, _)| id));
         }
-        self.drain_where(app, |w| retiring.contains(&w.id));
+        self.drain_where(app, Reason::Reload, |w| retiring.contains(&w.id));
         for &(id, _) in &batch {
             if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == id) {
                 self.watch_health(app, index);
@@ -414,7 +436,7 @@ impl Supervisor {
         run.replaced += batch.len();
         let name = phase.spec.name.clone();
         for line in lines {
-            say(&run.progress, format!("{name} {line}"));
+            say(&run.progress, &self.feed, format!("{name} {line}"));
         }
         self.next_batch();
     }
@@ -427,7 +449,7 @@ impl Supervisor {
         };
         let (app, generation) = (phase.app, phase.generation);
         // Old workers no batch replaced (slots removed by a smaller `instances`, restarts).
-        let leftovers = self.drain_where(app, |w| w.generation < generation);
+        let leftovers = self.drain_where(app, Reason::Reload, |w| w.generation < generation);
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
         phase.retiring.extend(leftovers);
@@ -447,6 +469,7 @@ impl Supervisor {
         let waiting = phase.retiring.len();
         say(
             &run.progress,
+            &self.feed,
             format!(
                 "{}: every slot runs generation {generation}; stopping {waiting} old worker(s) once drained",
                 phase.spec.name
@@ -483,7 +506,7 @@ impl Supervisor {
             return;
         }
         let name = phase.spec.name.clone();
-        say(&run.progress, format!("{name}: old workers stopped"));
+        say(&run.progress, &self.feed, format!("{name}: old workers stopped"));
         run.done.push(name);
         run.phase = None;
         self.next_phase();
@@ -501,6 +524,7 @@ impl Supervisor {
             run.done.join(", ")
         );
         info!("{message}");
+        self.emit(Draft::global(Kind::ReloadDone).message(message.clone()));
         self.last_reload = Some(ReloadOutcome {
             ok: true,
             message: message.clone(),
@@ -525,7 +549,7 @@ impl Supervisor {
                 };
                 match self.apps[app].workers[index].state {
                     // In rotation already: let its requests finish first (it stops once drained).
-                    WorkerState::Ready => self.begin_drain(app, index),
+                    WorkerState::Ready => self.begin_drain(app, index, Reason::Reload),
                     WorkerState::Starting => self.stop(app, index, StopReason::RolledBack),
                     _ => {}
                 }
@@ -569,6 +593,7 @@ impl Supervisor {
             ));
         }
         error!("{message}");
+        self.emit(Draft::global(Kind::ReloadFailed).message(message.clone()));
         self.last_reload = Some(ReloadOutcome {
             ok: false,
             message: message.clone(),

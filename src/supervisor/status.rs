@@ -19,6 +19,9 @@ pub struct Status {
     pub last_reload: Option<ReloadOutcome>,
     /// One entry per `[[app]]`.
     pub apps: Vec<AppStatus>,
+    /// Processes left by a killed earlier run that were stopped at start.
+    #[serde(default)]
+    pub leftovers_stopped: usize,
 }
 
 /// The end of a reload.

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::events::Reason;
 use crate::balancer::{Upstream, WorkerStats};
 use crate::config::AppConfig;
 use crate::logs::OutputTail;
@@ -65,6 +66,8 @@ impl WorkerState {
 pub struct Worker {
     /// Unique for the life of the front process.
     pub id: u64,
+    /// Why it is leaving rotation, once it is (a reload, a scale-down, its health...).
+    pub leaving: Option<Reason>,
     /// Its slot (`NODE_APP_INSTANCE`).
     pub slot: usize,
     /// The app's config generation it was started from (1 at start, +1 per reload).
