@@ -231,10 +231,26 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
     let mut sources = Vec::new();
     for app in apps {
         if app.logs.out_file.is_none() && app.logs.error_file.is_none() {
-            eprintln!(
-                "{}: no out_file or error_file: its output goes to the stdout and stderr of `corral run`",
-                app.name
-            );
+            // No files: what the running instance kept in memory.
+            let request = Request::Logs {
+                app: Some(app.name.clone()),
+                lines,
+            };
+            let shown = control(path, request, |reply| match reply {
+                Reply::Logs { lines } => {
+                    println!("==> {} (recent output kept by corral) <==", app.name);
+                    for line in lines {
+                        println!("{}.{} {} | {}", line.app, line.slot, line.stream, line.text);
+                    }
+                }
+                other => print_reply(other),
+            });
+            if !matches!(shown, Ok(code) if code == ExitCode::SUCCESS) {
+                eprintln!(
+                    "{}: no out_file or error_file, and no running instance to ask: its output goes to the stdout and stderr of `corral run`",
+                    app.name
+                );
+            }
             continue;
         }
         let slots: Vec<Option<usize>> = if app.logs.merge_logs {
@@ -394,7 +410,7 @@ fn print_reply(reply: Reply) {
         Reply::Progress { message } => println!("{message}"),
         Reply::Done { message } => println!("{message}"),
         Reply::Error { message, .. } => eprintln!("corral: {message}"),
-        Reply::Status(_) => {}
+        Reply::Status(_) | Reply::Logs { .. } => {}
     }
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::logs::recent::LogLine;
 use crate::supervisor::status::Status;
 use crate::supervisor::{CommandError, ErrorCode, Handle, Scale};
 
@@ -49,6 +50,13 @@ pub enum Request {
         /// Only this app.
         app: Option<String>,
     },
+    /// Recent worker output kept in memory.
+    Logs {
+        /// Only this app.
+        app: Option<String>,
+        /// How many lines (at most 1,000 per app are kept).
+        lines: usize,
+    },
 }
 
 /// What a command that succeeded answers.
@@ -60,6 +68,8 @@ pub enum Answer {
     Done(String),
     /// The stop has begun (the process exits when it is complete).
     Stopping(String),
+    /// Recent output lines, oldest first.
+    Logs(Vec<LogLine>),
 }
 
 /// Carries out `request`; progress lines of a reload go to `progress`.
@@ -87,6 +97,7 @@ pub async fn execute(
             supervisor.scale(app, change).await.map(Answer::Done)
         }
         Request::Reload { app } => supervisor.reload(app, progress).await.map(Answer::Done),
+        Request::Logs { app, lines } => supervisor.logs(app, lines).await.map(Answer::Logs),
     }
 }
 
@@ -106,6 +117,11 @@ pub enum Reply {
         /// What was done.
         message: String,
     },
+    /// Recent output lines.
+    Logs {
+        /// Oldest first.
+        lines: Vec<LogLine>,
+    },
     /// The request failed.
     Error {
         /// Why.
@@ -124,6 +140,7 @@ impl Reply {
             Ok(Answer::Done(message)) => Reply::Done { message },
             // A progress line: the client waits for the end of the connection.
             Ok(Answer::Stopping(message)) => Reply::Progress { message },
+            Ok(Answer::Logs(lines)) => Reply::Logs { lines },
             Err(error) => Reply::from(error),
         }
     }

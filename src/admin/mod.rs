@@ -200,6 +200,11 @@ impl State {
         match (method, segments.as_slice()) {
             (Method::GET, ["api", "status"]) => self.run(Request::Status).await,
             (Method::GET, ["api", "events"]) => self.events.stream(last_event, self.shutdown.clone()),
+            (Method::GET, ["api", "logs"]) => {
+                let app = query_value(&query, "app").filter(|a| !a.is_empty());
+                let lines = query_value(&query, "lines").and_then(|n| n.parse().ok()).unwrap_or(100);
+                self.run(Request::Logs { app, lines }).await
+            }
             (Method::POST, ["login"]) => self.login(req).await,
             (Method::POST, ["api", "reload"]) => match read_json(req).await {
                 Err(response) => response,
@@ -240,6 +245,7 @@ impl State {
         let (progress, _lines) = mpsc::unbounded_channel();
         match commands::execute(request, &self.supervisor, &self.shutdown, progress).await {
             Ok(Answer::Status(status)) => json_response(StatusCode::OK, &*status),
+            Ok(Answer::Logs(lines)) => json_response(StatusCode::OK, &json!({ "lines": lines })),
             Ok(Answer::Done(message)) | Ok(Answer::Stopping(message)) => {
                 json_response(StatusCode::OK, &json!({ "ok": true, "message": message }))
             }

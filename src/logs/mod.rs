@@ -13,6 +13,7 @@
 //! size ([`files`]).
 
 pub mod files;
+pub mod recent;
 pub mod tail;
 
 use std::collections::VecDeque;
@@ -94,6 +95,19 @@ impl OutputTail {
     }
 }
 
+/// Where a worker's lines are kept in memory for `GET /api/logs` (besides `target`).
+#[derive(Debug, Clone)]
+pub struct Keep {
+    /// The app's recent output.
+    pub recent: Arc<recent::Recent>,
+    /// The app.
+    pub app: Arc<str>,
+    /// The worker's slot.
+    pub slot: usize,
+    /// Which of its streams.
+    pub stream: Stream,
+}
+
 /// Where one stream of a worker's output goes.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -154,7 +168,14 @@ impl OutputSink {
 
     /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
     /// in `tail`.
-    pub async fn pump(self, reader: impl AsyncRead + Unpin, target: Target, prefix: String, tail: Arc<OutputTail>) {
+    pub async fn pump(
+        self,
+        reader: impl AsyncRead + Unpin,
+        target: Target,
+        prefix: String,
+        tail: Arc<OutputTail>,
+        keep: Keep,
+    ) {
         let mut reader = BufReader::new(reader);
         let mut line = Vec::with_capacity(256);
         loop {
@@ -170,6 +191,7 @@ impl OutputSink {
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\n', '\r']);
             tail.push(text);
+            keep.recent.push(&keep.app, keep.slot, keep.stream, text);
             let line = match &target {
                 Target::Terminal(stream) => Line::Terminal(*stream, format!("{prefix} | {text}\n")),
                 Target::File {

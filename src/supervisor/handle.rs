@@ -122,6 +122,11 @@ impl Handle {
         .await?
     }
 
+    /// The last `lines` lines of output of `app`'s workers (or every app's), oldest first.
+    pub async fn logs(&self, app: Option<String>, lines: usize) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
+        self.ask(|reply| Command::Logs { app, lines, reply }).await?
+    }
+
     /// Starts the workers of `app` that `stop_app` (or a crash loop) left stopped.
     pub async fn start_app(&self, app: String) -> Outcome {
         self.ask(|reply| Command::StartApp { app, reply }).await?
@@ -200,6 +205,15 @@ pub enum Command {
         change: Scale,
         /// What was done, or why not.
         reply: oneshot::Sender<Outcome>,
+    },
+    /// Recent worker output.
+    Logs {
+        /// Only this app.
+        app: Option<String>,
+        /// How many lines.
+        lines: usize,
+        /// The lines, oldest first.
+        reply: oneshot::Sender<Result<Vec<crate::logs::recent::LogLine>, CommandError>>,
     },
     /// Start an app's stopped slots.
     StartApp {

@@ -57,19 +57,23 @@ impl Supervisor {
         let prefix = format!("{}.{slot}", spec.name);
         let mut pumps = Vec::new();
         if let Some(pipe) = child.stdout.take() {
+            let keep = self.keep(app_index, slot, Stream::Stdout);
             pumps.push(tokio::spawn(self.output.clone().pump(
                 pipe,
                 log_target(&spec, slot, Stream::Stdout),
                 prefix.clone(),
                 Arc::clone(&output),
+                keep,
             )));
         }
         if let Some(pipe) = child.stderr.take() {
+            let keep = self.keep(app_index, slot, Stream::Stderr);
             pumps.push(tokio::spawn(self.output.clone().pump(
                 pipe,
                 log_target(&spec, slot, Stream::Stderr),
                 prefix,
                 Arc::clone(&output),
+                keep,
             )));
         }
         let events = self.events.clone();

@@ -104,6 +104,8 @@ struct App {
     balancer: Option<Arc<Balancer>>,
     /// Its certificates, with `[app.tls]`: re-read on reload, shown by status.
     certs: Option<Arc<crate::tls::CertStore>>,
+    /// Its workers' recent output (`GET /api/logs`).
+    recent: Arc<crate::logs::recent::Recent>,
     slots: Vec<Slot>,
     workers: Vec<Worker>,
     announced: bool,
@@ -163,6 +165,7 @@ impl Supervisor {
                     generation: 1,
                     balancer,
                     certs: None,
+                    recent: Arc::default(),
                     slots: (0..instances).map(|_| Slot::default()).collect(),
                     workers: Vec::new(),
                     announced: false,
@@ -215,6 +218,27 @@ impl Supervisor {
     pub fn with_leftovers(mut self, stopped: usize) -> Supervisor {
         self.leftovers = stopped;
         self
+    }
+
+    /// Where the output pumps of a worker of `app` in `slot` keep its `stream`'s lines.
+    fn keep(&self, app: usize, slot: usize, stream: crate::logs::Stream) -> crate::logs::Keep {
+        crate::logs::Keep {
+            recent: Arc::clone(&self.apps[app].recent),
+            app: Arc::from(self.apps[app].config.name.as_str()),
+            slot,
+            stream,
+        }
+    }
+
+    /// The last `lines` lines of `app`'s workers (of every app for `None`), oldest first.
+    fn recent_output(&self, app: Option<&str>, lines: usize) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
+        if let Some(name) = app {
+            return Ok(self.apps[self.app_named(name)?].recent.last(lines));
+        }
+        let mut all: Vec<_> = self.apps.iter().flat_map(|a| a.recent.last(lines)).collect();
+        all.sort_by_key(|l| l.time_ms);
+        let skip = all.len().saturating_sub(lines);
+        Ok(all.split_off(skip))
     }
 
     /// Emits a lifecycle event.
@@ -307,6 +331,9 @@ impl Supervisor {
                 progress,
                 reply,
             } => self.begin_reload(app, reread, progress, reply),
+            Command::Logs { app, lines, reply } => {
+                let _client_gone = reply.send(self.recent_output(app.as_deref(), lines));
+            }
             Command::StartApp { app, reply } => {
                 let _client_gone = reply.send(self.start_app(&app));
             }
