@@ -11,6 +11,7 @@ Every load run is bounded (wrk -d), every process started is stopped.
   python3 benches/compare.py --mode reload-time --workers 4   # how long a rolling reload takes
   python3 benches/compare.py --connections 1000 --targets corral,nginx,haproxy,pm2   # memory
   python3 benches/compare.py --mode abuse         # legitimate load beside slowloris and aborted uploads
+  python3 benches/compare.py --mode tls --rounds 5   # HTTPS and HTTP/2: corral vs nginx, handshakes
   python3 benches/compare.py --readme             # also rewrite the matching table in README.md
 
 Reload mode: wrk runs 30 s at fixed concurrency while the target's workers are replaced every
@@ -35,9 +36,22 @@ so a proxy may raise its own). It reports the legitimate requests' socket errors
 answers (totals over the rounds), req/s, p50 and p99, what the attackers saw, and the proxy's
 open fds (/proc/PID/fd, peak during the run).
 
+TLS mode: corral and nginx, both terminating TLS with the same throwaway ECDSA P-256 certificate
+(openssl, in a temp dir) in front of --workers hello workers each; nginx gets as many worker
+processes as corral has shards. Each round starts both, then runs every measure on one target and
+at once on the other (alternating which goes first), --duration s each: HTTPS keep-alive over
+HTTP/1.1 (wrk -c--connections), HTTP/2 (h2load -c--h2-clients -m--h2-streams), full handshakes
+with h2load (`-c N -n N` runs, a fresh TLS client per connection and one request each, back to
+back in two loops), and full and resumed handshakes with `openssl s_time -new` / `-reuse`
+(--s-time-processes in parallel, one HTTP/1.0 request per connection, offering --s-time-suite;
+the share of connections that really resumed is reported). For each it gives req/s or
+handshakes/s, and per request or handshake the CPU (/proc) of the proxy (user + kernel), of its
+Node workers and of the load generator; and how much CPU went to processes outside the benchmark
+meanwhile (others' builds). Needs h2load (nghttp2-client) and openssl.
+
 With --readme, the report replaces the table between the markers of its mode in README.md
 (`<!-- bench:throughput-c64 -->` ... `<!-- /bench:throughput-c64 -->`, `bench:reload`,
-`bench:reload-time`, `bench:abuse`), headed by the date, the machine and the versions measured.
+`bench:reload-time`, `bench:abuse`, `bench:tls`), headed by the date, the machine and the versions measured.
 
 Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
 benches/.tools). Build corral first: cargo build --release. The corral binary is --corral, else
@@ -60,6 +74,7 @@ import time
 from pathlib import Path
 
 import attackers
+import tlsload
 
 ROOT = Path(__file__).resolve().parent.parent
 # The worker script every target fronts; main() may pick another (--worker).
@@ -186,6 +201,9 @@ class Target:
     def proxy_pids(self):
         return []
 
+    def worker_pids(self):
+        return []
+
     def stop(self):
         pass
 
@@ -206,7 +224,7 @@ class Direct(Target):
 class Corral(Target):
     name = "corral"
 
-    def __init__(self, workers, header_timeout=None, nofile=None):
+    def __init__(self, workers, header_timeout=None, nofile=None, tls=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
         config = Path(self.dir) / "proxy.toml"
@@ -214,6 +232,7 @@ class Corral(Target):
             f'[[app]]\nname = "hello"\ncommand = ["node", "{HELLO}"]\nlisten = "127.0.0.1:{self.port}"\n'
             f"instances = {workers}\n"
             + (f'header_read_timeout = "{header_timeout}s"\n' if header_timeout else "")
+            + (f'[app.tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else "")
         )
         env = dict(os.environ, CORRAL_RUNTIME_DIR=self.dir, CORRAL_LOG="warn")
         # Its log goes to a file (under abuse it writes a line per failed accept); stop() sums it up.
@@ -231,10 +250,27 @@ class Corral(Target):
             return app["ready"] == workers
 
         wait_for("corral's workers", all_online)
-        wait_for("corral", lambda: answers(self.port))
+        wait_for("corral", lambda: (tlsload.answers_tls if tls else answers)(self.port))
 
     def proxy_pids(self):
         return [self.proc.pid]
+
+    def worker_pids(self):
+        return children(self.proc.pid)
+
+    def shards(self):
+        """How many shard threads (`corral-proxy-N`) the proxy runs."""
+        try:
+            tasks = os.listdir(f"/proc/{self.proc.pid}/task")
+        except OSError:
+            return 0
+        names = []
+        for t in tasks:
+            try:
+                names.append(Path(f"/proc/{self.proc.pid}/task/{t}/comm").read_text().strip())
+            except OSError:
+                pass
+        return sum(1 for n in names if n.startswith("corral-proxy-"))
 
     def reload(self):
         out = subprocess.run([str(CORRAL), "reload", "-c", str(self.config)], env=self.env, capture_output=True, text=True)
@@ -255,34 +291,51 @@ class Corral(Target):
 class Nginx(Target):
     name = "nginx"
 
-    def __init__(self, workers, header_timeout=None, nofile=None):
+    def __init__(self, workers, header_timeout=None, nofile=None, tls=None, processes=None, keepalive=64):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="nginx-bench-")
         self.count = workers
         self.header_timeout = header_timeout
+        self.tls, self.processes, self.keepalive = tls, processes, keepalive
         self.workers = start_workers(workers)
         self.conf = Path(self.dir) / "nginx.conf"
         self.write_conf()
         self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=fd_limit(nofile))
-        wait_for("nginx", lambda: answers(self.port))
+        wait_for("nginx", lambda: (tlsload.answers_tls if tls else answers)(self.port))
+
+    def listen(self):
+        """The server block's listen directive(s), with TLS and HTTP/2 when self.tls is set."""
+        if not self.tls:
+            return f"    listen 127.0.0.1:{self.port} reuseport;\n"
+        cert, key = self.tls
+        # `http2 on;` exists from nginx 1.25.1; before it, HTTP/2 is a parameter of `listen`.
+        new_syntax = nginx_version() >= (1, 25, 1)
+        return (f"    listen 127.0.0.1:{self.port} ssl{'' if new_syntax else ' http2'} reuseport;\n"
+                + ("    http2 on;\n" if new_syntax else "")
+                + f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
+                  "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+                  "    ssl_session_cache shared:SSL:10m;\n"
+                  "    ssl_session_tickets on;\n"
+                  # nginx closes a connection after 1,000 requests by default (HTTP/1.1 and
+                  # HTTP/2); h2load -D does not reconnect, so its connections would just stop.
+                  "    keepalive_requests 1000000;\n")
 
     def write_conf(self):
         servers = "".join(f"    server 127.0.0.1:{p};\n" for p, _ in self.workers)
         head_timeout = f"  client_header_timeout {self.header_timeout}s;\n" if self.header_timeout else ""
         self.conf.write_text(f"""daemon off;
-worker_processes auto;
+worker_processes {self.processes or "auto"};
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
 {head_timeout}  upstream hello {{
-{servers}    keepalive 64;
+{servers}    keepalive {self.keepalive};
   }}
   server {{
-    listen 127.0.0.1:{self.port} reuseport;
-    location / {{
+{self.listen()}    location / {{
       proxy_pass http://hello;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -293,6 +346,9 @@ http {{
 
     def proxy_pids(self):
         return [self.proc.pid] + children(self.proc.pid)
+
+    def worker_pids(self):
+        return [w.pid for _, w in self.workers]
 
     def reload(self):
         old = self.workers
@@ -384,10 +440,16 @@ def pm2_binary():
     return TOOLS / "node_modules" / ".bin" / "pm2"
 
 
+def nginx_version():
+    """The installed nginx's version as a tuple, (0,) if unknown."""
+    m = re.search(r"nginx/(\d+(?:\.\d+)*)", first_line(["nginx", "-v"]) or "")
+    return tuple(int(x) for x in m.group(1).split(".")) if m else (0,)
+
+
 TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "haproxy": Haproxy, "pm2": Pm2}
 
 
-def run_wrk(port, duration, connections, sample_pids, on_sample=None):
+def run_wrk(port, duration, connections, sample_pids, on_sample=None, scheme="http"):
     """wrk against 127.0.0.1:port; samples the RSS of sample_pids() (and calls on_sample()) every 0.25 s."""
     peak = [0]
     done = threading.Event()
@@ -401,7 +463,7 @@ def run_wrk(port, duration, connections, sample_pids, on_sample=None):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}/"],
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", f"{scheme}://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=duration + 60,
     ).stdout
     done.set()
@@ -714,6 +776,228 @@ def abuse_report(names, args):
     return "abuse", lines
 
 
+# The measures of --mode tls, in the order each round runs them: keep-alive HTTP/1.1 and
+# HTTP/2, full handshakes (h2load, then s_time -new), resumed handshakes (s_time -reuse).
+TLS_MEASURES = ("h1", "h2", "full", "new", "resumed")
+
+
+def machine_cpu():
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def with_cpu(target, run):
+    """run() -> a result with "count" (requests or handshakes); adds the CPU µs per one of the
+    proxy (user, system), of its Node workers, and of the load generator (the children reaped
+    meanwhile: only the load tools end during a run); and, in CPUs over the run, what the whole
+    machine used, what went to processes outside the benchmark (others' builds), and steal.
+    """
+    # Worker pids are read once: a worker that ends mid-run would otherwise count as negative.
+    workers = target.worker_pids()
+    started, machine_before = time.monotonic(), machine_cpu()
+    (user_before, sys_before), workers_before = cpu_of(target.proxy_pids()), sum(cpu_of(workers))
+    tools_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    harness_before = resource.getrusage(resource.RUSAGE_SELF)
+    result = run()
+    harness_after = resource.getrusage(resource.RUSAGE_SELF)
+    tools_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (user_after, sys_after), workers_after = cpu_of(target.proxy_pids()), sum(cpu_of(workers))
+    machine_after, wall = machine_cpu(), time.monotonic() - started
+    tools = tools_after.ru_utime - tools_before.ru_utime + tools_after.ru_stime - tools_before.ru_stime
+    harness = harness_after.ru_utime - harness_before.ru_utime + harness_after.ru_stime - harness_before.ru_stime
+    proxy = user_after - user_before + sys_after - sys_before
+    per = 1e6 / result["count"] if result["count"] else float("nan")
+    result["user_us"] = (user_after - user_before) * per
+    result["sys_us"] = (sys_after - sys_before) * per
+    result["cpu_us"] = result["user_us"] + result["sys_us"]
+    result["workers_us"] = (workers_after - workers_before) * per
+    result["client_us"] = tools * per
+    busy = machine_after[0] - machine_before[0]
+    result["busy_cpus"] = busy / wall
+    result["other_cpus"] = (busy - proxy - (workers_after - workers_before) - tools - harness) / wall
+    result["steal_cpus"] = (machine_after[1] - machine_before[1]) / wall
+    return result
+
+
+def measure_tls(target, kind, args):
+    """One measure of --mode tls on a running target."""
+    port = target.port
+    if kind == "h1":
+        def run():
+            r = run_wrk(port, args.duration, args.connections, lambda: [], scheme="https")
+            r.update(count=r["requests"], rate=r["rps"])
+            return r
+    elif kind == "h2":
+        def run():
+            return tlsload.h2_keepalive(port, args.duration, args.h2_clients, args.h2_streams)
+    elif kind == "full":
+        def run():
+            return tlsload.full_handshakes(port, args.duration, args.handshake_clients)
+    else:
+        def run():
+            return tlsload.s_time_handshakes(port, args.duration, args.s_time_processes, reuse=kind == "resumed",
+                                             ciphersuite=args.s_time_suite or None)
+    return with_cpu(target, run)
+
+
+def describe_tls(kind, r):
+    unit = "req" if kind in ("h1", "h2") else "handshake"
+    text = (f"{r['rate']:8.0f} {unit}s/s  cpu {r['user_us']:.1f}+{r['sys_us']:.1f} us/{unit} "
+            f"(workers {r['workers_us']:.1f}, load tool {r['client_us']:.1f})  machine {r['busy_cpus']:.2f} CPUs busy, "
+            f"{r['other_cpus']:.2f} outside, steal {r['steal_cpus']:.2f}  errors {r['errors']}")
+    if kind == "full":
+        text += f"  ({r['count']} in {r['runs']} h2load runs)"
+    if kind in ("new", "resumed"):
+        text += f"  (resumed {r['resumed']} of {r['count']}, {r['bytes_per_conn']:.0f} bytes read each)"
+    if r.get("tls"):
+        text += "  " + ", ".join(v for v in r["tls"].values() if v)
+    return text
+
+
+def tls_keepalive(args):
+    """nginx's idle upstream connections per worker process in --mode tls: enough for every
+    request in flight (HTTP/2 has clients x streams of them), so that nginx, like corral, does
+    not open worker connections during the run."""
+    return max(64, args.connections, args.h2_clients * args.h2_streams)
+
+
+def tls_rounds(names, args, cert):
+    """Per round: starts every target, then runs each measure on each target in turn.
+
+    All targets stay up for the whole round (idle when not measured), so one measure of one
+    target is followed by the same measure of the other within seconds; the order alternates
+    from measure to measure and from round to round. Returns {name: {kind: [results]}} and
+    nginx's worker process count, and what a default OpenSSL client (wrk) negotiated with each.
+    """
+    results = {n: {k: [] for k in TLS_MEASURES} for n in names}
+    processes = None
+    keepalive = tls_keepalive(args)
+    defaults = {}
+    for r in range(args.rounds):
+        targets = {}
+        try:
+            # corral first: nginx gets as many worker processes as corral runs shards.
+            if "corral" in names:
+                targets["corral"] = Corral(args.workers, tls=cert)
+            processes = targets["corral"].shards() if "corral" in targets else len(os.sched_getaffinity(0))
+            if "nginx" in names:
+                targets["nginx"] = Nginx(args.workers, tls=cert, processes=processes, keepalive=keepalive)
+            for name, t in targets.items():
+                run_wrk(t.port, 2, args.connections, lambda: [], scheme="https")  # warm-up: JIT, pools
+                defaults[name] = " ".join(tlsload.default_client_suite(t.port))
+            for i, kind in enumerate(TLS_MEASURES):
+                k = (r + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    result = measure_tls(targets[name], kind, args)
+                    results[name][kind].append(result)
+                    print(f"round {r + 1} {kind:>7} {name:>6}: {describe_tls(kind, result)}", file=sys.stderr,
+                          flush=True)
+        finally:
+            for t in targets.values():
+                t.stop()
+    return results, processes, defaults
+
+
+def tls_versions():
+    """rustls and aws-lc-rs as corral's Cargo.lock pins them; OpenSSL; h2load."""
+    found = []
+    try:
+        lock = (ROOT / "Cargo.lock").read_text()
+        for crate in ("rustls", "aws-lc-rs"):
+            m = re.search(rf'^name = "{re.escape(crate)}"\nversion = "([^"]+)"', lock, re.M)
+            found.append(f"{crate} {m.group(1)}" if m else crate)
+    except OSError:
+        found += ["rustls", "aws-lc-rs"]
+    # nginx -V: "built with OpenSSL X (running with OpenSSL Y)"; the clients use the system's.
+    built = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr if shutil.which("nginx") else ""
+    m = re.search(r"running with OpenSSL (\S+)", built) or re.search(r"built with OpenSSL (\S+)", built)
+    if m:
+        found.append(f"nginx with OpenSSL {m.group(1)}")
+    found.append(first_line(["openssl", "version"]) or "OpenSSL")
+    m = re.search(r"nghttp2/(\S+)", first_line(["h2load", "--version"]) or "")
+    found.append(f"h2load {m.group(1)}" if m else "h2load")
+    return ", ".join(found)
+
+
+def tls_report(names, args):
+    tmp = tempfile.mkdtemp(prefix="tls-bench-")
+    try:
+        cert = tlsload.make_cert(tmp)
+        results, processes, defaults = tls_rounds(names, args, cert)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def med(name, kind, key):
+        values = [r[key] for r in results[name][kind] if r[key] == r[key]]
+        return statistics.median(values) if values else float("nan")
+
+    def total(name, kind, key):
+        return sum(r[key] for r in results[name][kind])
+
+    command = " ".join(["python3", "benches/compare.py", *sys.argv[1:]])
+    lines = header(names, (
+        f"{tls_versions()}. The same ECDSA P-256 certificate (made by the harness with openssl) and {args.workers} "
+        f"Node hello workers per target; nginx with `worker_processes {processes}` (corral's shards), "
+        f"`ssl_protocols TLSv1.2 TLSv1.3`, HTTP/2, `ssl_session_cache shared:SSL:10m`, `ssl_session_tickets on`, "
+        f"`keepalive_requests 1000000`, upstream `keepalive {tls_keepalive(args)}`, `access_log off`. "
+        f"{args.rounds} rounds; in each, both targets run and every measure goes to one, then at once to the other (the order alternates), "
+        f"{args.duration} s each: HTTP/1.1 `wrk -t2 -c{args.connections}`; HTTP/2 `h2load -t2 -c{args.h2_clients} "
+        f"-m{args.h2_streams}`; full handshakes with h2load: `h2load --h1 -c{args.handshake_clients} "
+        f"-n{args.handshake_clients}` (a fresh client per connection, one request each) back to back in 2 parallel "
+        f"loops; full and resumed handshakes with s_time: {args.s_time_processes} parallel `openssl s_time -new` or "
+        f"`-reuse -www /`{' -ciphersuites ' + args.s_time_suite if args.s_time_suite else ''} (one HTTP/1.0 "
+        f"request per connection). CPU is the proxy's user + kernel time from /proc "
+        f"over each run, per request or per handshake. Command: `{command}`. Medians:"))
+    lines += table(
+        ["target", "HTTP/1.1 req/s", "CPU µs/req", "HTTP/2 req/s", "CPU µs/req", "full handshakes/s (h2load)",
+         "CPU µs/handshake", "full handshakes/s (s_time)", "CPU µs/handshake", "resumed handshakes/s (s_time)",
+         "CPU µs/handshake"],
+        [[TARGETS[n].name, f"{med(n, 'h1', 'rate'):.0f}", f"{med(n, 'h1', 'cpu_us'):.1f}",
+          f"{med(n, 'h2', 'rate'):.0f}", f"{med(n, 'h2', 'cpu_us'):.1f}"]
+         + [f"{med(n, k, v):.0f}" for k in ("full", "new", "resumed") for v in ("rate", "cpu_us")]
+         for n in names])
+    lines += ["", "CPU per request or handshake, µs: the proxy's split into user + kernel, its Node workers', and "
+                  "the load generator's (wrk, h2load, s_time); medians:", ""]
+    lines += table(
+        ["target", "HTTP/1.1", "HTTP/2", "full (h2load)", "full (s_time)", "resumed (s_time)"],
+        [[TARGETS[n].name] + [f"{med(n, k, 'user_us'):.1f} + {med(n, k, 'sys_us'):.1f}" for k in TLS_MEASURES]
+         for n in names]
+        + [[f"Node workers, behind {TARGETS[n].name}"] + [f"{med(n, k, 'workers_us'):.1f}" for k in TLS_MEASURES]
+           for n in names]
+        + [[f"load generator, against {TARGETS[n].name}"] + [f"{med(n, k, 'client_us'):.1f}" for k in TLS_MEASURES]
+           for n in names])
+    lines.append("")
+    if "corral" in names and "nginx" in names:
+        def ratio(kind, key):
+            """corral / nginx: the median of the rounds' ratios (each round's two runs were back to
+            back, so they shared that moment's noise), and the range."""
+            pairs = sorted(a[key] / b[key] for a, b in zip(results["corral"][kind], results["nginx"][kind]))
+            return f"{statistics.median(pairs):.2f}x ({pairs[0]:.2f}-{pairs[-1]:.2f})"
+        lines.append(f"- corral / nginx, median of the {args.rounds} rounds' ratios (lowest-highest): HTTP/1.1 req/s "
+                     f"{ratio('h1', 'rate')}, CPU per request {ratio('h1', 'cpu_us')}; HTTP/2 req/s "
+                     f"{ratio('h2', 'rate')}, CPU {ratio('h2', 'cpu_us')}; full handshakes/s with h2load "
+                     f"{ratio('full', 'rate')}, CPU per handshake {ratio('full', 'cpu_us')}; full handshakes/s with "
+                     f"s_time {ratio('new', 'rate')}, CPU {ratio('new', 'cpu_us')}; resumed handshakes/s "
+                     f"{ratio('resumed', 'rate')}, CPU {ratio('resumed', 'cpu_us')}")
+    for n in names:
+        tls = next((r["tls"] for r in results[n]["h2"] if r.get("tls")), {})
+        negotiated = ", ".join(v for v in tls.values() if v) or "unknown"
+        resumed = total(n, "resumed", "resumed") / max(total(n, "resumed", "count"), 1)
+        lines.append(f"- {TARGETS[n].name}: errors over all rounds: HTTP/1.1 {total(n, 'h1', 'errors')}, HTTP/2 "
+                     f"{total(n, 'h2', 'errors')}, full handshakes (h2load) {total(n, 'full', 'errors')}; "
+                     f"{resumed * 100:.1f}% of `s_time -reuse` connections resumed; h2load negotiated {negotiated}; "
+                     f"an OpenSSL client with default settings (wrk) {defaults.get(n, 'unknown')}")
+    every = [r for n in names for k in TLS_MEASURES for r in results[n][k]]
+    other = sorted(r["other_cpus"] for r in every)
+    lines.append(f"- noise: during the {len(every)} measured runs the machine was busy "
+                 f"{statistics.median(r['busy_cpus'] for r in every):.2f} of {os.cpu_count()} CPUs (median); "
+                 f"processes outside the benchmark used {statistics.median(other):.2f} CPUs (median, largest "
+                 f"{other[-1]:.2f}); steal {statistics.median(r['steal_cpus'] for r in every):.2f} CPUs (median)")
+    return "tls", lines
+
+
 def write_readme(section, lines):
     """Replaces the text between this section's markers in README.md."""
     readme = ROOT / "README.md"
@@ -736,7 +1020,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--targets", help="default direct,corral,nginx,haproxy,pm2 (corral,nginx,haproxy in abuse mode)")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
-    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time", "abuse"], default="throughput")
+    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time", "abuse", "tls"], default="throughput")
     ap.add_argument("--reload-every", type=float, default=3.0)
     ap.add_argument("--reload-duration", type=int, default=30)
     ap.add_argument("--slowloris", type=int, default=200, help="abuse mode: slowloris connections kept open")
@@ -744,6 +1028,14 @@ def main():
     ap.add_argument("--header-timeout", type=int, default=10, help="abuse mode: every proxy's request-head timeout, s")
     ap.add_argument("--nofile", type=int, default=1024,
                     help="abuse mode: the proxies' soft fd limit (hard limit kept); 0 inherits the harness's")
+    ap.add_argument("--h2-clients", type=int, default=16, help="tls mode: h2load connections for HTTP/2 (-c)")
+    ap.add_argument("--h2-streams", type=int, default=10, help="tls mode: h2load streams per connection (-m)")
+    ap.add_argument("--handshake-clients", type=int, default=32,
+                    help="tls mode: connections of each `h2load -c N -n N` run for full handshakes")
+    ap.add_argument("--s-time-processes", type=int, default=8,
+                    help="tls mode: parallel `openssl s_time -new` / `-reuse` processes")
+    ap.add_argument("--s-time-suite", default="TLS_AES_128_GCM_SHA256",
+                    help="tls mode: the TLS 1.3 suite s_time offers (h2load's choice; '' for s_time's default order)")
     ap.add_argument("--worker", choices=["hello", "hello-body"],
                     help="the worker script in benches/ (default hello; hello-body in abuse mode)")
     ap.add_argument("--corral", type=Path, help="the corral binary (default $CORRAL_BIN, else "
@@ -753,7 +1045,14 @@ def main():
     if args.duration is None:
         args.duration = 15 if args.mode == "abuse" else 10
     if args.targets is None:
-        args.targets = "corral,nginx,haproxy" if args.mode == "abuse" else "direct,corral,nginx,haproxy,pm2"
+        args.targets = {"abuse": "corral,nginx,haproxy", "tls": "corral,nginx"}.get(args.mode,
+                                                                                   "direct,corral,nginx,haproxy,pm2")
+    if args.mode == "tls":
+        if set(args.targets.split(",")) - {"corral", "nginx"}:
+            sys.exit("--mode tls measures corral and nginx only")
+        for tool in ("h2load", "openssl"):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is needed for --mode tls (apt-get install nghttp2-client openssl)")
     if not 0 < args.slowloris <= 2000 or not 0 < args.uploads_per_s <= 2000:
         sys.exit("--slowloris and --uploads-per-s must be between 1 and 2000")
     if args.worker is None:
@@ -787,6 +1086,8 @@ def main():
         section, lines = reload_time_report(args)
     elif args.mode == "abuse":
         section, lines = abuse_report(names, args)
+    elif args.mode == "tls":
+        section, lines = tls_report(names, args)
     else:
         section, lines = throughput_report(names, args)
     print("\n" + "\n".join(lines))
