@@ -216,6 +216,12 @@ fn sni_picks_the_certificate_whose_names_match_and_others_get_cert() -> TestResu
         let out = s_client(corral.addr, &["-servername", name, "-CAfile", &ca_file], b"")?;
         assert_eq!(presented_cn(&out).as_deref(), Some(cn), "SNI {name}:\n{out}");
     }
+    // A client sending an IP address as the server name (wrk does) cannot flood the log.
+    for _ in 0..5 {
+        let out = s_client(corral.addr, &["-servername", "127.0.0.1", "-CAfile", &ca_file], b"")?;
+        assert_eq!(presented_cn(&out).as_deref(), Some("localhost"));
+    }
+    assert!(!corral.logs().contains("SNI"), "{}", corral.logs());
     let out = curl_https(
         &ca,
         "x.b.test",

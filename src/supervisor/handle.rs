@@ -123,7 +123,11 @@ impl Handle {
     }
 
     /// The last `lines` lines of output of `app`'s workers (or every app's), oldest first.
-    pub async fn logs(&self, app: Option<String>, lines: usize) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
+    pub async fn logs(
+        &self,
+        app: Option<String>,
+        lines: usize,
+    ) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
         self.ask(|reply| Command::Logs { app, lines, reply }).await?
     }
 

@@ -231,7 +231,11 @@ impl Supervisor {
     }
 
     /// The last `lines` lines of `app`'s workers (of every app for `None`), oldest first.
-    fn recent_output(&self, app: Option<&str>, lines: usize) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
+    fn recent_output(
+        &self,
+        app: Option<&str>,
+        lines: usize,
+    ) -> Result<Vec<crate::logs::recent::LogLine>, CommandError> {
         if let Some(name) = app {
             return Ok(self.apps[self.app_named(name)?].recent.last(lines));
         }

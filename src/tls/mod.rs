@@ -20,6 +20,10 @@
 //! resume by ticket under keys corral owns ([`tickets`]), so a self-upgrade can hand them over,
 //! and by a per-shard session cache for TLS 1.2 clients without tickets.
 //!
+//! rustls is built without its `logging` feature: it would log a warning for things any
+//! client controls (an IP address sent as the server name, on every handshake), a log flood
+//! anyone could cause. Handshake failures are logged by the listener, at debug level.
+//!
 //! Why aws-lc-rs as the provider and not ring: it is rustls's default, it has the
 //! assembly-optimised P-256 and X25519 paths the handshake benchmark measures, and it brings
 //! the AEAD used for corral's own ticket keys; it builds with the C compiler the machine
