@@ -131,6 +131,30 @@ pub struct AppConfig {
     pub default_host: bool,
     /// `max-age` of the Strict-Transport-Security header on TLS responses. Default: none.
     pub hsts: Option<Duration>,
+    /// `access_log`, `access_log_format`: one line per response, rotated like the worker logs
+    /// (`log_max_size`, `log_retain`). Default: none.
+    pub access_log: Option<AccessLog>,
+    /// `request_id`: keep a valid incoming `X-Request-Id` or make one, pass it to the worker,
+    /// return it to the client and log it. Default: true.
+    pub request_id: bool,
+}
+
+/// Where an app's access log goes, and in which format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// The file (absolute; relative paths in the file are relative to the config file).
+    pub path: PathBuf,
+    /// `access_log_format`. Default: combined.
+    pub format: AccessLogFormat,
+}
+
+/// `access_log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// Apache/nginx "combined", with duration, worker slot and request id appended.
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[admin]`: the admin listener.

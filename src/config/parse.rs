@@ -17,7 +17,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::table::{Lines, Report, Table};
 use super::values::*;
-use super::{AdminConfig, AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky};
+use super::{
+    AccessLog, AccessLogFormat, AdminConfig, AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky,
+};
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
 /// plain "not supported yet" instead of "unknown key".
@@ -73,6 +75,9 @@ pub(super) const APP_KEYS: &[&str] = &[
     "hosts",
     "default",
     "hsts",
+    "access_log",
+    "access_log_format",
+    "request_id",
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
@@ -255,6 +260,9 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let hosts = t.optional("hosts", r, super::tls::read_hosts).unwrap_or_default();
     let default_host = t.optional("default", r, read_bool).unwrap_or(false);
     let hsts = t.optional("hsts", r, super::tls::read_hsts);
+    let access_log_path = t.optional("access_log", r, read_string).map(|p| base.join(p));
+    let access_log_format = t.optional("access_log_format", r, read_access_log_format);
+    let request_id = t.optional("request_id", r, read_bool).unwrap_or(true);
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);
 
@@ -275,6 +283,25 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
             format!("{}listen: needed by tls, http_redirect and hosts", ctx(&name)),
         );
     }
+    if access_log_path.is_some() && listen.is_none() {
+        r.at(
+            table_span.clone(),
+            format!(
+                "{}access_log: needs listen (an app without it serves no requests)",
+                ctx(&name)
+            ),
+        );
+    }
+    if access_log_format.is_some() && access_log_path.is_none() {
+        r.at(
+            table_span.clone(),
+            format!("{}access_log_format: needs access_log", ctx(&name)),
+        );
+    }
+    let access_log = access_log_path.map(|path| AccessLog {
+        path,
+        format: access_log_format.unwrap_or(AccessLogFormat::Combined),
+    });
 
     if !cwd.is_dir() {
         r.at(
@@ -321,6 +348,8 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         hosts,
         default_host,
         hsts,
+        access_log,
+        request_id,
     })
 }
 

@@ -11,7 +11,7 @@ use toml::de::DeValue;
 
 use super::table::type_name;
 use super::units::{parse_duration, parse_size, DURATION_HINT, SIZE_HINT};
-use super::{Balance, HealthCheck, Instances, Network, RunAs, Sticky};
+use super::{AccessLogFormat, Balance, HealthCheck, Instances, Network, RunAs, Sticky};
 
 /// An account named by a name or a number: looked up with `by_name` or `by_id`; `what` is
 /// "user" or "group", for the messages.
@@ -94,6 +94,16 @@ pub(super) fn read_balance(v: &DeValue<'_>) -> Result<Balance, String> {
         "least_conn" => Ok(Balance::LeastConn),
         other => Err(format!(
             "{other:?} is not a balancing method: \"round_robin\" or \"least_conn\""
+        )),
+    }
+}
+
+pub(super) fn read_access_log_format(v: &DeValue<'_>) -> Result<AccessLogFormat, String> {
+    match read_string(v)?.as_str() {
+        "combined" => Ok(AccessLogFormat::Combined),
+        "json" => Ok(AccessLogFormat::Json),
+        other => Err(format!(
+            "{other:?} is not an access log format: \"combined\" or \"json\""
         )),
     }
 }
