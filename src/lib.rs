@@ -48,6 +48,8 @@ pub mod limits;
 pub mod listener;
 // tracing setup and worker output capture.
 pub mod logs;
+// Prometheus metrics: shard-local request counters summed at scrape time, worker gauges.
+pub mod metrics;
 // systemd's notify protocol (`Type=notify` units).
 pub mod notify;
 // The HTTP proxy service.

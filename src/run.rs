@@ -28,7 +28,9 @@ use crate::config::Config;
 use crate::control::{ControlError, ControlSocket};
 use crate::listener::redirect::Redirect;
 use crate::listener::{self, Admission, Front, ListenError, PerIp};
+use crate::logs::access::AccessLogs;
 use crate::logs::OutputSink;
+use crate::metrics::Registry;
 use crate::proxy::Proxy;
 use crate::shards::Shards;
 use crate::signals::{Intent, Signals};
@@ -60,6 +62,9 @@ pub enum RunError {
     /// The system gave no randomness for the TLS ticket keys.
     #[error("cannot make TLS session ticket keys: the system has no randomness to give")]
     Random,
+    /// The access log's writer thread could not be started.
+    #[error("cannot start the access log writer: {0}")]
+    AccessLog(std::io::Error),
     /// A second stop signal arrived; workers were killed without waiting.
     #[error("stopped by a second {0}: workers were killed without draining")]
     Forced(&'static str),
@@ -94,6 +99,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             None => None,
         });
     }
+    // The meters: one per app and shard for the request path, summed at scrape time.
+    let tls_addresses: Vec<std::net::SocketAddr> = addresses
+        .iter()
+        .filter(|(_, apps)| config.apps[apps[0]].tls.is_some())
+        .map(|(addr, _)| *addr)
+        .collect();
+    let metrics = Arc::new(Registry::new(
+        config.apps.iter().map(|a| (a.name.as_str(), a.listen.is_some())),
+        &tls_addresses,
+        shards.len(),
+    ));
+    let access_logs = AccessLogs::start(&config, &metrics).map_err(RunError::AccessLog)?;
     let control = ControlSocket::bind(&config.path).await?;
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
@@ -113,9 +130,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .with_state_file(state_file.clone())
         .with_certs(certs.clone())
         .with_events(Arc::clone(&events))
-        .with_leftovers(leftovers);
+        .with_leftovers(leftovers)
+        .with_metrics(Arc::clone(&metrics));
 
     let shutdown = CancellationToken::new();
+    tokio::spawn(Arc::clone(&metrics).sample_every(handle.clone(), shutdown.child_token()));
+    if access_logs.is_some() {
+        for runtime in shards.handles() {
+            runtime.spawn(crate::logs::access::flush_every(shutdown.child_token()));
+        }
+    }
     // Bound before anything is served, so a taken admin address fails the start.
     let admin = match &config.admin {
         Some(admin) => Some(Admin::bind(admin, handle.clone(), shutdown.clone(), Arc::clone(&events)).await?),
@@ -151,10 +175,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .apps
         .iter()
         .zip(&balancers)
-        .map(|(app, balancer)| {
-            balancer
-                .as_ref()
-                .map(|b| Arc::new(Proxy::new(app.name.clone(), Arc::clone(b), &app.http).with_hsts(app.hsts)))
+        .enumerate()
+        .map(|(index, (app, balancer))| {
+            balancer.as_ref().map(|b| {
+                let proxy = Proxy::new(app.name.clone(), Arc::clone(b), &app.http)
+                    .with_hsts(app.hsts)
+                    .with_request_id(app.request_id)
+                    .with_access_log(access_logs.as_ref().and_then(|logs| logs.log(index)));
+                Arc::new(proxy)
+            })
         })
         .collect();
     for ((addr, apps), socket) in addresses.iter().zip(sockets) {
@@ -189,6 +218,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 addr: *addr,
                 names: Arc::clone(&names),
                 sites: sites.clone(),
+                meters: apps
+                    .iter()
+                    .map(|&i| metrics.shard(i, shard).expect("UNWRAP: an app on an address listens"))
+                    .collect(),
+                tls_meter: metrics.listen(*addr, shard),
             });
             let tls = resolver
                 .as_ref()
@@ -283,6 +317,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
         info!("connections drained");
+        if let Some(logs) = &access_logs {
+            logs.finish(shards.handles()).await;
+        }
         if handle.shutdown().await.is_err() {
             error!("the supervisor ended before the stop; workers may need a manual check");
         }

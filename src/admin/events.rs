@@ -105,6 +105,20 @@ pub enum Reason {
     Stop,
 }
 
+impl Reason {
+    /// The name, as in the events' JSON and the restart metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Crash => "crash",
+            Reason::Memory => "memory",
+            Reason::Health => "health",
+            Reason::Reload => "reload",
+            Reason::Scale => "scale",
+            Reason::Stop => "stop",
+        }
+    }
+}
+
 /// One event, as it is logged and sent.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

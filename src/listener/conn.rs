@@ -27,7 +27,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::HttpLimits;
+use crate::metrics::{Handshake, ListenMeter, Open, ShardMeter};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
@@ -63,7 +64,7 @@ pub const H2_PING: Duration = Duration::from_secs(30);
 /// ... and closed when the ping is not answered within this.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The apps served on one address.
+/// The apps served on one address, as one shard sees them.
 #[derive(Debug)]
 pub struct Front {
     /// The address.
@@ -72,18 +73,58 @@ pub struct Front {
     pub names: Arc<Names>,
     /// The apps' proxies, indexed like `names`' sites.
     pub sites: Vec<Arc<Proxy>>,
+    /// This shard's meters of the apps, indexed like `sites`: only this shard writes them.
+    pub meters: Vec<Arc<ShardMeter>>,
+    /// This shard's TLS handshake counters of the address (TLS addresses).
+    pub tls_meter: Option<Arc<ListenMeter>>,
 }
 
 impl Front {
     /// Sends `req` to the app its `Host` (or `:authority`) names. On TLS, `sni` is the app the
     /// handshake's server name picked (`None` without a server name); a request for another
-    /// app is 421, so the client retries on a connection of its own.
+    /// app is 421, so the client retries on a connection of its own. On an address several
+    /// apps share, the connection is counted open for the app of its first request (unless
+    /// the handshake already chose one).
     async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
         sni: Option<Option<usize>>,
+        watch: &Watch,
     ) -> Response<ProxyBody> {
+        let (site, misdirected) = self.route(&req, sni);
+        if watch.open.get().is_none() {
+            watch.open.get_or_init(|| self.meters[site].connection());
+        }
+        let refused = misdirected.map(|why| ProxyError::Refused {
+            status: StatusCode::MISDIRECTED_REQUEST,
+            why,
+        });
+        self.answer(site, req, peer, refused).await
+    }
+
+    /// Sends `req` to the proxy of `site`, or has it answered with `refused`.
+    pub(super) async fn answer(
+        &self,
+        site: usize,
+        req: Request<Incoming>,
+        peer: Peer,
+        refused: Option<ProxyError>,
+    ) -> Response<ProxyBody> {
+        let proxy = Arc::clone(&self.sites[site]);
+        match proxy.serve(req, peer, &self.meters[site], refused).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The app `req` goes to, and why it is refused with 421 if it is. A request no app
+    /// claims is counted (and logged) by the address's default app, else its first.
+    pub(super) fn route(&self, req: &Request<Incoming>, sni: Option<Option<usize>>) -> (usize, Option<&'static str>) {
+        if self.sites.len() == 1 {
+            // The only app takes every name (and every SNI picked it).
+            return (0, None);
+        }
         let authority = match req.uri().authority() {
             Some(authority) => Some(authority.as_str()),
             None => req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()),
@@ -92,24 +133,15 @@ impl Front {
             Some(authority) => self.names.pick(host_name(authority)),
             None => sni.flatten().or(self.names.pick_sni(None)),
         };
-        let misdirected = match (site, sni) {
-            (None, _) => Some("no app on this address serves this host"),
+        match (site, sni) {
+            (None, _) => (
+                self.names.pick_sni(None).unwrap_or_default(),
+                Some("no app on this address serves this host"),
+            ),
             (Some(site), Some(Some(by_sni))) if site != by_sni => {
-                Some("this connection was made for another host: open a new one")
+                (site, Some("this connection was made for another host: open a new one"))
             }
-            _ => None,
-        };
-        if let Some(why) = misdirected {
-            return ProxyError::Refused {
-                status: StatusCode::MISDIRECTED_REQUEST,
-                why,
-            }
-            .into_response();
-        }
-        let proxy = Arc::clone(&self.sites[site.unwrap_or_default()]);
-        match proxy.serve(req, peer).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+            (Some(site), _) => (site, None),
         }
     }
 }
@@ -150,13 +182,26 @@ impl Protocols {
 }
 
 /// What one connection's requests tell its task: that the first request head arrived, and
-/// whether the client cancels most of its streams.
+/// whether the client cancels most of its streams; and for which app it is counted open.
 #[derive(Debug, Default)]
-struct Watch {
+pub(super) struct Watch {
     first: AtomicBool,
     streams: AtomicU32,
     cancelled: AtomicU32,
     abusive: Notify,
+    /// Counts the connection open for its app until the connection (and so this) is gone.
+    open: OnceLock<Open>,
+}
+
+impl Watch {
+    /// A watch for a connection to `front`, counted open at once when the address has one app.
+    fn new(front: &Front) -> Arc<Watch> {
+        let watch = Arc::new(Watch::default());
+        if let [meter] = &front.meters[..] {
+            watch.open.get_or_init(|| meter.connection());
+        }
+        watch
+    }
 }
 
 /// Counts a stream as cancelled unless its response was produced.
@@ -238,7 +283,7 @@ fn service(
                 answered: false,
             };
             let h2 = req.version() == http::Version::HTTP_2;
-            let mut response = front.serve(req, peer, sni).await;
+            let mut response = front.serve(req, peer, sni, &watch).await;
             if h2 {
                 // Connection-specific fields do not exist in HTTP/2 (RFC 9113 §8.2.2).
                 response.headers_mut().remove(http::header::CONNECTION);
@@ -259,7 +304,7 @@ pub(super) async fn plain(
     stop: CancellationToken,
     max_head: usize,
 ) {
-    let watch = Arc::new(Watch::default());
+    let watch = Watch::new(&front);
     let addr = peer.addr;
     let service = service(&front, peer, None, &watch);
     let io = TokioIo::new(FramingGuard::new(stream, max_head));
@@ -281,7 +326,16 @@ pub(super) async fn tls(
     max_head: usize,
 ) {
     let addr = peer.addr;
-    let mut stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    let watch = Watch::new(&front);
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
+    if let Some(meter) = &front.tls_meter {
+        meter.handshake(match &handshake {
+            Ok(Ok(_)) => Handshake::Ok,
+            Ok(Err(_)) => Handshake::Failed,
+            Err(_) => Handshake::Timeout,
+        });
+    }
+    let mut stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return debug!(peer = %addr, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(peer = %addr, "TLS handshake not done within header_read_timeout"),
@@ -294,7 +348,9 @@ pub(super) async fn tls(
         return;
     }
     let sni = Some(session.server_name().and_then(|name| front.names.pick(name)));
-    let watch = Arc::new(Watch::default());
+    if let Some(Some(site)) = sni {
+        watch.open.get_or_init(|| front.meters[site].connection());
+    }
     let service = service(&front, peer, sni, &watch);
     if alpn.as_deref() == Some(b"h2") {
         let conn = protocols.h2.serve_connection(TokioIo::new(stream), service);

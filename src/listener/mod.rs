@@ -144,20 +144,27 @@ async fn sweep_idle(front: Arc<Front>, shutdown: CancellationToken) {
 }
 
 /// Answers every request of a connection over `max_connections_per_ip` with 503, then closes.
+/// The answers count, and are logged, as the app's the request named.
 async fn refuse(
     stream: tokio::net::TcpStream,
     http: hyper::server::conn::http1::Builder,
+    front: Arc<Front>,
+    peer: Peer,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let service = service_fn(|_req| async {
-        let mut response = ProxyError::Exhausted {
-            reason: "max_connections_per_ip".into(),
+    let service = service_fn(move |req| {
+        let (front, peer) = (Arc::clone(&front), peer.clone());
+        async move {
+            let (site, _) = front.route(&req, None);
+            let refused = ProxyError::Exhausted {
+                reason: "max_connections_per_ip".into(),
+            };
+            let mut response = front.answer(site, req, peer, Some(refused)).await;
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            Ok::<_, std::convert::Infallible>(response)
         }
-        .into_response();
-        response
-            .headers_mut()
-            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        Ok::<_, std::convert::Infallible>(response)
     });
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         debug!(error = %e, "refused connection ended with an error");
@@ -260,21 +267,6 @@ pub async fn serve(
 
     while let Some((slot, stream, peer)) = gate.next(&listener, &shutdown).await {
         let accepted_at = tokio::time::Instant::now();
-        let ip_slot = match &admission.per_ip {
-            None => None,
-            Some(table) => match table.admit(peer.ip().to_canonical()) {
-                Some(ip_slot) => Some(ip_slot),
-                // Over TLS a plain 503 would be noise to the client: the connection is closed.
-                None if acceptor.is_some() => continue,
-                None => {
-                    connections.spawn(refuse(stream, protocols.h1.clone(), slot));
-                    continue;
-                }
-            },
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(%peer, error = %e, "TCP_NODELAY failed");
-        }
         // The address the client reached (only a wildcard listen address needs asking).
         let local = if addr.ip().is_unspecified() {
             stream.local_addr().unwrap_or(addr)
@@ -282,6 +274,21 @@ pub async fn serve(
             addr
         };
         let client = Peer::new(peer, local, acceptor.is_some());
+        let ip_slot = match &admission.per_ip {
+            None => None,
+            Some(table) => match table.admit(peer.ip().to_canonical()) {
+                Some(ip_slot) => Some(ip_slot),
+                // Over TLS a plain 503 would be noise to the client: the connection is closed.
+                None if acceptor.is_some() => continue,
+                None => {
+                    connections.spawn(refuse(stream, protocols.h1.clone(), Arc::clone(&front), client, slot));
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "TCP_NODELAY failed");
+        }
         let (front, protocols, stop) = (Arc::clone(&front), protocols.clone(), shutdown.clone());
         let max_head = limits.max_header_size;
         let acceptor = acceptor.clone();

@@ -50,18 +50,51 @@ pub struct Writers {
 impl Writers {
     /// Appends `line` to `file`, rotating first if it has reached its size.
     pub fn write(&mut self, file: &LogFile, line: &str) {
-        if let Err(e) = self.try_write(file, line) {
+        self.write_bytes(file, line.as_bytes());
+    }
+
+    /// Appends a batch of whole lines (each ending in a newline) to `file`, rotating between
+    /// two lines whenever the file has reached its size, as if they were written one by one
+    /// (a line is never split over two files). False if some could not be written.
+    pub fn write_lines(&mut self, file: &LogFile, mut lines: &[u8]) -> bool {
+        while !lines.is_empty() {
+            let take = match file.max_size {
+                None => lines.len(),
+                Some(max) => {
+                    let size = self.open.get(&file.path).map_or(0, |(_, size)| *size);
+                    let room = usize::try_from(max.saturating_sub(size)).unwrap_or(usize::MAX);
+                    let first = lines.iter().position(|&b| b == b'\n').map_or(lines.len(), |i| i + 1);
+                    if room >= lines.len() {
+                        lines.len()
+                    } else {
+                        // The lines that fit, or (like a single write) the first one anyway.
+                        lines[..room].iter().rposition(|&b| b == b'\n').map_or(first, |i| i + 1)
+                    }
+                }
+            };
+            if !self.write_bytes(file, &lines[..take]) {
+                return false;
+            }
+            lines = &lines[take..];
+        }
+        true
+    }
+
+    fn write_bytes(&mut self, file: &LogFile, bytes: &[u8]) -> bool {
+        if let Err(e) = self.try_write(file, bytes) {
             let message = e.to_string();
             // Say it once per file and cause, not once per line.
             if self.failed.get(&file.path) != Some(&message) {
-                tracing::error!(path = %file.path.display(), error = %message, "cannot write worker log file");
+                tracing::error!(path = %file.path.display(), error = %message, "cannot write log file");
                 self.failed.insert(file.path.clone(), message);
             }
             self.open.remove(&file.path);
+            return false;
         }
+        true
     }
 
-    fn try_write(&mut self, file: &LogFile, line: &str) -> std::io::Result<()> {
+    fn try_write(&mut self, file: &LogFile, line: &[u8]) -> std::io::Result<()> {
         if !self.open.contains_key(&file.path) {
             if let Some(dir) = file.path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -80,7 +113,7 @@ impl Writers {
             self.open.insert(file.path.clone(), (handle, 0));
         }
         let (handle, size) = self.open.get_mut(&file.path).expect("UNWRAP: opened above");
-        handle.write_all(line.as_bytes())?;
+        handle.write_all(line)?;
         *size += line.len() as u64;
         self.failed.remove(&file.path);
         Ok(())
@@ -149,7 +182,7 @@ pub fn timestamp(format: &str, now: SystemTime) -> String {
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -190,6 +223,41 @@ mod tests {
             slot_path(Path::new("/l/web-out.log"), 2, true),
             Path::new("/l/web-out.log")
         );
+    }
+
+    #[test]
+    fn batches_rotate_between_lines_as_single_lines_would() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = LogFile {
+            path: dir.path().join("access.log"),
+            max_size: Some(100),
+            retain: 100,
+        };
+        let mut writers = Writers::default();
+        let mut next = 0;
+        for batch in [1, 7, 30, 2, 50] {
+            let mut lines = String::new();
+            for _ in 0..batch {
+                lines.push_str(&format!("request {next:04} {}\n", "x".repeat(next % 20)));
+                next += 1;
+            }
+            assert!(writers.write_lines(&file, lines.as_bytes()));
+        }
+        let mut numbers = Vec::new();
+        for n in (1..100).rev() {
+            let Ok(text) = std::fs::read_to_string(dir.path().join(format!("access.log.{n}"))) else {
+                continue;
+            };
+            // A file holds whole lines, and no more than one line past the size.
+            assert!(text.ends_with('\n'), "{text:?}");
+            assert!(text.len() < 100 + 40, "{}", text.len());
+            numbers.extend(text.lines().map(|l| l[8..12].parse::<u32>().expect("number")));
+        }
+        let current = std::fs::read_to_string(&file.path)?;
+        numbers.extend(current.lines().map(|l| l[8..12].parse::<u32>().expect("number")));
+        assert_eq!(numbers, (0..90).collect::<Vec<u32>>());
+        assert!(dir.path().join("access.log.5").exists());
+        Ok(())
     }
 
     #[test]

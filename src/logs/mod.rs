@@ -10,8 +10,9 @@
 //! different workers are never interleaved mid-line. The last lines of each worker are also
 //! kept in memory ([`OutputTail`]) so a worker that fails can be reported with what it said.
 //! With `out_file` / `error_file`, lines go to those files instead, timestamped, rotated by
-//! size ([`files`]).
+//! size ([`files`]). The per-app access logs ([`access`]) have a writer thread of their own.
 
+pub mod access;
 pub mod files;
 pub mod recent;
 pub mod tail;

@@ -1,4 +1,9 @@
 //! The response body corral sends: a worker's body streamed through, or a short message of its own.
+//!
+//! The body is also where a response ends, for the books: it counts the bytes hyper took from
+//! it, holds the request's in-flight count ([`Flight`]), and writes its access log line
+//! ([`Pending`]) when it is dropped, which hyper does once the last frame has been written or
+//! the client has gone away.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,10 +15,25 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::upstream::ResponseBody;
 use crate::balancer::InFlight;
+use crate::logs::access::Pending;
+use crate::metrics::Flight;
 
 /// A response body: streamed from a worker, or a message from corral.
 #[derive(Debug)]
-pub enum ProxyBody {
+pub struct ProxyBody {
+    kind: Kind,
+    /// Body bytes handed to hyper so far.
+    sent: u64,
+    /// The slot of the worker that answered, if one did.
+    slot: Option<usize>,
+    /// Counts the request in flight on its shard until the body is dropped.
+    flight: Option<Flight>,
+    /// The access log line, written when the body is dropped.
+    log: Option<Box<Pending>>,
+}
+
+#[derive(Debug)]
+enum Kind {
     /// The worker's body, frame by frame as it arrives. The guard keeps the request counted
     /// in flight until the body ends or the client goes away (the body is dropped).
     Upstream {
@@ -33,12 +53,39 @@ pub enum ProxyBody {
 impl ProxyBody {
     /// Streams `body` while holding `guard`.
     pub fn upstream(body: ResponseBody, guard: InFlight) -> ProxyBody {
-        ProxyBody::Upstream { body, guard, cut: None }
+        let slot = Some(guard.upstream().slot);
+        ProxyBody::of(Kind::Upstream { body, guard, cut: None }, slot)
     }
 
     /// A body of corral's own.
     pub fn message(text: impl Into<Bytes>) -> ProxyBody {
-        ProxyBody::Message(Some(text.into()))
+        ProxyBody::of(Kind::Message(Some(text.into())), None)
+    }
+
+    /// The empty body of a `101` from the worker in `slot` (the tunnel carries the rest).
+    pub fn switched(slot: usize) -> ProxyBody {
+        ProxyBody::of(Kind::Message(Some(Bytes::new())), Some(slot))
+    }
+
+    fn of(kind: Kind, slot: Option<usize>) -> ProxyBody {
+        ProxyBody {
+            kind,
+            sent: 0,
+            slot,
+            flight: None,
+            log: None,
+        }
+    }
+
+    /// Holds `flight` until the body ends, and writes `log` then.
+    pub fn track(&mut self, flight: Flight, log: Option<Box<Pending>>) {
+        self.flight = Some(flight);
+        self.log = log;
+    }
+
+    /// The slot of the worker that answered.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
     }
 }
 
@@ -47,40 +94,49 @@ impl Body for ProxyBody {
     type Error = std::io::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream { body, guard, cut } => {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Upstream { body, guard, cut } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                     if frame.is_none() {
                         if let Some(conn) = body.take_reusable() {
                             guard.upstream().pool.put(conn);
                         }
                     }
-                    return Poll::Ready(frame);
-                }
-                let cut = cut.get_or_insert_with(|| Box::pin(guard.upstream().cut.clone().cancelled_owned()));
-                match cut.as_mut().poll(cx) {
-                    // The worker is being retired and its drain time is up: end the body here.
-                    // A chunked stream (SSE) ends cleanly; a body with a Content-Length is cut
-                    // short, which the client sees as an error, as it should.
-                    Poll::Ready(()) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
+                    frame
+                } else {
+                    let cut = cut.get_or_insert_with(|| Box::pin(guard.upstream().cut.clone().cancelled_owned()));
+                    match cut.as_mut().poll(cx) {
+                        // The worker is being retired and its drain time is up: end the body
+                        // here. A chunked stream (SSE) ends cleanly; a body with a
+                        // Content-Length is cut short, which the client sees as an error, as it
+                        // should.
+                        Poll::Ready(()) => None,
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
             }
-            ProxyBody::Message(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+            Kind::Message(text) => text.take().map(|t| Ok(Frame::data(t))),
+        };
+        if let Some(Ok(frame)) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.sent += data.len() as u64;
+            }
         }
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Message(text) => text.is_none(),
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Message(text) => text.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Message(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Message(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
         }
     }
 }
@@ -88,10 +144,13 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         // Bodies hyper never polls (HEAD, 204, 304) end here; their connection is reusable.
-        if let ProxyBody::Upstream { body, guard, .. } = self {
+        if let Kind::Upstream { body, guard, .. } = &mut self.kind {
             if let Some(conn) = body.take_reusable() {
                 guard.upstream().pool.put(conn);
             }
+        }
+        if let Some(log) = self.log.take() {
+            log.finish(self.sent, self.slot);
         }
     }
 }

@@ -162,7 +162,10 @@ pub fn valid_host(value: &[u8]) -> bool {
 
 /// The request head for the worker. `host`: from [`check`]; `trusted`: the peer is one of the
 /// app's `trusted_proxies`; `upgrade`: the protocol the client asked to switch to (its
-/// `Connection: upgrade` and `Upgrade` are restored); `framing`: how the body follows.
+/// `Connection: upgrade` and `Upgrade` are restored); `framing`: how the body follows;
+/// `request_id`: the request's `X-Request-Id` (with `request_id = true`), which replaces any
+/// the client sent.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_request(
     head: &Parts,
     peer: &Peer,
@@ -170,6 +173,7 @@ pub fn encode_request(
     trusted: bool,
     upgrade: Option<&HeaderValue>,
     framing: Framing,
+    request_id: Option<&HeaderValue>,
 ) -> Vec<u8> {
     let headers = &head.headers;
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -207,6 +211,7 @@ pub fn encode_request(
             || is_for_a_proxy(name)
             || (*name == header::EXPECT && value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
             || listed.as_ref().is_some_and(|l| l.contains(name))
+            || (request_id.is_some() && *name == super::request_id::X_REQUEST_ID)
         {
             continue;
         }
@@ -246,6 +251,9 @@ pub fn encode_request(
     }
     if !kept_host {
         field(&mut out, b"x-forwarded-host", host.as_bytes());
+    }
+    if let Some(id) = request_id {
+        field(&mut out, b"x-request-id", id.as_bytes());
     }
     if let Some(protocol) = upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -346,7 +354,7 @@ mod tests {
         let peer = peer(from);
         let host = check(&parts, &peer).expect("accepted");
         let upgrade = upgrade.map(|u| HeaderValue::from_str(u).expect("value"));
-        let head = encode_request(&parts, &peer, &host, trusted, upgrade.as_ref(), framing);
+        let head = encode_request(&parts, &peer, &host, trusted, upgrade.as_ref(), framing, None);
         String::from_utf8(head).expect("text")
     }
 
@@ -381,6 +389,45 @@ mod tests {
             head,
             "GET /p?q=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\nx-forwarded-for: 10.0.0.9\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_request_id_replaces_whatever_the_client_sent() {
+        let parts = parts(
+            "GET",
+            "/",
+            Version::HTTP_11,
+            &[("host", "h"), ("x-request-id", "from client"), ("x-request-id", "two")],
+        );
+        let peer = peer("10.0.0.1:1");
+        let id = HeaderValue::from_static("abc-0-1");
+        let head = encode_request(
+            &parts,
+            &peer,
+            &HeaderValue::from_static("h"),
+            false,
+            None,
+            Framing::None,
+            Some(&id),
+        );
+        let head = String::from_utf8(head).expect("text");
+        assert_eq!(head.matches("x-request-id").count(), 1, "{head}");
+        assert!(head.contains("x-request-id: abc-0-1\r\n"), "{head}");
+        // Without request_id the client's fields pass as they are.
+        let head = encode_request(
+            &parts,
+            &peer,
+            &HeaderValue::from_static("h"),
+            false,
+            None,
+            Framing::None,
+            None,
+        );
+        let head = String::from_utf8(head).expect("text");
+        assert!(
+            head.contains("x-request-id: from client\r\nx-request-id: two\r\n"),
+            "{head}"
         );
     }
 
@@ -504,6 +551,7 @@ mod tests {
             false,
             None,
             Framing::None,
+            None,
         );
         let head = String::from_utf8(head).expect("text");
         assert!(head.starts_with("GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\n"), "{head}");

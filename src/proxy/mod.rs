@@ -19,6 +19,12 @@
 //! that cannot finish, is closed, and nothing waits for `upstream_timeout`. Running out of file
 //! descriptors while connecting to a worker is a 503 and never marks the worker down.
 //!
+//! The books of each response: its status code and time to the response head go to the
+//! shard's [`ShardMeter`] (time from the request head's arrival to the worker's response head,
+//! or corral's own answer), it counts in flight until its body ends, and with `access_log` the
+//! body writes its line when it is dropped ([`crate::logs::access`]). With `request_id`, the
+//! request's id ([`request_id`]) goes to the worker and comes back on the response.
+//!
 //! The proxy owns no worker state. It learns about workers only through the pool snapshots the
 //! supervisor publishes.
 
@@ -28,6 +34,7 @@ pub mod forward;
 pub mod framing;
 mod h1;
 pub mod pool;
+pub mod request_id;
 pub mod tunnel;
 pub mod upload;
 pub mod upstream;
@@ -35,7 +42,6 @@ pub mod upstream;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +51,8 @@ use tracing::{debug, warn};
 use crate::balancer::sticky::{self, CookieSigner};
 use crate::balancer::{Balancer, InFlight};
 use crate::config::{HttpLimits, Sticky};
+use crate::logs::access::{AccessLog, Pending};
+use crate::metrics::ShardMeter;
 use body::ProxyBody;
 use error::ProxyError;
 use forward::Framing;
@@ -68,6 +76,10 @@ pub struct Proxy {
     cookies: CookieSigner,
     /// `Strict-Transport-Security` for responses over TLS (`hsts`).
     hsts: Option<http::HeaderValue>,
+    /// `request_id`: an `X-Request-Id` for every request, to the worker and back.
+    request_id: bool,
+    /// `access_log`: one line per response.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Proxy {
@@ -88,7 +100,21 @@ impl Proxy {
             tunnels: TaskTracker::new(),
             cookies,
             hsts: None,
+            request_id: true,
+            access_log: None,
         }
+    }
+
+    /// Gives every request an `X-Request-Id` (`request_id`, on by default) or not.
+    pub fn with_request_id(mut self, on: bool) -> Proxy {
+        self.request_id = on;
+        self
+    }
+
+    /// Writes a line per response to `log`.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Proxy {
+        self.access_log = log;
+        self
     }
 
     /// Sends `Strict-Transport-Security: max-age=<max_age>` on every response over TLS
@@ -119,21 +145,53 @@ impl Proxy {
         &self.balancer
     }
 
-    /// Answers one request from `peer`. Never fails: errors become 502/503/504 responses.
-    pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, Infallible> {
+    /// Answers one request from `peer`, or with `refused` when corral already knows its answer
+    /// (a 421, a 503 over `max_connections_per_ip`). Never fails: errors become 4xx/5xx
+    /// responses. `meter` is this app's meter of the calling shard.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        meter: &Arc<ShardMeter>,
+        refused: Option<ProxyError>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let arrived = std::time::Instant::now();
+        let flight = meter.in_flight();
+        let id = self.request_id.then(|| request_id::pick(req.headers()));
+        let log = self
+            .access_log
+            .as_ref()
+            .map(|log| Box::new(Pending::new(log, &req, &peer, arrived, id.clone())));
         let hsts = if peer.tls { self.hsts.clone() } else { None };
-        let mut response = self.handle(req, peer).await;
+        let mut response = match refused {
+            Some(error) => error.into_response(),
+            None => self.handle(req, peer, id.as_ref(), meter).await,
+        };
+        let status = response.status().as_u16();
+        meter.answered(status, arrived.elapsed());
+        let headers = response.headers_mut();
         if let Some(hsts) = hsts {
-            response
-                .headers_mut()
-                .entry(http::header::STRICT_TRANSPORT_SECURITY)
-                .or_insert(hsts);
+            headers.entry(http::header::STRICT_TRANSPORT_SECURITY).or_insert(hsts);
         }
+        if let Some(id) = id {
+            headers.insert(&request_id::X_REQUEST_ID, id);
+        }
+        let log = log.map(|mut log| {
+            log.status = status;
+            log
+        });
+        response.body_mut().track(flight, log);
         Ok(response)
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
-        match self.forward(req, peer).await {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        id: Option<&http::HeaderValue>,
+        meter: &ShardMeter,
+    ) -> Response<ProxyBody> {
+        match self.forward(req, peer, id, meter).await {
             Ok(response) => response,
             Err(e) => {
                 if e.is_upstream() {
@@ -146,7 +204,13 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: Peer,
+        id: Option<&http::HeaderValue>,
+        meter: &ShardMeter,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (head, body) = req.into_parts();
         let host = forward::check(&head, &peer)?;
@@ -178,8 +242,15 @@ impl Proxy {
             (routing.sticky, affinity, trusted)
         });
         // Encoded once: a retry sends the same bytes.
-        let mut encoded =
-            forward::encode_request(&head, &peer, &host, trusted, upgrade.as_ref().map(|(p, _)| p), framing);
+        let mut encoded = forward::encode_request(
+            &head,
+            &peer,
+            &host,
+            trusted,
+            upgrade.as_ref().map(|(p, _)| p),
+            framing,
+            id,
+        );
         if let (UpstreamBody::Stream(incoming), Framing::Length(length)) = (&mut body, framing) {
             if length <= self.limits.client_body_buffer_size {
                 encoded.reserve(usize::try_from(length).unwrap_or(0));
@@ -210,6 +281,7 @@ impl Proxy {
                     }
                     Err(e) => {
                         // Nothing was sent: any request may go to another worker.
+                        meter.connect_failed();
                         self.balancer.report_unreachable(upstream);
                         tried.push(upstream.id);
                         last_error = ProxyError::Connect {
@@ -281,6 +353,7 @@ impl Proxy {
             if let Some(protocol) = parts.headers.get(http::header::UPGRADE).cloned() {
                 tunnel::restore(&mut parts.headers, protocol);
             }
+            let slot = guard.upstream().slot;
             if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
                 self.tunnels.spawn(tunnel::splice(
                     client,
@@ -291,7 +364,7 @@ impl Proxy {
                     self.tunnel_idle,
                 ));
             }
-            return Response::from_parts(parts, ProxyBody::message(Bytes::new()));
+            return Response::from_parts(parts, ProxyBody::switched(slot));
         }
         let slot = guard.upstream().slot;
         if sticky_mode == Sticky::Cookie && affinity != Some(slot) {

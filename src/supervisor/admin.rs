@@ -113,7 +113,8 @@ impl Supervisor {
         let apps = self
             .apps
             .iter()
-            .map(|app| {
+            .enumerate()
+            .map(|(index, app)| {
                 let mut workers: Vec<WorkerStatus> = app
                     .workers
                     .iter()
@@ -158,6 +159,7 @@ impl Supervisor {
                     }
                 }
                 workers.sort_by_key(|w| (w.slot, w.generation, w.id));
+                let recent = self.metrics.as_ref().map(|m| m.recent(index)).unwrap_or_default();
                 AppStatus {
                     name: app.config.name.clone(),
                     listen: app.config.listen.map(|a| a.to_string()),
@@ -165,6 +167,10 @@ impl Supervisor {
                     ready: workers.iter().filter(|w| w.state == "online").count(),
                     tls: app.certs.as_ref().map(|c| c.status()),
                     workers,
+                    req_per_sec: recent.req_per_sec,
+                    p99_ms: recent.p99_ms,
+                    restarts_by_reason: app.counts.restarts(),
+                    reloads: app.counts.reloads(),
                 }
             })
             .collect();

@@ -133,6 +133,7 @@ impl Supervisor {
         match self.spawn_worker(app, slot, spec, generation) {
             Ok(new) => {
                 self.replacing.insert(new, id);
+                self.apps[app].counts.restarted(reason);
             }
             Err(e) => error!(app = %self.apps[app].config.name, slot, "cannot start a replacement worker: {e}"),
         }

@@ -161,6 +161,7 @@ impl Supervisor {
             ) {
                 AfterExit::Restart(delay) => {
                     slot.restarts += 1;
+                    app.counts.restarted(crate::admin::events::Reason::Crash);
                     error!(app = %app.config.name, slot = slot_index, "cannot start worker: {reason}; retrying in {delay:?}");
                     self.after(
                         delay,

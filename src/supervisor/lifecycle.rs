@@ -205,6 +205,9 @@ impl Supervisor {
                     .reason(reason)
                     .message(format!("restart {} in {} ms", slot.restarts, delay.as_millis()));
                 self.feed.emit(draft);
+                // Counted by the reason of the exit event (crash, or health for a worker that
+                // was never ready or kept refusing connections).
+                self.apps[app_index].counts.restarted(reason);
                 self.after(
                     delay,
                     Event::RestartDue {

@@ -109,6 +109,8 @@ struct App {
     slots: Vec<Slot>,
     workers: Vec<Worker>,
     announced: bool,
+    /// Restarts by reason and reloads by result, for status and metrics.
+    counts: status::Counts,
 }
 
 #[derive(Default)]
@@ -147,6 +149,8 @@ pub struct Supervisor {
     feed: Arc<crate::admin::events::Events>,
     /// Processes of a killed earlier run stopped at start.
     leftovers: usize,
+    /// The proxy's counters, for the last minute's rates in `status`.
+    metrics: Option<Arc<crate::metrics::Registry>>,
 }
 
 impl Supervisor {
@@ -169,6 +173,7 @@ impl Supervisor {
                     slots: (0..instances).map(|_| Slot::default()).collect(),
                     workers: Vec::new(),
                     announced: false,
+                    counts: status::Counts::default(),
                 }
             })
             .collect();
@@ -198,6 +203,7 @@ impl Supervisor {
             admin: config.admin.clone(),
             feed: Arc::default(),
             leftovers: 0,
+            metrics: None,
         };
         (supervisor, Handle { tx })
     }
@@ -248,6 +254,12 @@ impl Supervisor {
     /// Emits a lifecycle event.
     fn emit(&self, draft: crate::admin::events::Draft) {
         self.feed.emit(draft);
+    }
+
+    /// Reads the last minute's request rates and p99 from `metrics` for `status`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Registry>) -> Supervisor {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The apps' certificate stores (one entry per app, `Some` with `[app.tls]`).

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::status::ReloadOutcome;
+use super::status::{ReloadOutcome, ReloadResult};
 use super::worker::{StopReason, WorkerState};
 use super::{CommandError, ErrorCode, Outcome, Supervisor};
 use crate::admin::events::{Draft, Events, Kind, Reason};
@@ -105,22 +105,17 @@ impl Supervisor {
         progress: mpsc::UnboundedSender<String>,
         reply: oneshot::Sender<Outcome>,
     ) {
-        let feed = Arc::clone(&self.feed);
-        let refuse = |reply: oneshot::Sender<Outcome>, code: ErrorCode, why: String| {
-            error!("reload refused: {why}");
-            feed.emit(Draft::global(Kind::ReloadFailed).message(format!("refused: {why}")));
-            let _client_gone = reply.send(Err(CommandError::new(code, why)));
-        };
         if let Some(run) = &self.reload {
-            return refuse(reply, ErrorCode::Busy, format!("a reload is already running (started {:.1?} ago); this one was not queued: try again when it has finished", run.started.elapsed()));
+            let why = format!("a reload is already running (started {:.1?} ago); this one was not queued: try again when it has finished", run.started.elapsed());
+            return self.refuse_reload(only.as_deref(), reply, ErrorCode::Busy, why);
         }
         if self.stopping.is_some() {
-            return refuse(reply, ErrorCode::Stopping, "corral is stopping".into());
+            return self.refuse_reload(only.as_deref(), reply, ErrorCode::Stopping, "corral is stopping".into());
         }
         let config = if reread {
             match self.fresh_config(only.as_deref()) {
                 Ok(config) => config,
-                Err((code, why)) => return refuse(reply, code, why),
+                Err((code, why)) => return self.refuse_reload(only.as_deref(), reply, code, why),
             }
         } else {
             // A restart: the same configs again, as they run now.
@@ -135,11 +130,8 @@ impl Supervisor {
             .filter(|&i| only.as_deref().is_none_or(|name| self.apps[i].config.name == name))
             .collect();
         if queue.is_empty() {
-            return refuse(
-                reply,
-                ErrorCode::NoSuchApp,
-                format!("there is no app named {:?}", only.unwrap_or_default()),
-            );
+            let why = format!("there is no app named {:?}", only.as_deref().unwrap_or_default());
+            return self.refuse_reload(only.as_deref(), reply, ErrorCode::NoSuchApp, why);
         }
         let run = ReloadRun {
             config,
@@ -166,6 +158,22 @@ impl Supervisor {
         self.reload = Some(run);
         crate::notify::reloading();
         self.next_phase();
+    }
+
+    /// Answers a reload request with why nothing was done; every app it was for counts a
+    /// refused reload.
+    fn refuse_reload(&mut self, only: Option<&str>, reply: oneshot::Sender<Outcome>, code: ErrorCode, why: String) {
+        for app in self
+            .apps
+            .iter_mut()
+            .filter(|a| only.is_none_or(|name| a.config.name == name))
+        {
+            app.counts.reloaded(ReloadResult::Refused);
+        }
+        error!("reload refused: {why}");
+        self.feed
+            .emit(Draft::global(Kind::ReloadFailed).message(format!("refused: {why}")));
+        let _client_gone = reply.send(Err(CommandError::new(code, why)));
     }
 
     /// The config file, read and checked against what a reload can change; its certificates
@@ -455,6 +463,9 @@ impl Supervisor {
         phase.retiring.extend(leftovers);
         phase.committed = true;
         let state = &mut self.apps[app];
+        for _ in &phase.candidates {
+            state.counts.restarted(Reason::Reload);
+        }
         state.config = Arc::clone(&phase.spec);
         state.instances = phase.instances;
         state.generation = generation;
@@ -506,6 +517,7 @@ impl Supervisor {
             return;
         }
         let name = phase.spec.name.clone();
+        self.apps[phase.app].counts.reloaded(ReloadResult::Ok);
         say(&run.progress, &self.feed, format!("{name}: old workers stopped"));
         run.done.push(name);
         run.phase = None;
@@ -543,6 +555,7 @@ impl Supervisor {
         crate::notify::ready();
         if let Some(phase) = run.phase.take().filter(|p| !p.committed) {
             let app = phase.app;
+            self.apps[app].counts.reloaded(ReloadResult::RolledBack);
             for id in &phase.candidates {
                 let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) else {
                     continue;

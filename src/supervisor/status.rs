@@ -1,6 +1,10 @@
 //! What `corral status` shows: a serialisable snapshot of the supervisor's table.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::admin::events::Reason;
 
 /// The whole running instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +55,91 @@ pub struct AppStatus {
     pub tls: Option<crate::tls::CertStatus>,
     /// One entry per worker, or per empty slot waiting for a restart.
     pub workers: Vec<WorkerStatus>,
+    /// Responses per second over the last minute (proxied apps; see [`crate::metrics`]).
+    #[serde(default)]
+    pub req_per_sec: Option<f64>,
+    /// 99th percentile time to first byte over the last minute, milliseconds; none without a
+    /// response in that minute.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
+    /// Workers started in place of another since corral started, by reason: `crash`,
+    /// `memory`, `health`, `reload` (the event reasons a worker is replaced for; `scale` and
+    /// `stop` end workers without a restart).
+    #[serde(default)]
+    pub restarts_by_reason: BTreeMap<String, u64>,
+    /// Rolling reloads of this app since corral started, by result: `ok`, `rolled_back` (a
+    /// new worker failed; the old ones kept serving), `refused` (nothing was started: invalid
+    /// config, another reload running, corral stopping).
+    #[serde(default)]
+    pub reloads: BTreeMap<String, u64>,
+}
+
+/// How a reload of one app ended, for `corral_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// Every slot runs the new generation.
+    Ok,
+    /// A new worker failed; the old ones serve on.
+    RolledBack,
+    /// Nothing was started.
+    Refused,
+}
+
+impl ReloadResult {
+    /// Every result, in label order.
+    pub const ALL: [ReloadResult; 3] = [ReloadResult::Ok, ReloadResult::RolledBack, ReloadResult::Refused];
+
+    /// The label: `ok`, `rolled_back`, `refused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::RolledBack => "rolled_back",
+            ReloadResult::Refused => "refused",
+        }
+    }
+}
+
+/// The reasons a worker is replaced for by a new one in its slot: the `reason` label of
+/// `corral_worker_restarts_total` and the keys of `restarts_by_reason`.
+pub const RESTARTS: [Reason; 4] = [Reason::Crash, Reason::Memory, Reason::Health, Reason::Reload];
+
+/// Per-app counts of restarts by reason and reloads by result, kept by the supervisor.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    restarts: [u64; RESTARTS.len()],
+    reloads: [u64; ReloadResult::ALL.len()],
+}
+
+impl Counts {
+    /// A worker was started in place of another for `reason` (scale and stop count nothing).
+    pub fn restarted(&mut self, reason: Reason) {
+        if let Some(i) = RESTARTS.iter().position(|r| *r == reason) {
+            self.restarts[i] += 1;
+        }
+    }
+
+    /// A reload of the app ended so.
+    pub fn reloaded(&mut self, result: ReloadResult) {
+        self.reloads[result as usize] += 1;
+    }
+
+    /// The restarts, every reason named (zeros included, so the series exist from the start).
+    pub fn restarts(&self) -> BTreeMap<String, u64> {
+        RESTARTS
+            .iter()
+            .zip(self.restarts)
+            .map(|(r, n)| (r.as_str().to_owned(), n))
+            .collect()
+    }
+
+    /// The reloads, every result named.
+    pub fn reloads(&self) -> BTreeMap<String, u64> {
+        ReloadResult::ALL
+            .iter()
+            .zip(self.reloads)
+            .map(|(r, n)| (r.as_str().to_owned(), n))
+            .collect()
+    }
 }
 
 /// One worker (or an empty slot).
