@@ -122,29 +122,16 @@ impl Admin {
 
     /// Serves until `stop` fires.
     pub async fn serve(self, stop: CancellationToken) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let addr = self
+            .listener
+            .local_addr()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+        let mut gate = crate::listener::Gate::new(addr, MAX_CONNECTIONS);
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10))
             .max_buf_size(16 * 1024);
-        loop {
-            let slot = tokio::select! {
-                _ = stop.cancelled() => return,
-                slot = Arc::clone(&slots).acquire_owned() => slot.expect("UNWRAP: the semaphore is never closed"),
-            };
-            let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        debug!(error = %e, "admin accept failed");
-                        if crate::limits::is_exhausted(&e) {
-                            tokio::time::sleep(crate::listener::ACCEPT_BACKOFF).await;
-                        }
-                        continue;
-                    }
-                },
-            };
+        while let Some((slot, stream, peer)) = gate.next(&self.listener, &stop).await {
             let state = Arc::clone(&self.state);
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
@@ -154,15 +141,7 @@ impl Admin {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
+                if let Err(e) = crate::listener::until_done(conn, |c| c.graceful_shutdown(), stop).await {
                     debug!(%peer, error = %e, "admin connection ended with an error");
                 }
             });

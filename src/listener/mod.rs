@@ -183,8 +183,25 @@ fn probe_addr(addr: SocketAddr) -> SocketAddr {
     probe
 }
 
+/// Drives a plain HTTP/1.1 connection to its end; when `stop` fires it finishes the request in
+/// flight (hyper's graceful shutdown) and closes.
+pub(crate) async fn until_done<C: std::future::Future<Output = Result<(), hyper::Error>>>(
+    conn: C,
+    graceful: fn(std::pin::Pin<&mut C>),
+    stop: CancellationToken,
+) -> Result<(), hyper::Error> {
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stop.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
 /// One shard's way in: a connection slot (its share of `max_connections`), then a connection.
-pub(super) struct Gate {
+pub(crate) struct Gate {
     addr: SocketAddr,
     per_shard: usize,
     slots: Arc<tokio::sync::Semaphore>,
@@ -193,7 +210,7 @@ pub(super) struct Gate {
 }
 
 impl Gate {
-    pub(super) fn new(addr: SocketAddr, per_shard: usize) -> Gate {
+    pub(crate) fn new(addr: SocketAddr, per_shard: usize) -> Gate {
         Gate {
             addr,
             per_shard,
@@ -205,7 +222,7 @@ impl Gate {
 
     /// The next connection with its slot, or `None` once `shutdown` fires. At the limit it
     /// waits for a slot (clients queue in the backlog); out of fds it backs off.
-    pub(super) async fn next(
+    pub(crate) async fn next(
         &mut self,
         listener: &TcpListener,
         shutdown: &CancellationToken,

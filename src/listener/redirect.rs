@@ -125,15 +125,7 @@ pub async fn serve(
         let stop = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = super::until_done(conn, |c| c.graceful_shutdown(), stop).await {
                 debug!(%peer, error = %e, "redirect connection ended with an error");
             }
         });

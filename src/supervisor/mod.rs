@@ -39,6 +39,7 @@ mod lifecycle;
 mod policy;
 mod probe;
 mod reload;
+mod reread;
 mod spawn;
 pub mod status;
 mod worker;

@@ -30,14 +30,13 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::status::{ReloadOutcome, ReloadResult};
 use super::worker::{StopReason, WorkerState};
 use super::{CommandError, ErrorCode, Outcome, Supervisor};
 use crate::admin::events::{Draft, Events, Kind, Reason};
-use crate::config::{AppConfig, Config, Tls};
-use crate::tls::CertTable;
+use crate::config::{AppConfig, Config};
 
 /// A reload in progress.
 pub(super) struct ReloadRun {
@@ -174,112 +173,6 @@ impl Supervisor {
         self.feed
             .emit(Draft::global(Kind::ReloadFailed).message(format!("refused: {why}")));
         let _client_gone = reply.send(Err(CommandError::new(code, why)));
-    }
-
-    /// The config file, read and checked against what a reload can change; its certificates
-    /// are loaded and swapped in.
-    fn fresh_config(&self, only: Option<&str>) -> Result<Config, (ErrorCode, String)> {
-        let config = match Config::load(&self.config_path) {
-            Ok(config) => config,
-            Err(e) => {
-                return Err((
-                    ErrorCode::InvalidConfig,
-                    format!("{e}\nnothing was changed: the running workers keep serving"),
-                ))
-            }
-        };
-        if let Err(why) = self.compatible(&config) {
-            return Err((
-                ErrorCode::InvalidConfig,
-                format!("{why}\nnothing was changed: the running workers keep serving"),
-            ));
-        }
-        for warning in &config.warnings {
-            warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);
-        }
-        if let Err(why) = self.reload_certificates(&config, only) {
-            return Err((
-                ErrorCode::InvalidConfig,
-                format!("{why}\nnothing was changed: the running workers and certificates keep serving"),
-            ));
-        }
-        Ok(config)
-    }
-
-    /// Re-reads the certificate files of every app (or `only` that one) with `[app.tls]`: all
-    /// are loaded and checked first, then swapped in together, so one broken file changes
-    /// nothing. New handshakes get the new certificates; open connections keep theirs.
-    fn reload_certificates(&self, config: &Config, only: Option<&str>) -> Result<(), String> {
-        let mut loaded = Vec::new();
-        for app in self
-            .apps
-            .iter()
-            .filter(|a| only.is_none_or(|name| a.config.name == name))
-        {
-            let (Some(store), Some(Tls::Files { main, extra })) =
-                (&app.certs, config.app(&app.config.name).and_then(|a| a.tls.as_ref()))
-            else {
-                continue;
-            };
-            let table = CertTable::load(main, extra).map_err(|e| format!("app {:?}: tls.{e}", app.config.name))?;
-            loaded.push((&app.config.name, store, table));
-        }
-        for (name, store, table) in loaded {
-            let subject = table.main().leaf.subject.clone();
-            store.replace(table);
-            info!(app = %name, %subject, "certificates re-read");
-        }
-        Ok(())
-    }
-
-    /// What a reload cannot change without a restart.
-    fn compatible(&self, config: &Config) -> Result<(), String> {
-        if config.admin != self.admin {
-            return Err(
-                "[admin] changed: the admin listener is bound once, so a change needs a restart of corral".into(),
-            );
-        }
-        let old: Vec<&str> = self.apps.iter().map(|a| a.config.name.as_str()).collect();
-        let new: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
-        if old.iter().collect::<HashSet<_>>() != new.iter().collect::<HashSet<_>>() {
-            return Err(format!("the config now has apps {new:?} instead of {old:?}: adding or removing an app needs a restart of corral"));
-        }
-        for app in &self.apps {
-            let fresh = config.app(&app.config.name).map(|a| a.listen);
-            if fresh != Some(app.config.listen) {
-                let show = |l: Option<std::net::SocketAddr>| l.map_or_else(|| "none".to_owned(), |a| a.to_string());
-                return Err(format!(
-                    "app {:?}: listen changed from {} to {}: the public socket is bound once and kept across reloads, so a new address needs a restart of corral",
-                    app.config.name,
-                    show(app.config.listen),
-                    show(fresh.flatten())
-                ));
-            }
-            if let Some(fresh) = config.app(&app.config.name) {
-                let old = &app.config;
-                let edge = |a: &crate::config::AppConfig| {
-                    let acme = match &a.tls {
-                        Some(Tls::Acme(acme)) => Some(acme.clone()),
-                        _ => None,
-                    };
-                    (
-                        a.tls.is_some(),
-                        acme,
-                        a.http_redirect,
-                        a.hosts.clone(),
-                        a.default_host,
-                        a.hsts,
-                    )
-                };
-                if edge(old) != edge(fresh) {
-                    return Err(format!(
-                        "app {:?}: tls on/off, [app.tls.acme], http_redirect, hosts, default or hsts changed: these shape the public listeners, which are kept across reloads, so they need a restart of corral (certificate files are re-read by a reload)",
-                        app.config.name
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 
     fn next_phase(&mut self) {
