@@ -223,6 +223,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     .map(|&i| metrics.shard(i, shard).expect("UNWRAP: an app on an address listens"))
                     .collect(),
                 tls_meter: metrics.listen(*addr, shard),
+                budget: Arc::new(tokio::sync::Semaphore::new(admission.per_shard)),
             });
             let tls = resolver
                 .as_ref()

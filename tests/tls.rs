@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 
-use support::tls::{h2, read_to_end, Ca, Issued};
+use support::tls::{read_to_end, tls_key, Ca, Issued};
 use support::{poll_until, Corral, Options, PortHold, TestResult, DEADLINE};
 
 fn curl(args: &[&str]) -> std::io::Result<Output> {
@@ -35,21 +35,13 @@ fn text(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn tls_key(issued: &Issued) -> String {
-    format!("tls = {{ cert = {:?}, key = {:?} }}", issued.cert, issued.key)
-}
-
 /// corral with `[app.tls]` for `localhost` (and any extra keys), its CA and its files.
 fn https(keys: &[&str]) -> Result<(Corral, tempfile::TempDir, Ca, Issued), Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let ca = Ca::new(dir.path())?;
-    let issued = ca.issue(dir.path(), "site", &["localhost"])?;
-    let mut options = Options::default().key(&tls_key(&issued));
+    let mut options = Options::default();
     for key in keys {
         options = options.key(key);
     }
-    let corral = Corral::start(options)?;
-    Ok((corral, dir, ca, issued))
+    support::tls::https(options)
 }
 
 /// `openssl s_client` against `addr` with `args`, stdin `input`; its stdout.
@@ -403,139 +395,6 @@ fn one_deadline_covers_the_handshake_and_the_first_request_head() -> TestResult 
     let rest = read_to_end(&mut idle);
     assert!(rest.len() < 1024, "only the server's settings, then the close");
     Ok(())
-}
-
-#[test]
-fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
-    let (_corral, _dir, _ca, mut conn, authority) = h2_connection()?;
-    conn.write_all(&h2::get(
-        1,
-        &authority,
-        "/headers",
-        &[("cookie", "a=1"), ("cookie", "b=2")],
-    ))?;
-    let body = h2::body_of(&mut conn, 1).ok_or("no response to stream 1")?;
-    let seen: serde_json::Value = serde_json::from_slice(&body)?;
-    assert_eq!(seen["cookie"], "a=1; b=2", "{seen}");
-    assert_eq!(seen["host"], authority);
-
-    conn.write_all(&h2::get(3, &authority, "/headers", &[("host", "elsewhere.test")]))?;
-    let body = h2::body_of(&mut conn, 3).ok_or("no response to stream 3")?;
-    assert!(
-        String::from_utf8_lossy(&body).contains("Host differs from :authority"),
-        "{body:?}"
-    );
-    Ok(())
-}
-
-/// corral over TLS and an HTTP/2 connection to it, preface sent; and the `:authority` to use.
-type H2Setup = (Corral, tempfile::TempDir, Ca, support::tls::Tls, String);
-
-fn h2_connection() -> Result<H2Setup, Box<dyn std::error::Error>> {
-    let (corral, dir, ca, _) = https(&[])?;
-    let authority = format!("localhost:{}", corral.addr.port());
-    let mut conn = ca.connect(corral.addr, "localhost", &[b"h2"])?;
-    conn.write_all(&h2::preface())?;
-    Ok((corral, dir, ca, conn, authority))
-}
-
-/// Reads frames until GOAWAY or the end of the connection; true if either came.
-fn closed_by_server(conn: &mut support::tls::Tls) -> bool {
-    loop {
-        match h2::read_frame(conn) {
-            None => return true,
-            Some((h2::GOAWAY, ..)) => return true,
-            Some(_) => {}
-        }
-    }
-}
-
-#[test]
-fn a_rapid_reset_flood_closes_the_connection_and_corral_keeps_serving() -> TestResult {
-    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
-    let mut flood = Vec::new();
-    for i in 0..2000u32 {
-        let stream = 2 * i + 1;
-        flood.extend(h2::get(stream, &authority, "/slow?ms=500", &[]));
-        flood.extend(h2::frame(h2::RST_STREAM, 0, stream, &8u32.to_be_bytes()));
-        if flood.len() > 32 * 1024 {
-            if conn.write_all(&flood).is_err() {
-                break;
-            }
-            flood.clear();
-        }
-    }
-    let _ = conn.write_all(&flood);
-    // Without a defence the connection would stay open, answering nothing: the read would
-    // time out (30 s) instead of seeing GOAWAY or the close.
-    conn.sock.set_read_timeout(Some(DEADLINE))?;
-    assert!(closed_by_server(&mut conn), "the connection survived the flood");
-    assert_serves(&ca, &corral)
-}
-
-#[test]
-fn cancelling_streams_once_they_reached_the_workers_is_caught_too() -> TestResult {
-    // The h2 crate only counts streams reset before the server took them; this client waits
-    // until its requests are in flight at the workers, then cancels them, round after round.
-    let (corral, _dir, _ca, mut conn, authority) = h2_connection()?;
-    let mut next = 1u32;
-    let mut closed = false;
-    for _round in 0..4 {
-        let streams: Vec<u32> = (0..100).map(|i| next + 2 * i).collect();
-        next += 200;
-        let mut batch = Vec::new();
-        for &stream in &streams {
-            batch.extend(h2::get(stream, &authority, "/slow?ms=20000", &[]));
-        }
-        if conn.write_all(&batch).is_err() {
-            closed = true;
-            break;
-        }
-        poll_until(DEADLINE, "100 requests in flight at the workers", || {
-            (corral.total("in_flight")? >= 100).then_some(())
-        })?;
-        let resets: Vec<u8> = streams
-            .iter()
-            .flat_map(|&s| h2::frame(h2::RST_STREAM, 0, s, &8u32.to_be_bytes()))
-            .collect();
-        if conn.write_all(&resets).is_err() {
-            closed = true;
-            break;
-        }
-        poll_until(DEADLINE, "the cancelled requests to leave the workers", || {
-            (corral.total("in_flight")? == 0).then_some(())
-        })?;
-    }
-    conn.sock.set_read_timeout(Some(DEADLINE))?;
-    assert!(closed || closed_by_server(&mut conn), "the connection survived");
-    assert!(corral.logs().contains("rapid reset"), "{}", corral.logs());
-    Ok(())
-}
-
-#[test]
-fn a_continuation_flood_is_cut_off_long_before_it_ends() -> TestResult {
-    let (corral, _dir, ca, mut conn, authority) = h2_connection()?;
-    let start = h2::block(&[
-        (":method", "GET"),
-        (":scheme", "https"),
-        (":authority", &authority),
-        (":path", "/"),
-    ]);
-    conn.write_all(&h2::frame(h2::HEADERS, 0, 1, &start))?;
-    let value = "a".repeat(100);
-    let junk = h2::block(&[("x-junk", value.as_str()); 140]);
-    let (mut sent, mut refused) = (0usize, false);
-    // 16 MiB of header block, 250 times max_header_size: the server must stop reading it.
-    while sent < 16 << 20 {
-        if conn.write_all(&h2::frame(h2::CONTINUATION, 0, 1, &junk)).is_err() {
-            refused = true;
-            break;
-        }
-        sent += junk.len();
-    }
-    conn.sock.set_read_timeout(Some(DEADLINE))?;
-    assert!(refused || closed_by_server(&mut conn), "all {sent} bytes were taken in");
-    assert_serves(&ca, &corral)
 }
 
 #[test]

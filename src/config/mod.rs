@@ -350,6 +350,9 @@ pub struct HttpLimits {
     /// A tunnel (WebSocket) with no byte in either direction for this long is closed.
     /// Default: none (a half-closed tunnel still ends 60 s after its first half closed).
     pub tunnel_idle_timeout: Option<Duration>,
+    /// A connection whose client takes no byte of a response for this long is closed, with
+    /// every worker connection its responses held (nginx's `send_timeout`). Default 60 s.
+    pub send_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -365,6 +368,7 @@ impl Default for HttpLimits {
             max_connections: None,
             max_connections_per_ip: None,
             tunnel_idle_timeout: None,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

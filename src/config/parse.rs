@@ -70,6 +70,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_ip",
     "tunnel_idle_timeout",
+    "send_timeout",
     "tls",
     "http_redirect",
     "hosts",
@@ -252,6 +253,9 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         max_connections: t.optional("max_connections", r, |v| read_count(v, 1, 100_000_000)),
         max_connections_per_ip: t.optional("max_connections_per_ip", r, |v| read_count(v, 1, 100_000_000)),
         tunnel_idle_timeout: t.optional("tunnel_idle_timeout", r, read_positive_duration),
+        send_timeout: t
+            .optional("send_timeout", r, read_positive_duration)
+            .unwrap_or(defaults.send_timeout),
     };
     let tls = t
         .take("tls")

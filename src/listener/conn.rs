@@ -5,19 +5,22 @@
 //! of the first request head, the handshake included, so a client that handshakes slowly or
 //! never sends a request holds its slot no longer than one that sends its head slowly. After
 //! the first request, hyper's own timer closes HTTP/1.1 connections idle for
-//! `header_read_timeout`; HTTP/2 connections are pinged every [`H2_PING`] and closed when a
-//! ping goes unanswered for [`H2_PING_TIMEOUT`].
+//! `header_read_timeout`; an HTTP/2 connection with no open stream for as long gets GOAWAY
+//! (hyper has no idle timer for HTTP/2), and one whose client stops answering pings (every
+//! [`H2_PING`]) is closed after [`H2_PING_TIMEOUT`]. On both, a client that takes no byte of
+//! its responses for `send_timeout` is dropped ([`crate::proxy::client`]).
 //!
 //! HTTP/2 limits, chosen on purpose: at most [`H2_MAX_STREAMS`] concurrent streams (nginx's
-//! 128), a header list no larger than `max_header_size` (the same limit as HTTP/1.1, which also
+//! 128), of which at most [`crate::proxy::client::H2_WORKER_CONNS`] hold a worker connection at
+//! once; a header list no larger than `max_header_size` (the same limit as HTTP/1.1, which also
 //! bounds a CONTINUATION flood: the h2 crate stops decoding a header block past it and answers
-//! with an error), at most [`H2_PENDING_RESETS`] streams reset by the client before the proxy
+//! with an error); at most [`H2_PENDING_RESETS`] streams reset by the client before the proxy
 //! saw them. Rapid reset (CVE-2023-44487) is the attack where a client opens and cancels
 //! streams as fast as it can, so the concurrency limit never holds while each stream still
 //! costs the server work (here: a request to a worker). corral counts, per connection, the
-//! streams the client cancels before their response head; past [`RESET_LIMIT`] such streams
-//! making up more than half of the connection's streams, the connection gets GOAWAY and is
-//! closed, and its address is logged. A browser that cancels a few navigations never gets near.
+//! streams the client cancels before their response head, in a token bucket
+//! ([`crate::proxy::client`]); when it runs dry the connection gets GOAWAY and is closed, and
+//! its address is logged.
 //!
 //! WebSocket stays on HTTP/1.1: corral does not announce extended CONNECT (RFC 8441) on HTTP/2,
 //! so browsers open their WebSocket on a connection of its own, negotiated as `http/1.1`.
@@ -26,7 +29,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -37,11 +40,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
 use crate::metrics::{Handshake, ListenMeter, Open, ShardMeter};
@@ -49,16 +52,14 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
 use crate::proxy::framing::FramingGuard;
-use crate::proxy::Proxy;
+use crate::proxy::client::{Client, Stall};
+use crate::proxy::{Proxy, Via};
 use crate::sites::{host_name, Names};
 
 /// Concurrent streams one HTTP/2 connection may have.
 pub const H2_MAX_STREAMS: u32 = 128;
 /// Streams the client may reset before the server accepted them (the h2 crate's guard).
 pub const H2_PENDING_RESETS: usize = 20;
-/// Streams cancelled by the client before their response, after which a connection where
-/// they are most of the traffic is closed (rapid reset).
-pub const RESET_LIMIT: u32 = 100;
 /// An idle HTTP/2 connection is pinged this often...
 pub const H2_PING: Duration = Duration::from_secs(30);
 /// ... and closed when the ping is not answered within this.
@@ -77,6 +78,8 @@ pub struct Front {
     pub meters: Vec<Arc<ShardMeter>>,
     /// This shard's TLS handshake counters of the address (TLS addresses).
     pub tls_meter: Option<Arc<ListenMeter>>,
+    /// This shard's budget of worker connections for the address's apps.
+    pub budget: Arc<Semaphore>,
 }
 
 impl Front {
@@ -100,7 +103,7 @@ impl Front {
             status: StatusCode::MISDIRECTED_REQUEST,
             why,
         });
-        self.answer(site, req, peer, refused).await
+        self.answer(site, req, peer, &watch.client, refused).await
     }
 
     /// Sends `req` to the proxy of `site`, or has it answered with `refused`.
@@ -109,10 +112,16 @@ impl Front {
         site: usize,
         req: Request<Incoming>,
         peer: Peer,
+        client: &Client,
         refused: Option<ProxyError>,
     ) -> Response<ProxyBody> {
         let proxy = Arc::clone(&self.sites[site]);
-        match proxy.serve(req, peer, &self.meters[site], refused).await {
+        let via = Via {
+            meter: &self.meters[site],
+            budget: &self.budget,
+            client,
+        };
+        match proxy.serve(req, peer, via, refused).await {
             Ok(response) => response,
             Err(never) => match never {},
         }
@@ -152,6 +161,7 @@ pub(super) struct Protocols {
     pub(super) h1: http1::Builder,
     pub(super) h2: http2::Builder<TokioExecutor>,
     pub(super) header_read_timeout: Duration,
+    pub(super) send_timeout: Duration,
 }
 
 impl Protocols {
@@ -177,26 +187,32 @@ impl Protocols {
             h1,
             h2,
             header_read_timeout: limits.header_read_timeout,
+            send_timeout: limits.send_timeout,
         }
     }
 }
 
-/// What one connection's requests tell its task: that the first request head arrived, and
-/// whether the client cancels most of its streams; and for which app it is counted open.
-#[derive(Debug, Default)]
+/// What one connection's requests tell its task: that the first request head arrived, the
+/// client's books ([`Client`]); and for which app it is counted open.
+#[derive(Debug)]
 pub(super) struct Watch {
     first: AtomicBool,
-    streams: AtomicU32,
-    cancelled: AtomicU32,
-    abusive: Notify,
+    streams: AtomicU64,
+    client: Arc<Client>,
     /// Counts the connection open for its app until the connection (and so this) is gone.
     open: OnceLock<Open>,
 }
 
 impl Watch {
-    /// A watch for a connection to `front`, counted open at once when the address has one app.
-    fn new(front: &Front) -> Arc<Watch> {
-        let watch = Arc::new(Watch::default());
+    /// A watch for a connection to `front` with `client`'s books, counted open at once when
+    /// the address has one app.
+    fn new(front: &Front, client: Arc<Client>) -> Arc<Watch> {
+        let watch = Arc::new(Watch {
+            first: AtomicBool::new(false),
+            streams: AtomicU64::new(0),
+            client,
+            open: OnceLock::new(),
+        });
         if let [meter] = &front.meters[..] {
             watch.open.get_or_init(|| meter.connection());
         }
@@ -204,39 +220,52 @@ impl Watch {
     }
 }
 
-/// Counts a stream as cancelled unless its response was produced.
+/// One stream until its response is produced: counted open in the client's books, and
+/// cancelled if it is dropped before then (the response body takes over the count).
 struct Pending<'a> {
-    watch: &'a Watch,
+    client: &'a Client,
     answered: bool,
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        let cancelled = self.watch.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if cancelled == RESET_LIMIT + 1 || (cancelled > RESET_LIMIT && cancelled.is_multiple_of(RESET_LIMIT)) {
-            let streams = self.watch.streams.load(Ordering::Relaxed);
-            if cancelled.saturating_mul(2) > streams {
-                self.watch.abusive.notify_one();
-            }
+        if !self.answered {
+            self.client.closed();
+            self.client.cancelled();
         }
     }
 }
 
-/// Drives `conn` to its end: finishes it gracefully on `stop` or when its client abuses
-/// stream resets, and drops it at `first_deadline` if no request head has arrived by then.
+/// How a connection is driven: HTTP/2 has an idle timeout of corral's own.
+#[derive(Clone, Copy)]
+struct Timers {
+    /// The connection is closed if no request head has arrived by then.
+    first_deadline: Option<Instant>,
+    /// With no stream open for this long, the connection is finished (HTTP/2).
+    idle: Option<Duration>,
+    /// `send_timeout`.
+    send: Duration,
+}
+
+/// Drives `conn` to its end: finishes it gracefully on `stop`, when its client abuses stream
+/// resets or when it has been idle too long, drops it at `first_deadline` if no request head
+/// has arrived by then, and drops it when its client stalls.
 async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
     conn: C,
     graceful: fn(Pin<&mut C>),
     stop: CancellationToken,
     watch: &Watch,
-    first_deadline: Option<Instant>,
+    timers: Timers,
     peer: SocketAddr,
 ) {
     tokio::pin!(conn);
-    let (mut stopping, mut abusive, mut deadline) = (false, false, first_deadline);
+    let (mut stopping, mut abusive, mut deadline) = (false, false, timers.first_deadline);
+    // One tick checks both the stall (two ticks without progress) and the idle time.
+    let period = timers.idle.map_or(timers.send, |idle| idle.min(timers.send)) / 2;
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut stall, mut idle_for) = (Stall::default(), Duration::ZERO);
+    let client = &watch.client;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
@@ -244,9 +273,9 @@ async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
                 stopping = true;
                 graceful(conn.as_mut());
             }
-            _ = watch.abusive.notified(), if !abusive => {
+            _ = client.abusive.notified(), if !abusive => {
                 abusive = true;
-                warn!(%peer, cancelled = watch.cancelled.load(Ordering::Relaxed), streams = watch.streams.load(Ordering::Relaxed), "client cancels most of its HTTP/2 streams (rapid reset): closing the connection");
+                warn!(%peer, cancelled = client.cancels(), streams = watch.streams.load(Ordering::Relaxed), "client cancels HTTP/2 streams faster than allowed (rapid reset): closing the connection");
                 graceful(conn.as_mut());
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
@@ -255,6 +284,18 @@ async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
                     return;
                 }
                 deadline = None;
+            }
+            _ = tick.tick() => {
+                if stall.tick(client, period) >= timers.send {
+                    info!(%peer, send_timeout = ?timers.send, streams = client.live(), "client took no byte of its responses within send_timeout; closing the connection");
+                    return;
+                }
+                idle_for = if client.live() == 0 { idle_for + period } else { Duration::ZERO };
+                if timers.idle.is_some_and(|idle| idle_for >= idle) && !stopping {
+                    debug!(%peer, "HTTP/2 connection idle for header_read_timeout; closing");
+                    stopping = true;
+                    graceful(conn.as_mut());
+                }
             }
         }
     };
@@ -278,8 +319,9 @@ fn service(
         async move {
             watch.first.store(true, Ordering::Relaxed);
             watch.streams.fetch_add(1, Ordering::Relaxed);
+            watch.client.opened();
             let mut pending = Pending {
-                watch: &watch,
+                client: &watch.client,
                 answered: false,
             };
             let h2 = req.version() == http::Version::HTTP_2;
@@ -288,6 +330,8 @@ fn service(
                 // Connection-specific fields do not exist in HTTP/2 (RFC 9113 §8.2.2).
                 response.headers_mut().remove(http::header::CONNECTION);
             }
+            // The body counts the stream open from here, and reports when it waits on the client.
+            response.body_mut().watch(Arc::clone(&watch.client));
             pending.answered = true;
             drop(pending);
             Ok::<_, Infallible>(response)
@@ -304,12 +348,17 @@ pub(super) async fn plain(
     stop: CancellationToken,
     max_head: usize,
 ) {
-    let watch = Watch::new(&front);
+    let watch = Watch::new(&front, Client::http1());
     let addr = peer.addr;
     let service = service(&front, peer, None, &watch);
     let io = TokioIo::new(FramingGuard::new(stream, max_head));
     let conn = protocols.h1.serve_connection(io, service).with_upgrades();
-    drive(conn, |c| c.graceful_shutdown(), stop, &watch, None, addr).await;
+    let timers = Timers {
+        first_deadline: None,
+        idle: None,
+        send: protocols.send_timeout,
+    };
+    drive(conn, |c| c.graceful_shutdown(), stop, &watch, timers, addr).await;
 }
 
 /// Serves a TLS connection: the handshake within `deadline`, then HTTP/2 or HTTP/1.1 as ALPN
@@ -326,7 +375,6 @@ pub(super) async fn tls(
     max_head: usize,
 ) {
     let addr = peer.addr;
-    let watch = Watch::new(&front);
     let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
     if let Some(meter) = &front.tls_meter {
         meter.handshake(match &handshake {
@@ -348,16 +396,23 @@ pub(super) async fn tls(
         return;
     }
     let sni = Some(session.server_name().and_then(|name| front.names.pick(name)));
+    let h2 = alpn.as_deref() == Some(b"h2");
+    let watch = Watch::new(&front, if h2 { Client::http2() } else { Client::http1() });
     if let Some(Some(site)) = sni {
         watch.open.get_or_init(|| front.meters[site].connection());
     }
     let service = service(&front, peer, sni, &watch);
-    if alpn.as_deref() == Some(b"h2") {
+    let timers = Timers {
+        first_deadline: Some(deadline),
+        idle: h2.then_some(protocols.header_read_timeout),
+        send: protocols.send_timeout,
+    };
+    if h2 {
         let conn = protocols.h2.serve_connection(TokioIo::new(stream), service);
-        drive(conn, |c| c.graceful_shutdown(), stop, &watch, Some(deadline), addr).await;
+        drive(conn, |c| c.graceful_shutdown(), stop, &watch, timers, addr).await;
     } else {
         let io = TokioIo::new(FramingGuard::new(stream, max_head));
         let conn = protocols.h1.serve_connection(io, service).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), stop, &watch, Some(deadline), addr).await;
+        drive(conn, |c| c.graceful_shutdown(), stop, &watch, timers, addr).await;
     }
 }

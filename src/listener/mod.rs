@@ -42,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::HttpLimits;
+use crate::proxy::client::Client;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
 use admission::Throttle;
@@ -159,7 +160,7 @@ async fn refuse(
             let refused = ProxyError::Exhausted {
                 reason: "max_connections_per_ip".into(),
             };
-            let mut response = front.answer(site, req, peer, Some(refused)).await;
+            let mut response = front.answer(site, req, peer, &Client::http1(), Some(refused)).await;
             response
                 .headers_mut()
                 .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));

@@ -7,12 +7,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::client::Client;
 use super::upstream::ResponseBody;
 use crate::balancer::InFlight;
 use crate::logs::access::Pending;
@@ -22,6 +25,13 @@ use crate::metrics::Flight;
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
+    /// The client connection's books: this stream is open until the body is dropped, and it
+    /// reports when it waits on the client ([`super::client::Stall`]).
+    client: Option<Arc<Client>>,
+    /// A frame was handed to hyper and the next has not been asked for.
+    handed: bool,
+    /// The share of the client connection's worker connections this response holds (HTTP/2).
+    share: Option<OwnedSemaphorePermit>,
     /// Body bytes handed to hyper so far.
     sent: u64,
     /// The slot of the worker that answered, if one did.
@@ -70,6 +80,9 @@ impl ProxyBody {
     fn of(kind: Kind, slot: Option<usize>) -> ProxyBody {
         ProxyBody {
             kind,
+            client: None,
+            handed: false,
+            share: None,
             sent: 0,
             slot,
             flight: None,
@@ -81,6 +94,17 @@ impl ProxyBody {
     pub fn track(&mut self, flight: Flight, log: Option<Box<Pending>>) {
         self.flight = Some(flight);
         self.log = log;
+    }
+
+    /// Holds `share` of the client connection's worker connections until the body ends.
+    pub fn hold(&mut self, share: Option<OwnedSemaphorePermit>) {
+        self.share = share;
+    }
+
+    /// Counts this stream open in `client`'s books (which counted it opened) until the body is
+    /// dropped, and reports there when it waits on the client.
+    pub fn watch(&mut self, client: Arc<Client>) {
+        self.client = Some(client);
     }
 
     /// The slot of the worker that answered.
@@ -95,6 +119,9 @@ impl Body for ProxyBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
+        if let Some(client) = &this.client {
+            client.polled(std::mem::take(&mut this.handed));
+        }
         let polled = match &mut this.kind {
             Kind::Upstream { body, guard, cut } => {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
@@ -121,6 +148,10 @@ impl Body for ProxyBody {
         if let Some(Ok(frame)) = &polled {
             if let Some(data) = frame.data_ref() {
                 this.sent += data.len() as u64;
+            }
+            if let Some(client) = &this.client {
+                this.handed = true;
+                client.handed();
             }
         }
         Poll::Ready(polled)
@@ -151,6 +182,12 @@ impl Drop for ProxyBody {
         }
         if let Some(log) = self.log.take() {
             log.finish(self.sent, self.slot);
+        }
+        if let Some(client) = &self.client {
+            if self.handed {
+                client.gone_waiting();
+            }
+            client.closed();
         }
     }
 }

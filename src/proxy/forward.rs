@@ -81,10 +81,26 @@ pub enum Framing {
 
 /// Checks a request head before anything of it is forwarded; the `Host` value the worker
 /// gets, or why the request is refused.
-pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
+pub fn check(head: &Parts, peer: &Peer, max_headers: usize) -> Result<HeaderValue, ProxyError> {
     let refuse = |status, why| Err(ProxyError::Refused { status, why });
     if head.method == Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+    }
+    // Origin form starts with "/"; "*" is for OPTIONS only (RFC 9112 §3.2.4). HTTP/2's
+    // `:path` comes as sent ("?x" would otherwise reach a worker as a request target).
+    if let Some(target) = head.uri.path_and_query().map(http::uri::PathAndQuery::as_str) {
+        let valid = if target == "*" {
+            head.method == Method::OPTIONS
+        } else {
+            target.starts_with('/')
+        };
+        if !valid {
+            return refuse(StatusCode::BAD_REQUEST, "invalid request target");
+        }
+    }
+    // hyper counts HTTP/1.1 fields itself; an HTTP/2 header list is only bounded in bytes.
+    if head.version == Version::HTTP_2 && head.headers.len() > max_headers {
+        return refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header fields");
     }
     if head.headers.contains_key(header::TRANSFER_ENCODING) {
         // hyper made sure the last coding is chunked; it must be the only one.
@@ -115,7 +131,10 @@ pub fn check(head: &Parts, peer: &Peer) -> Result<HeaderValue, ProxyError> {
     }
     if let Some(authority) = head.uri.authority() {
         // Absolute form: its authority is the host (RFC 9112 §3.2.2), whatever Host says.
-        if !matches!(head.uri.scheme_str(), Some("http" | "https")) || authority.as_str().contains('@') {
+        if !matches!(head.uri.scheme_str(), Some("http" | "https"))
+            || authority.as_str().contains('@')
+            || !valid_host(authority.as_str().as_bytes())
+        {
             return refuse(StatusCode::BAD_REQUEST, "invalid request target");
         }
         // HTTP/2 (RFC 9113 §8.3.1): a Host that names another entity than :authority.
@@ -352,7 +371,7 @@ mod tests {
     fn encoded(pairs: &[(&str, &str)], from: &str, trusted: bool, upgrade: Option<&str>, framing: Framing) -> String {
         let parts = parts("GET", "/p?q=1", Version::HTTP_11, pairs);
         let peer = peer(from);
-        let host = check(&parts, &peer).expect("accepted");
+        let host = check(&parts, &peer, 100).expect("accepted");
         let upgrade = upgrade.map(|u| HeaderValue::from_str(u).expect("value"));
         let head = encode_request(&parts, &peer, &host, trusted, upgrade.as_ref(), framing, None);
         String::from_utf8(head).expect("text")
@@ -490,6 +509,7 @@ mod tests {
         let refused = |method: &str, uri: &str, version, pairs: &[(&str, &str)]| match check(
             &parts(method, uri, version, pairs),
             &p,
+            100,
         ) {
             Err(ProxyError::Refused { status, .. }) => status.as_u16(),
             other => panic!("{method} {uri} {pairs:?} accepted: {other:?}"),
@@ -505,6 +525,28 @@ mod tests {
         }
         assert_eq!(refused("GET", "ftp://a/x", v11, &[("host", "a")]), 400);
         assert_eq!(refused("CONNECT", "a:443", v11, &[("host", "a:443")]), 405);
+        // An absolute target's authority is held to the rules of Host (HTTP/2's :authority).
+        for bad in ["http://a b/x", "https://a.example:port/", "http://[zz]/"] {
+            if bad.parse::<http::Uri>().is_ok() {
+                assert_eq!(refused("GET", bad, Version::HTTP_2, &[]), 400, "{bad}");
+            }
+        }
+        // The request target: "/" first, or "*" for OPTIONS only.
+        assert_eq!(refused("GET", "*", v11, &[("host", "a")]), 400);
+        // The h2 crate builds the target from `:scheme`, `:authority` and `:path` as sent.
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(http::uri::Scheme::HTTPS);
+        target.authority = Some(http::uri::Authority::from_static("a"));
+        target.path_and_query = Some(http::uri::PathAndQuery::from_static("?x"));
+        let mut h2 = parts("GET", "/", Version::HTTP_2, &[]);
+        h2.uri = http::Uri::from_parts(target).expect("uri");
+        assert!(matches!(check(&h2, &p, 100), Err(ProxyError::Refused { status, .. }) if status == 400));
+        assert!(check(&parts("OPTIONS", "*", v11, &[("host", "a")]), &p, 100).is_ok());
+        // HTTP/2 header lists are counted like HTTP/1.1 heads.
+        let many: Vec<(String, String)> = (0..101).map(|i| (format!("x-{i}"), "v".to_owned())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(refused("GET", "https://a/", Version::HTTP_2, &many), 431);
+        assert!(check(&parts("GET", "https://a/", Version::HTTP_2, &many[..99]), &p, 100).is_ok());
         for (te, status) in [
             (&[("transfer-encoding", "gzip, chunked")][..], 501),
             (
@@ -522,7 +564,7 @@ mod tests {
     fn the_host_comes_from_the_target_the_field_or_the_local_address() {
         let p = peer("10.0.0.1:1");
         let host = |uri: &str, version, pairs: &[(&str, &str)]| {
-            check(&parts("GET", uri, version, pairs), &p).expect("accepted")
+            check(&parts("GET", uri, version, pairs), &p, 100).expect("accepted")
         };
         assert_eq!(
             host("http://a.example/x", Version::HTTP_11, &[("host", "b.example")]),

@@ -29,6 +29,7 @@
 //! supervisor publishes.
 
 pub mod body;
+pub mod client;
 pub mod error;
 pub mod forward;
 pub mod framing;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -54,11 +56,25 @@ use crate::config::{HttpLimits, Sticky};
 use crate::logs::access::{AccessLog, Pending};
 use crate::metrics::ShardMeter;
 use body::ProxyBody;
+use client::Client;
 use error::ProxyError;
 use forward::Framing;
 use forward::Peer;
 use http::header::{CONTENT_LENGTH, SET_COOKIE};
 use upstream::{ClientFault, Failure, Limits, ResponseBody, UpstreamBody};
+
+/// Where a request came in, as the shard serving it sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Via<'a> {
+    /// The app's meter on this shard.
+    pub meter: &'a Arc<ShardMeter>,
+    /// The shard's budget of worker connections for the address: its share of
+    /// `max_connections`, so that client and worker connections together stay within the fd
+    /// limit however many streams an HTTP/2 client multiplexes.
+    pub budget: &'a Arc<Semaphore>,
+    /// The client connection's books.
+    pub client: &'a Client,
+}
 
 /// The proxy of one app.
 #[derive(Debug)]
@@ -68,6 +84,8 @@ pub struct Proxy {
     limits: Limits,
     /// `tunnel_idle_timeout`.
     tunnel_idle: Option<std::time::Duration>,
+    /// `max_headers` (hyper counts them on HTTP/1.1; this, on HTTP/2).
+    max_headers: usize,
     /// Cancelled by the listener at the end of its drain: open tunnels close.
     closing: CancellationToken,
     /// The open tunnels, so a stop can wait for them (up to the drain deadline).
@@ -96,6 +114,7 @@ impl Proxy {
                 client_body_buffer_size: limits.client_body_buffer_size,
             },
             tunnel_idle: limits.tunnel_idle_timeout,
+            max_headers: limits.max_headers,
             closing: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             cookies,
@@ -149,14 +168,15 @@ impl Proxy {
 
     /// Answers one request from `peer`, or with `refused` when corral already knows its answer
     /// (a 421, a 503 over `max_connections_per_ip`). Never fails: errors become 4xx/5xx
-    /// responses. `meter` is this app's meter of the calling shard.
+    /// responses.
     pub async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
-        meter: &Arc<ShardMeter>,
+        via: Via<'_>,
         refused: Option<ProxyError>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let meter = via.meter;
         let arrived = std::time::Instant::now();
         let flight = meter.in_flight();
         let id = self.request_id.then(|| request_id::pick(req.headers()));
@@ -167,7 +187,7 @@ impl Proxy {
         let hsts = if peer.tls { self.hsts.clone() } else { None };
         let mut response = match refused {
             Some(error) => error.into_response(),
-            None => self.handle(req, peer, id.as_ref(), meter).await,
+            None => self.handle(req, peer, id.as_ref(), via).await,
         };
         let status = response.status().as_u16();
         meter.answered(status, arrived.elapsed());
@@ -191,9 +211,9 @@ impl Proxy {
         req: Request<Incoming>,
         peer: Peer,
         id: Option<&http::HeaderValue>,
-        meter: &ShardMeter,
+        via: Via<'_>,
     ) -> Response<ProxyBody> {
-        match self.forward(req, peer, id, meter).await {
+        match self.forward(req, peer, id, via).await {
             Ok(response) => response,
             Err(e) => {
                 if e.is_upstream() {
@@ -211,11 +231,12 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: Peer,
         id: Option<&http::HeaderValue>,
-        meter: &ShardMeter,
+        via: Via<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let meter = via.meter;
         let upgrade = tunnel::requested(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (head, body) = req.into_parts();
-        let host = forward::check(&head, &peer)?;
+        let host = forward::check(&head, &peer, self.max_headers)?;
         // The framing towards the worker comes from what hyper decoded, never from the
         // client's header map (whose framing fields a `Connection` token could have named).
         let declared = http_body::Body::size_hint(&body).exact();
@@ -266,6 +287,14 @@ impl Proxy {
         // body (if any) is in hand may be sent again (once, elsewhere), as nginx does. The
         // encoded request is only borrowed by an exchange, so that costs no copy.
         let mut may_resend = is_idempotent(&head.method) && matches!(body, UpstreamBody::Empty);
+        // An HTTP/2 connection's requests share a bounded number of worker connections.
+        let mut share = via
+            .client
+            .worker_share(self.limits.upstream_timeout)
+            .await
+            .map_err(|()| ProxyError::Exhausted {
+                reason: "every worker connection this HTTP/2 connection may hold is busy".into(),
+            })?;
         let mut tried: Vec<u64> = Vec::new();
         let mut last_error = ProxyError::NoWorker;
         loop {
@@ -275,7 +304,7 @@ impl Proxy {
             let upstream = guard.upstream();
             let (conn, reused) = match upstream.pool.checkout() {
                 Some(conn) => (conn, true),
-                None => match upstream.pool.connect().await {
+                None => match upstream.pool.connect(self.budget_place(via.budget).await?).await {
                     Ok(conn) => (conn, false),
                     Err(e) if crate::limits::is_exhausted(&e) => {
                         // corral's own limit, not the worker's: it stays in rotation.
@@ -304,7 +333,11 @@ impl Proxy {
                 self.limits,
             );
             let failure = match exchange.await {
-                Ok(response) => return Ok(self.respond(response, guard, upgrade, sticky_mode, affinity, peer.tls)),
+                Ok(response) => {
+                    let mut response = self.respond(response, guard, upgrade, sticky_mode, affinity, peer.tls);
+                    response.body_mut().hold(share.take());
+                    return Ok(response);
+                }
                 Err(failure) => failure,
             };
             let (retry, reason) = match failure {
@@ -356,12 +389,13 @@ impl Proxy {
                 tunnel::restore(&mut parts.headers, protocol);
             }
             let slot = guard.upstream().slot;
-            if let (Some((_, client)), Some((worker, early))) = (upgrade, body.into_upgraded()) {
+            if let (Some((_, client)), Some((worker, early, budget))) = (upgrade, body.into_upgraded()) {
                 self.tunnels.spawn(tunnel::splice(
                     client,
                     worker,
                     early,
                     guard,
+                    budget,
                     self.closing.clone(),
                     self.tunnel_idle,
                 ));
@@ -381,6 +415,22 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// A place in the shard's budget of worker connections for a new one. When every place is
+    /// taken (by connections in use, or idle ones, which close within seconds), waits up to
+    /// `upstream_timeout` for one.
+    async fn budget_place(&self, budget: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Ok(place) = Arc::clone(budget).try_acquire_owned() {
+            return Ok(place);
+        }
+        debug!(app = %self.app, "every worker connection of this shard is open; waiting for one");
+        match tokio::time::timeout(self.limits.upstream_timeout, Arc::clone(budget).acquire_owned()).await {
+            Ok(Ok(place)) => Ok(place),
+            _ => Err(ProxyError::Exhausted {
+                reason: "every worker connection this shard may open is in use (max_connections)".into(),
+            }),
+        }
+    }
+
     /// The error for a client whose body failed.
     fn client_fault(&self, fault: ClientFault) -> ProxyError {
         match fault {

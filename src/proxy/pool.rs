@@ -16,11 +16,18 @@
 //! it, a quiet app kept every connection Node had closed in CLOSE_WAIT, an fd each. A connection
 //! goes back to the pool only when its response body has been read to the end; dropping the
 //! pool (the worker left rotation and its last request finished) closes every idle connection.
+//!
+//! Every connection holds a place in its shard's budget of worker connections
+//! ([`super::Via::budget`]) for as long as it is open, idle ones included: they are fds too. A
+//! connection returned while the budget is full is closed instead of kept, so a request that
+//! waits for a place gets one at once.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
 
 pub use super::upstream::Conn;
 use crate::shards;
@@ -77,17 +84,23 @@ impl ConnPool {
         }
     }
 
-    /// Opens a new connection.
-    pub async fn connect(&self) -> std::io::Result<Conn> {
+    /// Opens a new connection, which holds `budget` (its place in the shard's budget of worker
+    /// connections) until it closes.
+    pub async fn connect(&self, budget: OwnedSemaphorePermit) -> std::io::Result<Conn> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(self.addr))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
-        Ok(Conn::new(stream))
+        Ok(Conn::new(stream).counted(budget))
     }
 
-    /// Returns a connection whose exchange is complete.
+    /// Returns a connection whose exchange is complete. When the shard's budget of worker
+    /// connections is used up, it is closed instead, so that a request waiting for a place
+    /// gets this one's (it may be for another worker).
     pub fn put(&self, conn: Conn) {
+        if conn.budget_full() {
+            return;
+        }
         let now = Instant::now();
         let mut idle = self.idle();
         close_stale(&mut idle, now);

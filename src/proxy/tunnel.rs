@@ -60,9 +60,12 @@ pub async fn splice(
     worker: TcpStream,
     early: Bytes,
     guard: InFlight,
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
     closing: CancellationToken,
     idle: Option<Duration>,
 ) {
+    // The worker socket's place in the shard's budget, until the tunnel closes.
+    let _budget = budget;
     let client = match client.await {
         Ok(client) => client,
         Err(e) => {

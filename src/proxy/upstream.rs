@@ -35,6 +35,7 @@ use super::upload::Upload;
 pub use super::upload::{ClientFault, Limits, UpstreamBody};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Free space ensured before each read of a body larger than what is buffered.
 const BODY_READ_SPACE: usize = 16 * 1024;
@@ -65,6 +66,9 @@ pub struct Conn {
     stream: TcpStream,
     /// Bytes read and not yet used. Empty between exchanges; its allocation is reused.
     buf: BytesMut,
+    /// This connection's place in its shard's budget of worker connections (an fd each),
+    /// given back when the connection closes.
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn {
@@ -73,7 +77,22 @@ impl Conn {
         Conn {
             stream,
             buf: BytesMut::new(),
+            budget: None,
         }
+    }
+
+    /// The same connection, holding `budget` for as long as it is open.
+    pub fn counted(mut self, budget: OwnedSemaphorePermit) -> Conn {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// True when every place in this connection's budget is taken: kept idle, it would hold
+    /// a place a request may be waiting for.
+    pub fn budget_full(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|place| place.semaphore().available_permits() == 0)
     }
 
     /// False when the worker has closed this idle connection (or sent something unasked).
@@ -226,12 +245,12 @@ impl ResponseBody {
     }
 
     /// For a `101` response: the connection's socket and the bytes the worker already sent in
-    /// the new protocol.
-    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+    /// the new protocol, and its place in the shard's budget (held until the tunnel closes).
+    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes, Option<OwnedSemaphorePermit>)> {
         if self.state != State::Upgraded {
             return None;
         }
-        self.conn.take().map(|c| (c.stream, c.buf.freeze()))
+        self.conn.take().map(|c| (c.stream, c.buf.freeze(), c.budget))
     }
 
     /// Reads more from the worker into the buffer; `Ok(0)` at the end of the stream.

@@ -115,6 +115,20 @@ impl Ca {
 /// A blocking TLS client connection.
 pub type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
+/// The `tls` key serving `issued`.
+pub fn tls_key(issued: &Issued) -> String {
+    format!("tls = {{ cert = {:?}, key = {:?} }}", issued.cert, issued.key)
+}
+
+/// corral started with `options` and `[app.tls]` for `localhost`; its CA, certificate and files.
+pub fn https(options: super::Options) -> Result<(super::Corral, tempfile::TempDir, Ca, Issued), Box<dyn Error>> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new(dir.path())?;
+    let issued = ca.issue(dir.path(), "site", &["localhost"])?;
+    let corral = super::Corral::start(options.key(&tls_key(&issued)))?;
+    Ok((corral, dir, ca, issued))
+}
+
 /// Reads until the peer closes (or an error ends the connection); what arrived.
 pub fn read_to_end(stream: &mut impl Read) -> Vec<u8> {
     let mut out = Vec::new();
@@ -191,6 +205,50 @@ pub mod h2 {
         let mut payload = vec![0u8; len];
         stream.read_exact(&mut payload).ok()?;
         Some((head[3], head[4], id, payload))
+    }
+
+    /// The client's SETTINGS: `(identifier, value)` pairs.
+    pub fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
+        let payload: Vec<u8> = pairs
+            .iter()
+            .flat_map(|(id, value)| id.to_be_bytes().into_iter().chain(value.to_be_bytes()))
+            .collect();
+        frame(SETTINGS, 0, 0, &payload)
+    }
+
+    /// Reads frames until GOAWAY (true) or the end of the connection or a read timeout (false).
+    pub fn goaway(conn: &mut (impl Read + Write)) -> bool {
+        while let Some((kind, flags, _, _)) = read_frame(conn) {
+            if kind == GOAWAY {
+                return true;
+            }
+            if kind == SETTINGS && flags & 0x1 == 0 && conn.write_all(&frame(SETTINGS, 0x1, 0, &[])).is_err() {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// The DATA of each of `streams` until all have ended (reset ones are left out).
+    pub fn bodies(conn: &mut (impl Read + Write), streams: &[u32]) -> Option<std::collections::BTreeMap<u32, Vec<u8>>> {
+        let mut open: std::collections::BTreeSet<u32> = streams.iter().copied().collect();
+        let mut bodies = std::collections::BTreeMap::new();
+        while !open.is_empty() {
+            let (kind, flags, id, payload) = read_frame(conn)?;
+            if kind == SETTINGS && flags & 0x1 == 0 {
+                conn.write_all(&frame(SETTINGS, 0x1, 0, &[])).ok()?;
+            }
+            if !open.contains(&id) {
+                continue;
+            }
+            if kind == DATA {
+                bodies.entry(id).or_insert_with(Vec::new).extend_from_slice(&payload);
+            }
+            if kind == RST_STREAM || ((kind == DATA || kind == HEADERS) && flags & END_STREAM != 0) {
+                open.remove(&id);
+            }
+        }
+        Some(bodies)
     }
 
     /// The DATA of `stream` until it ends (the server's headers are not decoded).
