@@ -142,7 +142,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     // Bound before anything is served, so a taken admin address fails the start.
     let admin = match &config.admin {
-        Some(admin) => Some(Admin::bind(admin, handle.clone(), shutdown.clone(), Arc::clone(&events)).await?),
+        Some(admin) => Some(
+            Admin::bind(
+                admin,
+                handle.clone(),
+                shutdown.clone(),
+                Arc::clone(&events),
+                Arc::clone(&metrics),
+            )
+            .await?,
+        ),
         None => None,
     };
     let supervisor = tokio::spawn(supervisor.run());

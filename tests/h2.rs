@@ -62,7 +62,10 @@ fn worker(corral: &Corral) -> Result<SocketAddr, Box<dyn std::error::Error>> {
 fn worker_connections(worker: SocketAddr, reset: bool) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let path = if reset { "/connections?reset=1" } else { "/connections" };
     let seen = support::http::get(worker, path)?.json();
-    Ok((seen["open"].as_u64().ok_or("open")?, seen["most"].as_u64().ok_or("most")?))
+    Ok((
+        seen["open"].as_u64().ok_or("open")?,
+        seen["most"].as_u64().ok_or("most")?,
+    ))
 }
 
 #[test]
@@ -89,14 +92,20 @@ fn http2_requests_are_checked_and_split_cookies_arrive_as_one() -> TestResult {
     for (stream, path) in [(5, "?x=1"), (7, "*")] {
         conn.write_all(&h2::get(stream, &authority, path, &[]))?;
         let body = h2::body_of(&mut conn, stream).ok_or("no response")?;
-        assert!(String::from_utf8_lossy(&body).contains("invalid request target"), "{path}: {body:?}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("invalid request target"),
+            "{path}: {body:?}"
+        );
     }
     // More fields than max_headers (100) get 431, as on HTTP/1.1.
     let names: Vec<String> = (0..101).map(|i| format!("x-field-{i}")).collect();
     let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
     conn.write_all(&h2::get(9, &authority, "/headers", &fields))?;
     let body = h2::body_of(&mut conn, 9).ok_or("no response to stream 9")?;
-    assert!(String::from_utf8_lossy(&body).contains("too many header fields"), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("too many header fields"),
+        "{body:?}"
+    );
     Ok(())
 }
 

@@ -1,10 +1,6 @@
-//! `GET /metrics` on the admin listener after known traffic: counts exact.
-//!
-//! NOTE: these tests need `GET /metrics` on the admin listener (`[admin] listen`) to answer
-//! with `Registry::render` (after `Registry::observe` of a fresh status); until that route is
-//! wired on main they are `#[ignore]`d. Remove the `ignore` attributes then. (They passed
-//! against a local, uncommitted wiring of the route.) The registry's summing and rendering are
-//! unit-tested in `src/metrics.rs`; `corral status`'s req/s and p99 in `tests/observe.rs`.
+//! `GET /metrics` on the admin listener after known traffic: counts exact. The registry's
+//! summing and rendering are unit-tested in `src/metrics/`; `corral status`'s req/s and p99 in
+//! `tests/observe.rs`.
 
 mod support;
 
@@ -63,7 +59,6 @@ fn wait_for(corral: &Corral, admin: SocketAddr, want: &[(&str, f64)]) -> Result<
 }
 
 #[test]
-#[ignore = "needs GET /metrics on the admin listener (Registry::render), wired on main"]
 fn request_counters_and_the_histogram_count_known_traffic_exactly() -> TestResult {
     let (corral, admin) = start(Options::default().instances(2))?;
     let text = scrape(admin)?;
@@ -149,7 +144,6 @@ fn request_counters_and_the_histogram_count_known_traffic_exactly() -> TestResul
 }
 
 #[test]
-#[ignore = "needs GET /metrics on the admin listener (Registry::render), wired on main"]
 fn restarts_and_reloads_are_counted_by_reason_and_result() -> TestResult {
     let (corral, admin) = start(Options::default().instances(2))?;
     wait_for(

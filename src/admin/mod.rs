@@ -8,7 +8,8 @@
 //! in [`auth`].
 //!
 //! Endpoints: `GET /healthz` (the front process answers), `GET /readyz` (every app has a ready
-//! worker), `GET /api/status` (the JSON of `corral status --json`), `GET /api/events`
+//! worker), `GET /metrics` (Prometheus text, [`crate::metrics`]; the worker gauges from a status
+//! taken for the scrape), `GET /api/status` (the JSON of `corral status --json`), `GET /api/events`
 //! (Server-Sent Events, [`events`]), `POST /api/reload`, `POST /api/apps/APP/start`,
 //! `/restart`, `/stop`, `/scale?n=N`, and `POST /login`.
 //!
@@ -76,6 +77,7 @@ struct State {
     supervisor: Handle,
     shutdown: CancellationToken,
     events: Arc<Events>,
+    metrics: Arc<crate::metrics::Registry>,
 }
 
 impl Admin {
@@ -86,6 +88,7 @@ impl Admin {
         supervisor: Handle,
         shutdown: CancellationToken,
         events: Arc<Events>,
+        metrics: Arc<crate::metrics::Registry>,
     ) -> Result<Admin, AdminError> {
         let token = match &config.token_file {
             Some(path) => {
@@ -116,6 +119,7 @@ impl Admin {
                 supervisor,
                 shutdown,
                 events,
+                metrics,
             }),
         })
     }
@@ -150,6 +154,22 @@ impl Admin {
 }
 
 impl State {
+    /// `GET /metrics`: the counters as they are, the worker gauges from a status taken now.
+    async fn metrics(&self) -> Response<AdminBody> {
+        match self.supervisor.status().await {
+            Ok(status) => self.metrics.observe(status),
+            Err(_) => return error(CommandError::new(ErrorCode::Stopping, "corral is stopping")),
+        }
+        let mut out = String::with_capacity(16 * 1024);
+        self.metrics.render(&mut out);
+        let mut response = Response::new(AdminBody::Full(Some(Bytes::from(out))));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+
     async fn answer(&self, req: HttpRequest<Incoming>) -> Response<AdminBody> {
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or_default().to_owned();
@@ -178,6 +198,7 @@ impl State {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             (Method::GET, ["api", "status"]) => self.run(Request::Status).await,
+            (Method::GET, ["metrics"]) => self.metrics().await,
             (Method::GET, ["api", "events"]) => self.events.stream(last_event, self.shutdown.clone()),
             (Method::GET, ["api", "logs"]) => {
                 let app = query_value(&query, "app").filter(|a| !a.is_empty());

@@ -49,10 +49,10 @@ use tracing::{debug, info, warn};
 use crate::config::HttpLimits;
 use crate::metrics::{Handshake, ListenMeter, Open, ShardMeter};
 use crate::proxy::body::ProxyBody;
+use crate::proxy::client::{Client, Stall};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::Peer;
 use crate::proxy::framing::FramingGuard;
-use crate::proxy::client::{Client, Stall};
 use crate::proxy::{Proxy, Via};
 use crate::sites::{host_name, Names};
 
