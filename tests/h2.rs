@@ -11,9 +11,11 @@ use support::http::Conn;
 use support::tls::{h2, Ca, Tls};
 use support::{poll_until, Corral, Options, TestResult, DEADLINE};
 
-/// corral over TLS with `keys`, and an HTTP/2 connection to it, preface sent; and the
-/// `:authority` to use.
-fn h2_connection(keys: &[&str]) -> Result<(Corral, tempfile::TempDir, Ca, Tls, String), Box<dyn std::error::Error>> {
+/// corral over TLS, its files and CA, an HTTP/2 connection to it, and the `:authority` to use.
+type H2Setup = (Corral, tempfile::TempDir, Ca, Tls, String);
+
+/// corral over TLS with `keys`, and an HTTP/2 connection to it, preface sent.
+fn h2_connection(keys: &[&str]) -> Result<H2Setup, Box<dyn std::error::Error>> {
     let mut options = Options::default().instances(1);
     for key in keys {
         options = options.key(key);
