@@ -314,6 +314,16 @@ fn reload_serves_a_new_certificate_to_new_handshakes_and_keeps_open_connections(
         fresh.conn.peer_certificates().ok_or("no certificate")?[0].as_ref(),
         &old[..]
     );
+    // So is an expired one (it would lose every client): a reload keeps the served one.
+    ca.issue_with(dir.path(), "site", &["localhost"], |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    })?;
+    let refused = corral.cli(&["reload"])?;
+    let why = format!("{}{}", text(&refused), String::from_utf8_lossy(&refused.stderr));
+    assert!(!refused.status.success() && why.contains("not now"), "{why}");
+    let fresh = ca.connect(corral.addr, "localhost", &[b"http/1.1"])?;
+    assert_eq!(fresh.conn.peer_certificates().ok_or("certs")?[0].as_ref(), &old[..]);
 
     // A good one: new handshakes get it, the open connection goes on with the old one.
     let renewed = ca.issue(dir.path(), "site", &["localhost"])?;

@@ -99,6 +99,33 @@ impl CertTable {
     pub fn main(&self) -> &Loaded {
         &self.certs[0]
     }
+
+    /// Why this table must not replace `current` (what a reload found): its main certificate
+    /// is outside its validity at `now` while the served one is not, or it no longer covers a
+    /// name of `hosts` that the served one covers. Swapping such a table in would turn a
+    /// working site into one every client refuses.
+    pub fn worse_than(&self, current: Option<&CertTable>, hosts: &[String], now: std::time::SystemTime) -> Option<String> {
+        let valid = |t: &CertTable| t.main().leaf.not_before <= now && now <= t.main().leaf.not_after;
+        if !valid(self) && current.is_none_or(valid) {
+            let leaf = &self.main().leaf;
+            let day = |at| crate::logs::files::timestamp("YYYY-MM-DD", at);
+            return Some(format!(
+                "the new certificate ({}) is valid from {} to {}, not now",
+                leaf.subject,
+                day(leaf.not_before),
+                day(leaf.not_after)
+            ));
+        }
+        let covers = |t: &CertTable, host: &str| {
+            t.certs
+                .iter()
+                .any(|c| c.leaf.names.iter().any(|p| certs::name_matches(p, host)))
+        };
+        hosts
+            .iter()
+            .find(|host| current.is_some_and(|c| covers(c, host)) && !covers(self, host))
+            .map(|host| format!("the new certificates do not cover {host:?}, which the served ones do"))
+    }
 }
 
 /// What `corral status` shows about an app's certificate.
@@ -140,6 +167,11 @@ impl CertStore {
     /// Serves `table` from now on (new handshakes).
     pub fn replace(&self, table: CertTable) {
         self.current.store(Some(Arc::new(table)));
+    }
+
+    /// The table served now, if any.
+    pub fn current(&self) -> Option<Arc<CertTable>> {
+        self.current.load_full()
     }
 
     /// Serves the certificate ACME issued from now on (new handshakes).
@@ -330,5 +362,33 @@ mod tests {
         let (cert, key) = self_signed("new.test", 2020, 2999);
         store.install_acme(certified_key(cert.as_bytes(), key.as_bytes()).expect("pair"));
         assert!(store.pick(None).is_some());
+    }
+    /// A table of one file-served certificate for `name` valid from `from` to `until`.
+    fn table(name: &str, from: i32, until: i32) -> CertTable {
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key) = self_signed(name, from, until);
+        let files = CertFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+        };
+        std::fs::write(&files.cert, cert).expect("write");
+        std::fs::write(&files.key, key).expect("write");
+        CertTable::load(&files, &[]).expect("loads")
+    }
+
+    #[test]
+    fn a_reload_may_not_swap_a_working_certificate_for_an_expired_or_narrower_one() {
+        let now = std::time::SystemTime::now();
+        let (served, expired) = (table("a.test", 2020, 2999), table("a.test", 2020, 2021));
+        let why = expired.worse_than(Some(&served), &[], now).expect("refused");
+        assert!(why.contains("not now"), "{why}");
+        // Expired for expired is no loss.
+        assert!(expired.worse_than(Some(&table("a.test", 2019, 2020)), &[], now).is_none());
+        let hosts = vec!["a.test".to_owned()];
+        let other = table("b.test", 2020, 2999);
+        let why = other.worse_than(Some(&served), &hosts, now).expect("refused");
+        assert!(why.contains("\"a.test\""), "{why}");
+        assert!(other.worse_than(Some(&served), &[], now).is_none());
+        assert!(table("a.test", 2020, 2999).worse_than(Some(&served), &hosts, now).is_none());
     }
 }
