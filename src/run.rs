@@ -210,7 +210,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .iter()
             .any(|&i| matches!(config.apps[i].tls, Some(crate::config::Tls::Acme(_))));
         let (limits, drain, boot) = (first.http, first.drain_timeout, first.listen_timeout);
-        let max_connections = limits.connection_limit(fd_limit, addresses.len());
+        // http_redirect listeners take their share of the fds too.
+        let max_connections = limits.connection_limit(fd_limit, addresses.len() + redirects.len());
         debug!(%addr, max_connections, fd_limit, "connection limit");
         let admission = Admission {
             per_shard: max_connections.div_ceil(shards.len().max(1)),
@@ -278,7 +279,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         });
         let (limits, drain) = (first.http, first.drain_timeout);
         let per_shard = limits
-            .connection_limit(fd_limit, addresses.len())
+            .connection_limit(fd_limit, addresses.len() + redirects.len())
             .div_ceil(shards.len().max(1));
         for (listener, runtime) in socket.sockets.into_iter().zip(shards.handles()) {
             let (redirect, stop) = (Arc::clone(&redirect), shutdown.child_token());

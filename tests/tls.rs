@@ -447,8 +447,9 @@ fn http_redirect_answers_308_to_the_https_url() -> TestResult {
     Ok(())
 }
 
-/// Two apps on one address, each with its `hosts`; `tls`: their certificates.
-fn two_sites(dir: &Path, ca: Option<&Ca>) -> Result<Corral, Box<dyn std::error::Error>> {
+/// Two apps on one address, each with its `hosts` and `keys`; `tls`: their certificates; `a`
+/// the `default` if asked.
+fn two_sites(dir: &Path, ca: Option<&Ca>, default_a: bool, keys: &str) -> Result<Corral, Box<dyn std::error::Error>> {
     let hold = PortHold::new()?;
     let addr = hold.addr;
     let fixture = support::fixture("app.js");
@@ -457,6 +458,11 @@ fn two_sites(dir: &Path, ca: Option<&Ca>) -> Result<Corral, Box<dyn std::error::
         config.push_str(&format!(
             "[[app]]\nname = \"{name}\"\ncommand = [\"node\", {fixture:?}]\nlisten = \"{addr}\"\ninstances = 1\nhosts = [\"{host}\"]\nkill_timeout = \"3s\"\n"
         ));
+        if default_a && name == "a" {
+            config.push_str("default = true\n");
+        }
+        config.push_str(keys);
+        config.push('\n');
         if let Some(ca) = ca {
             let issued = ca.issue(dir, name, &[host])?;
             config.push_str(&tls_key(&issued));
@@ -483,7 +489,7 @@ fn pid_of(corral: &Corral, index: usize) -> Option<u64> {
 fn sites_on_one_tls_address_are_picked_by_sni_and_host_and_a_mismatch_is_421() -> TestResult {
     let dir = tempfile::tempdir()?;
     let ca = Ca::new(dir.path())?;
-    let corral = two_sites(dir.path(), Some(&ca))?;
+    let corral = two_sites(dir.path(), Some(&ca), false, "")?;
     for (index, name) in [(0, "a.test"), (1, "b.test")] {
         for flag in ["--http2", "--http1.1"] {
             let out = curl_https(&ca, name, corral.addr, "/whoami", &[flag])?;
@@ -510,9 +516,60 @@ fn sites_on_one_tls_address_are_picked_by_sni_and_host_and_a_mismatch_is_421() -
 }
 
 #[test]
+fn http_redirect_sends_each_site_to_its_port_and_names_no_site_claims_nowhere() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new(dir.path())?;
+    let redirect = PortHold::new()?;
+    let addr = redirect.addr;
+    redirect.release();
+    let corral = two_sites(dir.path(), Some(&ca), false, &format!("http_redirect = \"{addr}\""))?;
+    let url = format!("http://{addr}/x?y=1");
+    for (host, code) in [("a.test", "308"), ("b.test", "308"), ("evil.test", "421")] {
+        let out = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            &format!("Host: {host}"),
+            &url,
+        ])?;
+        let seen = text(&out);
+        assert!(seen.starts_with(code), "{host}: {seen}");
+        if code == "308" {
+            assert_eq!(seen, format!("308 https://{host}:{}/x?y=1", corral.addr.port()));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_handshake_without_a_server_name_is_the_default_sites_and_other_hosts_get_421() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new(dir.path())?;
+    let corral = two_sites(dir.path(), Some(&ca), true, "")?;
+    let ask = |host: &str| {
+        let request = format!("GET /whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s_client(
+            corral.addr,
+            &["-noservername", "-ign_eof", "-quiet"],
+            request.as_bytes(),
+        )
+    };
+    // The handshake presented a.test's certificate: a request for b.test must go elsewhere.
+    let out = ask("b.test")?;
+    assert!(out.contains("HTTP/1.1 421"), "{out}");
+    let out = ask("a.test")?;
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    let pid = pid_of(&corral, 0).ok_or("pid")?;
+    assert!(out.contains(&format!("\"pid\":{pid}")), "{out}");
+    Ok(())
+}
+
+#[test]
 fn sites_on_one_plain_address_are_picked_by_host() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let corral = two_sites(dir.path(), None)?;
+    let corral = two_sites(dir.path(), None, false, "")?;
     for (index, host) in [(0, "a.test"), (1, "B.TEST")] {
         let out = curl(&[
             "-H",

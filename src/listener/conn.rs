@@ -142,6 +142,9 @@ impl Front {
             Some(authority) => self.names.pick(host_name(authority)),
             None => sni.flatten().or(self.names.pick_sni(None)),
         };
+        // A handshake without a server name was given the default app's certificate: it is
+        // that app's connection.
+        let sni = sni.map(|by_sni| by_sni.or(self.names.pick_sni(None)));
         match (site, sni) {
             (None, _) => (
                 self.names.pick_sni(None).unwrap_or_default(),

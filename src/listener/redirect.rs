@@ -5,7 +5,8 @@
 //! `listen` port of the app the `Host` names, left out when it is 443. The only exception is
 //! an ACME HTTP-01 challenge (`GET /.well-known/acme-challenge/<token>`) for a token being
 //! validated, answered with its key authorisation. HSTS is never sent over plain HTTP (RFC
-//! 6797 §7.2). A request without a valid `Host` gets 400: there is nowhere to send it.
+//! 6797 §7.2). A request without a valid `Host` gets 400: there is nowhere to send it; one for
+//! a name no app of the address claims (several apps, none `default`) gets 421.
 //!
 //! Connection limits and timeouts are the first app's, as on the https address; the listener
 //! runs on the shards like the public ones and stops with them.
@@ -71,7 +72,15 @@ impl Redirect {
             );
         };
         let name = host_name(&host);
-        let port = self.names.pick(name).map_or(443, |site| self.ports[site]);
+        // Only to a site this address serves: with several apps and no `default`, a name none
+        // of them claims is not sent anywhere.
+        let Some(site) = self.names.pick(name) else {
+            return text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "no app on this address serves this host\n".into(),
+            );
+        };
+        let port = self.ports[site];
         let location = match port {
             443 => format!("https://{name}{path}"),
             port => format!("https://{name}:{port}{path}"),

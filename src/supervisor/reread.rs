@@ -59,7 +59,11 @@ impl Supervisor {
             let table = CertTable::load(main, extra).map_err(|e| format!("app {:?}: tls.{e}", app.config.name))?;
             let hosts = config.app(&app.config.name).map_or(&[][..], |a| &a.hosts[..]);
             if let Some(why) = table.worse_than(store.current().as_deref(), hosts, std::time::SystemTime::now()) {
-                return Err(format!("app {:?}: tls.cert {}: {why}", app.config.name, main.cert.display()));
+                return Err(format!(
+                    "app {:?}: tls.cert {}: {why}",
+                    app.config.name,
+                    main.cert.display()
+                ));
             }
             loaded.push((&app.config.name, store, table));
         }

@@ -104,7 +104,12 @@ impl CertTable {
     /// is outside its validity at `now` while the served one is not, or it no longer covers a
     /// name of `hosts` that the served one covers. Swapping such a table in would turn a
     /// working site into one every client refuses.
-    pub fn worse_than(&self, current: Option<&CertTable>, hosts: &[String], now: std::time::SystemTime) -> Option<String> {
+    pub fn worse_than(
+        &self,
+        current: Option<&CertTable>,
+        hosts: &[String],
+        now: std::time::SystemTime,
+    ) -> Option<String> {
         let valid = |t: &CertTable| t.main().leaf.not_before <= now && now <= t.main().leaf.not_after;
         if !valid(self) && current.is_none_or(valid) {
             let leaf = &self.main().leaf;
@@ -383,12 +388,16 @@ mod tests {
         let why = expired.worse_than(Some(&served), &[], now).expect("refused");
         assert!(why.contains("not now"), "{why}");
         // Expired for expired is no loss.
-        assert!(expired.worse_than(Some(&table("a.test", 2019, 2020)), &[], now).is_none());
+        assert!(expired
+            .worse_than(Some(&table("a.test", 2019, 2020)), &[], now)
+            .is_none());
         let hosts = vec!["a.test".to_owned()];
         let other = table("b.test", 2020, 2999);
         let why = other.worse_than(Some(&served), &hosts, now).expect("refused");
         assert!(why.contains("\"a.test\""), "{why}");
         assert!(other.worse_than(Some(&served), &[], now).is_none());
-        assert!(table("a.test", 2020, 2999).worse_than(Some(&served), &hosts, now).is_none());
+        assert!(table("a.test", 2020, 2999)
+            .worse_than(Some(&served), &hosts, now)
+            .is_none());
     }
 }
