@@ -170,7 +170,7 @@ impl Proxy {
     /// (a 421, a 503 over `max_connections_per_ip`). Never fails: errors become 4xx/5xx
     /// responses.
     pub async fn serve(
-        self: Arc<Self>,
+        &self,
         req: Request<Incoming>,
         peer: Peer,
         via: Via<'_>,

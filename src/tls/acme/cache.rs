@@ -11,8 +11,11 @@
 //!   key_pem }`. Chain and key live in one file so that one rename replaces both: a crash can
 //!   never leave a new key beside an old chain.
 //!
-//! The directory is created 0700 and every file is written 0600, to a temporary name and then
-//! renamed over the old one (with fsyncs), so a reader sees the old file or the new one, whole.
+//! The directory is created 0700 and every file is written 0600, to a temporary name of its
+//! own (exclusively created) and then renamed over the old one (with fsyncs), so a reader sees
+//! the old file or the new one, whole. A directory that is a symlink, belongs to another user,
+//! or that others may write to is refused with the reason, as is a file that is a symlink
+//! (opened with `O_NOFOLLOW` and checked through its descriptor).
 //! Everything read back is treated as hostile: a symlink, an oversized or malformed file, a
 //! directory or domain list that does not match, a key that does not match its chain, are all
 //! reported as a reason, and the caller logs it and orders a new certificate. Nothing here
@@ -198,13 +201,32 @@ fn hash(parts: &[&str]) -> String {
 }
 
 /// Reads a cache file: `Ok(None)` if absent; an error for anything but a regular file of at
-/// most [`MAX_FILE`] bytes (a symlink is not followed).
+/// most [`MAX_FILE`] bytes in a private directory. The file is opened without following a
+/// symlink and checked through the open descriptor, so nothing can be swapped in between the
+/// check and the read.
 fn read_private(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
+    use std::io::Read;
+    let shown = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        match private_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+    }
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(format!("{}: a symlink, not a regular file", path.display()))
+        }
+        Err(e) => return Err(shown(&e)),
     };
+    let meta = file.metadata().map_err(|e| shown(&e))?;
     if !meta.file_type().is_file() {
         return Err(format!("{}: not a regular file", path.display()));
     }
@@ -215,23 +237,54 @@ fn read_private(path: &Path) -> Result<Option<Vec<u8>>, String> {
             meta.len()
         ));
     }
-    fs::read(path).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes).map_err(|e| shown(&e))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(format!("{}: too large for a cache file", path.display()));
+    }
+    Ok(Some(bytes))
+}
+
+/// Checks that `dir` is a directory (not a symlink) owned by this user that no one else may
+/// write to (as sshd's StrictModes): whoever could rename files in it could have corral serve
+/// their key. Reading is guarded by the files' own mode (0600).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other("not a directory (a symlink is not followed)"));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "owned by uid {}, not by corral's user: the cache holds private keys",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "mode {:o}: others may replace the keys it holds; chmod 700 it",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` atomically, mode 0600, creating `dir` (0700) if needed.
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    private_dir(dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::other("cache file without a name"))?;
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    // A leftover from a crashed write by a process with our pid: ours to replace.
-    match fs::remove_file(&temp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    // A name no other writer uses: this process's id, the time, and a count (create_new below
+    // fails rather than open anything already there).
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(".{name}.{}.{nanos}.{count}.tmp", std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -276,6 +329,28 @@ mod tests {
             rcgen::CertificateParams::new(domains.iter().map(|d| d.to_string()).collect::<Vec<_>>()).expect("params");
         let cert = params.self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// Creates `dir`, mode 0700, as corral would.
+    fn private(dir: &Path) {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).expect("dir");
+    }
+
+    #[test]
+    fn a_cache_directory_others_may_enter_or_a_symlinked_file_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("acme");
+        fs::create_dir(&dir).expect("dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o775)).expect("chmod");
+        let why = write_private(&dir, &dir.join("x.json"), b"key").expect_err("refused");
+        assert!(why.to_string().contains("chmod 700"), "{why}");
+        let why = read_private(&dir.join("x.json")).expect_err("refused");
+        assert!(why.contains("chmod 700"), "{why}");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        fs::write(tmp.path().join("elsewhere"), b"not a cache file").expect("write");
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), dir.join("x.json")).expect("symlink");
+        let why = read_private(&dir.join("x.json")).expect_err("refused");
+        assert!(why.contains("symlink"), "{why}");
     }
 
     fn mode(path: &Path) -> u32 {
@@ -336,7 +411,7 @@ mod tests {
     fn hostile_cache_files_are_reasons_not_panics() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new(&config(tmp.path(), &["a.test"]));
-        fs::create_dir_all(tmp.path().join("acme")).expect("dir");
+        private(&tmp.path().join("acme"));
         let (chain, key) = self_signed(&["a.test"]);
         let (_, other_key) = self_signed(&["a.test"]);
         let good = |chain: &str, key: &str| {
@@ -390,7 +465,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new(&config(tmp.path(), &["a.test"]));
         assert!(cache.load_account().expect("no error").is_none());
-        fs::create_dir_all(tmp.path().join("acme")).expect("dir");
+        private(&tmp.path().join("acme"));
         fs::write(&cache.account_file, b"{\"directory\": \"https://acme.test/dir\"}").expect("write");
         assert!(cache.load_account().is_err());
         cache.forget_account().expect("forgotten");
@@ -403,7 +478,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("acme");
         let path = dir.join("x.json");
-        fs::create_dir_all(&dir).expect("dir");
+        private(&dir);
         fs::write(dir.join(format!(".x.json.{}.tmp", std::process::id())), b"old").expect("write");
         write_private(&dir, &path, b"new").expect("written");
         assert_eq!(fs::read(&path).expect("read"), b"new");
