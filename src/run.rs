@@ -168,6 +168,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 Arc::clone(store),
                 Arc::clone(&challenges),
                 app.http_redirect.is_some(),
+                Arc::clone(&events),
                 shutdown.child_token(),
             ));
         }

@@ -127,6 +127,10 @@ fn tls_alpn_01_certificate_serves_https_and_a_restart_reuses_it_without_the_ca()
     let root = corral.dir.path().join("pebble-root.pem");
     std::fs::write(&root, pebble.issuing_root()?)?;
     fetch_page(port, &root, &corral)?;
+    // The event stream (and corral's log) said so.
+    poll_until(DEADLINE, "the certificate_renewed event in the log", || {
+        corral.logs().contains("event=certificate_renewed").then_some(())
+    })?;
 
     // The account and the certificate are cached, private.
     assert_eq!(mode(&cache), 0o700);

@@ -340,6 +340,11 @@ fn reload_serves_a_new_certificate_to_new_handshakes_and_keeps_open_connections(
         let conn = ca.connect(corral.addr, "localhost", &[b"http/1.1"]).ok()?;
         (conn.conn.peer_certificates()?[0].as_ref() == &new[..]).then_some(())
     })?;
+    assert!(
+        corral.logs().contains("event=certificate_reloaded"),
+        "{}",
+        corral.logs()
+    );
     open.write_all(request)?;
     let (head, _) = read_response(&mut open)?;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

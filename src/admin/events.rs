@@ -66,6 +66,10 @@ pub enum Kind {
     ReloadFailed,
     /// Processes left by a killed earlier run were found and stopped.
     LeftoversStopped,
+    /// ACME issued or renewed an app's certificate, now served to new handshakes.
+    CertificateRenewed,
+    /// A reload re-read an app's certificate files, now served to new handshakes.
+    CertificateReloaded,
 }
 
 impl Kind {
@@ -83,6 +87,8 @@ impl Kind {
             Kind::ReloadDone => "reload_done",
             Kind::ReloadFailed => "reload_failed",
             Kind::LeftoversStopped => "leftovers_stopped",
+            Kind::CertificateRenewed => "certificate_renewed",
+            Kind::CertificateReloaded => "certificate_reloaded",
         }
     }
 }

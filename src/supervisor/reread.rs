@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use tracing::{info, warn};
 
 use super::{ErrorCode, Supervisor};
+use crate::admin::events::{Draft, Kind};
 use crate::config::{Config, Tls};
 use crate::tls::CertTable;
 
@@ -69,8 +70,10 @@ impl Supervisor {
         }
         for (name, store, table) in loaded {
             let subject = table.main().leaf.subject.clone();
+            let expires = crate::logs::files::timestamp("YYYY-MM-DD", table.main().leaf.not_after);
             store.replace(table);
             info!(app = %name, %subject, "certificates re-read");
+            self.emit(Draft::new(Kind::CertificateReloaded, name).message(format!("{subject}, expires {expires}")));
         }
         Ok(())
     }

@@ -59,6 +59,7 @@ use instant_acme::ChallengeType;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::events::{Draft, Events, Kind};
 use crate::config::AcmeConfig;
 use crate::tls::{CertStore, Challenges};
 use cache::{Cache, Issued};
@@ -74,6 +75,7 @@ pub async fn run(
     store: Arc<CertStore>,
     challenges: Arc<Challenges>,
     http01: bool,
+    events: Arc<Events>,
     shutdown: CancellationToken,
 ) {
     let manager = Manager {
@@ -83,6 +85,7 @@ pub async fn run(
         store,
         challenges,
         http01,
+        events,
     };
     tokio::select! {
         () = shutdown.cancelled() => {}
@@ -98,6 +101,8 @@ struct Manager {
     store: Arc<CertStore>,
     challenges: Arc<Challenges>,
     http01: bool,
+    /// `certificate_renewed` goes here.
+    events: Arc<Events>,
 }
 
 impl Manager {
@@ -139,6 +144,10 @@ impl Manager {
                     info!(app = %self.app, %domains, expires = %when(issued.not_after), "certificate issued");
                     self.store.install_acme(Arc::clone(&issued.key));
                     self.store.set_problem(None);
+                    self.events.emit(
+                        Draft::new(Kind::CertificateRenewed, &self.app)
+                            .message(format!("{domains}, expires {}", when(issued.not_after))),
+                    );
                     let saved = issued.clone();
                     if let Err(reason) = blocking(&self.cache, move |c| c.save_certificate(&saved)).await {
                         warn!(app = %self.app, %reason, "could not cache the certificate; the next start orders another");

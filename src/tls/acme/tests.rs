@@ -62,6 +62,7 @@ impl Task {
             Arc::clone(&store),
             Arc::clone(challenges),
             http01,
+            Arc::new(crate::admin::events::Events::default()),
             shutdown.clone(),
         ));
         Task {
