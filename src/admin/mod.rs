@@ -10,13 +10,15 @@
 //! Endpoints: `GET /healthz` (the front process answers), `GET /readyz` (every app has a ready
 //! worker), `GET /metrics` (Prometheus text, [`crate::metrics`]; the worker gauges from a status
 //! taken for the scrape), `GET /api/status` (the JSON of `corral status --json`), `GET /api/events`
-//! (Server-Sent Events, [`events`]), `POST /api/reload`, `POST /api/apps/APP/start`,
+//! (Server-Sent Events, [`events`]; `Last-Event-ID`, or `?last_event_id=N`, replays the kept
+//! ones after N), `GET /` (the [`dashboard`]), `POST /api/reload`, `POST /api/apps/APP/start`,
 //! `/restart`, `/stop`, `/scale?n=N`, and `POST /login`.
 //!
 //! Limits: request heads within 10 s and 16 KiB, bodies of at most 64 KiB, at most
 //! [`MAX_CONNECTIONS`] connections at once (more wait in the backlog).
 
 pub mod auth;
+pub mod dashboard;
 pub mod events;
 
 use std::convert::Infallible;
@@ -179,6 +181,10 @@ impl State {
             _ => {}
         }
         if let Err(refusal) = self.access.authenticate(req.headers()) {
+            // A browser without the cookie gets the page (no data in it), which asks for the token.
+            if refusal == Refusal::Unauthenticated && req.method() == Method::GET && path == "/" {
+                return dashboard::page(StatusCode::UNAUTHORIZED);
+            }
             // `/login` is how a browser without the cookie gets one.
             if !(path == "/login" && refusal == Refusal::Unauthenticated) {
                 return refused(refusal, self.access.has_token());
@@ -194,9 +200,12 @@ impl State {
             .headers()
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            // EventSource cannot set the header on its first connection: the page asks by query.
+            .or_else(|| query_value(&query, "last_event_id").and_then(|v| v.parse().ok()));
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
+            (Method::GET, [""]) => dashboard::page(StatusCode::OK),
             (Method::GET, ["api", "status"]) => self.run(Request::Status).await,
             (Method::GET, ["metrics"]) => self.metrics().await,
             (Method::GET, ["api", "events"]) => self.events.stream(last_event, self.shutdown.clone()),
