@@ -20,6 +20,7 @@
 //! on reload) and decides what to do with it.
 
 mod cpus;
+pub mod habits;
 mod parse;
 mod table;
 mod tls;
@@ -57,6 +58,18 @@ pub struct Config {
     pub warnings: Vec<Problem>,
 }
 
+/// `watch`, `ignore_watch`, `watch_delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Watched files and directories (absolute).
+    pub paths: Vec<PathBuf>,
+    /// Names or patterns of paths not watched: a name matches any path component, `*` matches
+    /// within one, and a pattern with `/` is a path under `cwd`.
+    pub ignore: Vec<String>,
+    /// The quiet time after the last change before the restart.
+    pub delay: Duration,
+}
+
 /// The `[corral]` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CorralConfig {
@@ -83,6 +96,8 @@ pub struct AppConfig {
     pub env: Vec<(String, String)>,
     /// `[app.env_NAME]` tables, in file order: merged over `env` when `--env NAME` chooses one.
     pub envs: Vec<(String, Vec<(String, String)>)>,
+    /// `watch`: a rolling restart when files change. Default: off.
+    pub watch: Option<WatchConfig>,
     /// Name of the variable that carries the worker's port. Default: `PORT`.
     pub port_env: String,
     /// A new worker must accept TCP on its port within this. Default: 10 s.

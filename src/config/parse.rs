@@ -81,6 +81,9 @@ pub(super) const APP_KEYS: &[&str] = &[
     "access_log",
     "access_log_format",
     "request_id",
+    "watch",
+    "ignore_watch",
+    "watch_delay",
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
@@ -96,7 +99,7 @@ fn read_corral(value: Spanned<DeValue<'_>>, base: &Path, r: &mut Report<'_>) -> 
     };
     let mut t = Table::new(table, span, "corral: ".into());
     t.known = &["log_file"];
-    let log_file = t.optional("log_file", r, read_path).map(|p| base.join(p));
+    let log_file = t.optional("log_file", r, read_string).map(|p| base.join(p));
     t.finish(r, &[]);
     CorralConfig { log_file }
 }
@@ -305,6 +308,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let access_log_path = t.optional("access_log", r, read_string).map(|p| base.join(p));
     let access_log_format = t.optional("access_log_format", r, read_access_log_format);
     let request_id = t.optional("request_id", r, read_bool).unwrap_or(true);
+    let watch = super::habits::read_watch(&mut t, &cwd, r);
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);
 
@@ -393,6 +397,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         hsts,
         access_log,
         request_id,
+        watch,
     })
 }
 

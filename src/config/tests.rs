@@ -26,8 +26,17 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
     assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
     // Switching users needs root, and the example runs as whoever tries it, on plain HTTP
-    // without certificates: these are shown commented.
-    let commented = ["user", "group", "http_redirect", "hosts", "default", "hsts"];
+    // without certificates, and does not watch files: these are shown commented.
+    let commented = [
+        "user",
+        "group",
+        "http_redirect",
+        "hosts",
+        "default",
+        "hsts",
+        "ignore_watch",
+        "watch_delay",
+    ];
     for key in super::parse::APP_KEYS {
         let documented = EXAMPLE.contains(&format!("\n{key} = "))
             || EXAMPLE.contains(&format!("\n# [app.{key}]"))

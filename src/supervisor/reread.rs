@@ -38,6 +38,11 @@ impl Supervisor {
                 format!("{why}\nnothing was changed: the running workers keep serving"),
             ));
         }
+        for app in &self.apps {
+            if config.app(&app.config.name).is_some_and(|fresh| fresh.watch != app.config.watch) {
+                warn!(app = %app.config.name, "watch, ignore_watch and watch_delay are read at start: the change applies at the next start of corral");
+            }
+        }
         for warning in &config.warnings {
             warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);
         }
