@@ -68,3 +68,5 @@ pub mod supervisor;
 pub mod tls;
 // `watch`: rolling restarts when an app's files change.
 pub mod watch;
+// Reaping orphans re-parented to corral (subreaper, PID 1 in a container).
+pub mod reaper;

@@ -72,6 +72,8 @@ pub enum RunError {
 
 /// Runs `config` until stopped.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    // Before any worker exists, so that every orphan of theirs comes to corral.
+    crate::reaper::become_subreaper();
     crate::limits::raise();
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
@@ -134,6 +136,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .with_metrics(Arc::clone(&metrics));
 
     let shutdown = CancellationToken::new();
+    tokio::spawn(crate::reaper::run(shutdown.child_token()));
     tokio::spawn(Arc::clone(&metrics).sample_every(handle.clone(), shutdown.child_token()));
     let runtime_dir = control
         .path()

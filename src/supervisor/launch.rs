@@ -79,6 +79,7 @@ impl Supervisor {
         let events = self.events.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            crate::reaper::waited_for(pid);
             // The exit is reported with the worker's last lines, so wait for its pipes to be
             // read to their end first; a grandchild may keep them open, hence the bound.
             let drained = async {

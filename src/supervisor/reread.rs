@@ -39,7 +39,10 @@ impl Supervisor {
             ));
         }
         for app in &self.apps {
-            if config.app(&app.config.name).is_some_and(|fresh| fresh.watch != app.config.watch) {
+            if config
+                .app(&app.config.name)
+                .is_some_and(|fresh| fresh.watch != app.config.watch)
+            {
                 warn!(app = %app.config.name, "watch, ignore_watch and watch_delay are read at start: the change applies at the next start of corral");
             }
         }

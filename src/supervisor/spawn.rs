@@ -171,7 +171,8 @@ pub fn spawn(app: &AppConfig, slot: usize, port: Option<u16>) -> Result<Spawned,
             Ok(())
         });
     }
-    let child = command.spawn().map_err(exec_error)?;
+    // Recorded for the reaper, which must leave the workers to tokio.
+    let child = crate::reaper::spawned(|| command.spawn(), tokio::process::Child::id).map_err(exec_error)?;
     let channel = match channel {
         None => None,
         Some((ours, theirs)) => {

@@ -180,6 +180,9 @@ pub struct Corral {
     pub config: PathBuf,
     pub addr: SocketAddr,
     seen_pids: RefCell<BTreeSet<u32>>,
+    /// The instance runs in a PID namespace of its own: the pids its status shows are not
+    /// this namespace's, so they are neither recorded nor killed (killing its child kills it).
+    own_pid_namespace: std::cell::Cell<bool>,
 }
 
 impl Corral {
@@ -235,6 +238,7 @@ impl Corral {
             config: path,
             addr,
             seen_pids: RefCell::default(),
+            own_pid_namespace: std::cell::Cell::new(false),
         })
     }
 
@@ -282,6 +286,11 @@ impl Corral {
         Ok(())
     }
 
+    /// Marks the instance as running in a PID namespace of its own (see the field).
+    pub fn in_own_pid_namespace(&self) {
+        self.own_pid_namespace.set(true);
+    }
+
     /// Starts `corral run` again on the same config (after the previous one exited).
     pub fn respawn(&self) -> std::io::Result<()> {
         self.launch(&[], &[])
@@ -324,8 +333,10 @@ impl Corral {
             return None;
         }
         let status: Value = serde_json::from_slice(&output.stdout).ok()?;
-        for pid in pids_in(&status) {
-            self.seen_pids.borrow_mut().insert(pid);
+        if !self.own_pid_namespace.get() {
+            for pid in pids_in(&status) {
+                self.seen_pids.borrow_mut().insert(pid);
+            }
         }
         Some(status)
     }
