@@ -21,6 +21,7 @@
 
 mod cpus;
 mod parse;
+pub mod pm2;
 mod table;
 mod tls;
 pub mod units;
