@@ -375,7 +375,7 @@ async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static s
                 tokio::spawn(async move {
                     // Progress lines are logged by the supervisor itself.
                     let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
-                    match supervisor.reload(None, progress).await {
+                    match supervisor.reload(None, None, progress).await {
                         Ok(summary) => info!("SIGHUP: {summary}"),
                         Err(why) => error!("SIGHUP: {why}"),
                     }
