@@ -1,4 +1,4 @@
-//! The command line: `corral run | check | status | stop | reload`, all taking `-c FILE`.
+//! The command line: `corral run | check | status | stop | reload | import ...`, all taking `-c FILE`.
 //!
 //! Exit codes: 0 success; 1 failure; 3 no instance is running for this config (as the LSB
 //! `status` convention); 78 the config is invalid (`EX_CONFIG` from sysexits.h).
@@ -16,6 +16,7 @@ use crate::control::{socket_path, Reply, Request};
 use crate::logs::{self, LogFormat};
 
 mod describe;
+mod import;
 mod start;
 mod startup;
 mod table;
@@ -115,6 +116,18 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
     },
+    /// Turn a PM2 ecosystem file (ecosystem.config.js, .cjs, .mjs, .json, .yml) into a
+    /// commented proxy.toml, listing every PM2 key it could not map and why.
+    Import {
+        /// The PM2 file; JavaScript files are run with `node` to read them.
+        file: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Fold each app's `env_NAME` into `[app.env]` (for a file that runs one environment).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
+    },
     /// Rolling restart: replace every worker (or only APP's) with the config it runs, without
     /// reading the file and without dropping a request (PM2's `restart`, minus its downtime).
     Restart {
@@ -179,6 +192,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(code)
         }
+        Command::Import { file, output, env } => import::import(&file, output.as_deref(), env.as_deref()),
         Command::Startup { user } => startup(&cli.config, user.as_deref()),
         Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),

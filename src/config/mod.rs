@@ -22,6 +22,7 @@
 mod cpus;
 pub mod habits;
 mod parse;
+pub mod pm2;
 mod table;
 mod tls;
 pub mod units;
