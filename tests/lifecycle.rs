@@ -386,3 +386,20 @@ fn startup_prints_a_notify_unit_for_this_config() -> TestResult {
     assert!(unit.contains(&format!("run -c {}", example.display())), "{unit}");
     Ok(())
 }
+
+#[test]
+fn the_container_config_in_deploy_passes_check() -> TestResult {
+    // deploy/proxy.toml runs in the image, where /app exists and the Secret sets the token.
+    let dir = tempfile::tempdir()?;
+    let text = std::fs::read_to_string(support::fixture("../../deploy/proxy.toml"))?
+        .replace("cwd = \"/app\"", &format!("cwd = {:?}", dir.path()));
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, text)?;
+    let out = std::process::Command::new(support::corral_bin())
+        .args(["check", "-c"])
+        .arg(&config)
+        .env("CORRAL_ADMIN_TOKEN", "a-token-of-at-least-16-characters")
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
