@@ -50,6 +50,11 @@ pub enum Request {
         /// Only this app.
         app: Option<String>,
     },
+    /// Empty the log files (worker out/err files and the access log) of an app, or of all.
+    Flush {
+        /// Only this app.
+        app: Option<String>,
+    },
     /// Recent worker output kept in memory.
     Logs {
         /// Only this app.
@@ -98,6 +103,7 @@ pub async fn execute(
         }
         Request::Reload { app } => supervisor.reload(app, progress).await.map(Answer::Done),
         Request::Logs { app, lines } => supervisor.logs(app, lines).await.map(Answer::Logs),
+        Request::Flush { app } => supervisor.flush(app).await.map(Answer::Done),
     }
 }
 
