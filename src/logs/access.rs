@@ -19,7 +19,7 @@
 //!
 //! Times are local with their offset, as nginx's `$time_local` (`[10/Oct/2000:13:55:36 +0530]`,
 //! JSON `"2000-10-10T13:55:36.123+05:30"`), or UTC with the app's `log_utc` (`+0000`, JSON
-//! `...Z`), the same zone as the app's worker logs.
+//! `...Z`, as whenever the offset is zero), the same zone as the app's worker logs.
 //!
 //! Client bytes never shape a line: the method, target, user agent and referer are escaped.
 //! In `combined`, as nginx does, every byte below 0x20, 0x7f and above, `"` and `\` becomes
@@ -457,7 +457,7 @@ struct Clock {
     combined: [u8; 26],
     /// `2000-10-10T13:55:36`
     iso: [u8; 19],
-    /// `+05:30`, or `Z` in UTC.
+    /// `+05:30`, or `Z` at offset zero.
     iso_offset: String,
 }
 
@@ -474,9 +474,11 @@ impl Clock {
             let (hour, minute, sec) = (of_day / 3600, (of_day / 60) % 60, of_day % 60);
             let sign = if offset < 0 { '-' } else { '+' };
             let (off_h, off_m) = (offset.unsigned_abs() / 3600, (offset.unsigned_abs() / 60) % 60);
-            self.iso_offset = match zone {
-                Zone::Utc => "Z".to_owned(),
-                Zone::Local => format!("{sign}{off_h:02}:{off_m:02}"),
+            // RFC 3339 either way; `Z` whenever the offset is zero, as before local time.
+            self.iso_offset = if offset == 0 {
+                "Z".to_owned()
+            } else {
+                format!("{sign}{off_h:02}:{off_m:02}")
             };
             const MONTHS: [&str; 12] = [
                 "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",

@@ -187,16 +187,18 @@ impl OutputSink {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the output thread; worker output is discarded");
         }
-        // The clock of rotations by time; it ends with the thread (the channel closes).
+        // The clock of rotations by time. It holds a weak sender, so it does not keep the
+        // thread alive: once every sink is gone, it ends too.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let ticks = tx.clone();
+            let ticks = tx.downgrade();
             runtime.spawn(async move {
                 let mut every = tokio::time::interval(TICK);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
+                    let Some(tx) = ticks.upgrade() else { return };
                     // Full: lines are flowing, and each write checks its own file's time.
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = ticks.try_send(Line::Tick) {
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Line::Tick) {
                         return;
                     }
                 }

@@ -26,8 +26,8 @@
 //! ([`Handle`], [`Command`], [`Scale`]); `launch` spawning a worker and starting a slot;
 //! `lifecycle` what follows from a worker's events (ready, never ready, drained, exited);
 //! `drain` stops, drains and the shutdown; `reload` the rolling reload; `health` passive and
-//! active health checks, the memory cap and replacements; `admin` `status`, `scale` and
-//! `stop APP`; `probe` the readiness checks; `policy` the restart decisions; `spawn` the
+//! active health checks, the memory cap and replacements; `admin` `status`, `scale`,
+//! `stop APP` and `flush`; `probe` the readiness checks; `policy` the restart decisions; `spawn` the
 //! process-level work.
 
 mod admin;
