@@ -49,6 +49,9 @@ pub enum Request {
     Reload {
         /// Only this app.
         app: Option<String>,
+        /// `--env NAME`: merge this `[app.env_NAME]` from now on (else the one in use stays).
+        #[serde(default)]
+        env: Option<String>,
     },
     /// Empty the log files (worker out/err files and the access log) of an app, or of all.
     Flush {
@@ -101,7 +104,7 @@ pub async fn execute(
                 .map_err(|message| CommandError::new(ErrorCode::BadRequest, message))?;
             supervisor.scale(app, change).await.map(Answer::Done)
         }
-        Request::Reload { app } => supervisor.reload(app, progress).await.map(Answer::Done),
+        Request::Reload { app, env } => supervisor.reload(app, env, progress).await.map(Answer::Done),
         Request::Logs { app, lines } => supervisor.logs(app, lines).await.map(Answer::Logs),
         Request::Flush { app } => supervisor.flush(app).await.map(Answer::Done),
     }

@@ -68,3 +68,5 @@ pub mod sites;
 pub mod supervisor;
 // TLS at the edge: certificates by SNI, ticket keys, ACME.
 pub mod tls;
+// `watch`: rolling restarts when an app's files change.
+pub mod watch;

@@ -136,6 +136,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(Arc::clone(&metrics).sample_every(handle.clone(), shutdown.child_token()));
+    let runtime_dir = control
+        .path()
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    for app in &config.apps {
+        let own = crate::watch::Own::of(app, &config.path, &runtime_dir);
+        if let Err(why) = crate::watch::spawn(app, own, handle.clone(), Arc::clone(&events), shutdown.child_token()) {
+            // Serving matters more than watching: the app runs, the log says why nothing is watched.
+            error!("{why}");
+        }
+    }
     if access_logs.is_some() {
         for runtime in shards.handles() {
             runtime.spawn(crate::logs::access::flush_every(shutdown.child_token()));
@@ -376,7 +388,7 @@ async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static s
                 tokio::spawn(async move {
                     // Progress lines are logged by the supervisor itself.
                     let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
-                    match supervisor.reload(None, progress).await {
+                    match supervisor.reload(None, None, progress).await {
                         Ok(summary) => info!("SIGHUP: {summary}"),
                         Err(why) => error!("SIGHUP: {why}"),
                     }

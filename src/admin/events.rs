@@ -70,6 +70,8 @@ pub enum Kind {
     CertificateRenewed,
     /// A reload re-read an app's certificate files, now served to new handshakes.
     CertificateReloaded,
+    /// Files under `watch` changed and the app was restarted (rolling).
+    WatchRestart,
 }
 
 impl Kind {
@@ -89,6 +91,7 @@ impl Kind {
             Kind::LeftoversStopped => "leftovers_stopped",
             Kind::CertificateRenewed => "certificate_renewed",
             Kind::CertificateReloaded => "certificate_reloaded",
+            Kind::WatchRestart => "watch_restart",
         }
     }
 }

@@ -218,8 +218,12 @@ impl State {
             (Method::POST, ["api", "reload"]) => match read_json(req).await {
                 Err(response) => response,
                 Ok(body) => {
-                    let app = body.get("app").and_then(|a| a.as_str()).map(str::to_owned);
-                    self.run(Request::Reload { app }).await
+                    let field = |name: &str| body.get(name).and_then(|a| a.as_str()).map(str::to_owned);
+                    self.run(Request::Reload {
+                        app: field("app"),
+                        env: field("env"),
+                    })
+                    .await
                 }
             },
             (Method::POST, ["api", "apps", app, action]) => {

@@ -15,6 +15,8 @@ use crate::control::client::{self, ClientError};
 use crate::control::{socket_path, Reply, Request};
 use crate::logs::{self, LogFormat};
 
+mod describe;
+mod start;
 mod startup;
 mod table;
 
@@ -42,9 +44,26 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run in the foreground: bind, start the workers, proxy; stop on SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// Merge each app's `[app.env_NAME]` over its `[app.env]` (PM2's `--env`).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
+    },
     /// Validate the config and print what it would run; exit non-zero naming every problem.
     Check,
+    /// Start `corral run` in the background (like `pm2 start`); return once every app is
+    /// ready, printing the status table, or fail with the failing worker's report.
+    Start {
+        /// Merge each app's `[app.env_NAME]` over its `[app.env]` (PM2's `--env`).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
+    },
+    /// Everything about one app of the running instance (like `pm2 describe`): its config,
+    /// workers, last exits and log files.
+    Describe {
+        /// The app.
+        app: String,
+    },
     /// Show the workers of the running instance (like `pm2 ls`).
     Status {
         /// Only this app.
@@ -98,6 +117,9 @@ enum Command {
     Reload {
         /// Only this app.
         app: Option<String>,
+        /// Use `[app.env_NAME]` from now on (default: the one in use stays).
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
     },
     /// Rolling restart: replace every worker (or only APP's) with the config it runs, without
     /// reading the file and without dropping a request (PM2's `restart`, minus its downtime).
@@ -122,11 +144,13 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check => Ok(check(&cli.config)),
-        Command::Run => {
+        Command::Start { env } => start::start(&cli.config, env.as_deref(), cli.log_format),
+        Command::Describe { app } => describe::describe(&cli.config, &app),
+        Command::Run { env } => {
             logs::init(cli.log_format);
-            let config = match Config::load(&cli.config) {
+            let config = match load(&cli.config, env.as_deref()) {
                 Ok(config) => config,
-                Err(e) => return Ok(config_error(&e)),
+                Err(code) => return Ok(code),
             };
             // The supervisor, control socket and signals; the proxy runs on its own threads
             // (crate::shards).
@@ -165,9 +189,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
         Command::Flush { app } => control(&cli.config, Request::Flush { app }, print_reply),
-        Command::Reload { app } => control_with_deadline(
+        Command::Reload { app, env } => control_with_deadline(
             &cli.config,
-            Request::Reload { app },
+            Request::Reload { app, env },
             Duration::from_secs(3600),
             print_reply,
         ),
@@ -304,6 +328,18 @@ fn logs(path: &std::path::Path, only: Option<&str>, lines: usize, follow: bool) 
         tail::follow(&sources, &mut std::io::stdout().lock())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The config at `path` with `--env` applied, or the exit code after saying what is wrong.
+fn load(path: &std::path::Path, env: Option<&str>) -> Result<Config, ExitCode> {
+    let mut config = Config::load(path).map_err(|e| config_error(&e))?;
+    if let Some(name) = env {
+        config.choose_env(name).map_err(|why| {
+            eprintln!("corral: {}: {why}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    }
+    Ok(config)
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

@@ -4,7 +4,7 @@ use crate::config::units;
 use crate::supervisor::status::Status;
 
 /// One app's certificate for `status`: subject and expiry, and what is wrong if anything.
-fn certificate_line(tls: &crate::tls::CertStatus) -> String {
+pub(super) fn certificate_line(tls: &crate::tls::CertStatus) -> String {
     let mut line = match (&tls.subject, tls.not_after) {
         (Some(subject), Some(not_after)) => {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after);
@@ -112,8 +112,9 @@ pub(super) fn table(status: &Status) -> String {
             None => format!("{}: {}/{} running", a.name, a.ready, a.instances),
         })
         .collect();
+    let env = status.env.as_ref().map(|e| format!(", env {e}")).unwrap_or_default();
     out.push_str(&format!(
-        "corral pid {}, up {}; {}\n",
+        "corral pid {}, up {}{env}; {}\n",
         status.pid,
         uptime(status.uptime_ms),
         apps.join("; ")

@@ -20,6 +20,7 @@
 //! on reload) and decides what to do with it.
 
 mod cpus;
+pub mod habits;
 mod parse;
 mod table;
 mod tls;
@@ -48,9 +49,33 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     /// `[admin]`: the admin HTTP listener (metrics, API, events, dashboard). Default: off.
     pub admin: Option<AdminConfig>,
+    /// `[corral]`: settings of corral itself.
+    pub corral: CorralConfig,
+    /// The `[app.env_NAME]` chosen with `--env NAME` (merged into the apps' `env`), if any.
+    pub env_name: Option<String>,
     /// What works but is probably a mistake (an expired certificate, ...): `check` shows
     /// these, `run` and `reload` log them.
     pub warnings: Vec<Problem>,
+}
+
+/// `watch`, `ignore_watch`, `watch_delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Watched files and directories (absolute).
+    pub paths: Vec<PathBuf>,
+    /// Names or patterns of paths not watched: a name matches any path component, `*` matches
+    /// within one, and a pattern with `/` is a path under `cwd`.
+    pub ignore: Vec<String>,
+    /// The quiet time after the last change before the restart.
+    pub delay: Duration,
+}
+
+/// The `[corral]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorralConfig {
+    /// Where `corral start` writes corral's own log. Default: beside the state file in the
+    /// runtime directory (`<socket>.log`).
+    pub log_file: Option<PathBuf>,
 }
 
 /// One `[[app]]`: a command run as N workers, optionally behind a public address.
@@ -69,6 +94,10 @@ pub struct AppConfig {
     pub instances: Instances,
     /// Extra environment for the workers, in file order.
     pub env: Vec<(String, String)>,
+    /// `[app.env_NAME]` tables, in file order: merged over `env` when `--env NAME` chooses one.
+    pub envs: Vec<(String, Vec<(String, String)>)>,
+    /// `watch`: a rolling restart when files change. Default: off.
+    pub watch: Option<WatchConfig>,
     /// Name of the variable that carries the worker's port. Default: `PORT`.
     pub port_env: String,
     /// A new worker must accept TCP on its port within this. Default: 10 s.
@@ -492,13 +521,50 @@ impl Config {
     /// Validates config text as if it were read from `path` (which anchors relative `cwd`s).
     pub fn from_str(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
         let base = path.parent().unwrap_or(Path::new("/"));
-        let (apps, admin, warnings) = parse::parse(text, base)?;
+        let (apps, admin, corral, warnings) = parse::parse(text, base)?;
         Ok(Config {
             path: path.to_path_buf(),
             apps,
             admin,
+            corral,
+            env_name: None,
             warnings,
         })
+    }
+
+    /// Applies `--env NAME`: every app's `[app.env_NAME]` is merged over its `env` (a variable
+    /// in both takes the `env_NAME` value; apps without the table keep their `env`), as PM2's
+    /// `--env`. An error when no app has the table: a misspelt name must not pass silently.
+    pub fn choose_env(&mut self, name: &str) -> Result<(), String> {
+        if !self.apps.iter().any(|a| a.envs.iter().any(|(set, _)| set == name)) {
+            let known: std::collections::BTreeSet<&str> = self
+                .apps
+                .iter()
+                .flat_map(|a| a.envs.iter().map(|(s, _)| s.as_str()))
+                .collect();
+            let known = if known.is_empty() {
+                "the file has no [app.env_NAME] table".to_owned()
+            } else {
+                format!(
+                    "it has {}",
+                    known.iter().map(|s| format!("env_{s}")).collect::<Vec<_>>().join(", ")
+                )
+            };
+            return Err(format!("--env {name}: no app has [app.env_{name}]; {known}"));
+        }
+        for app in &mut self.apps {
+            let Some((_, vars)) = app.envs.iter().find(|(set, _)| set == name) else {
+                continue;
+            };
+            for (key, value) in vars.clone() {
+                match app.env.iter_mut().find(|(k, _)| *k == key) {
+                    Some(slot) => slot.1 = value,
+                    None => app.env.push((key, value)),
+                }
+            }
+        }
+        self.env_name = Some(name.to_owned());
+        Ok(())
     }
 
     /// The app with this name.

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 use super::table::{Lines, Report, Table};
 use super::values::*;
 use super::{
-    AccessLog, AccessLogFormat, AdminConfig, AppConfig, Balance, HttpLimits, Instances, LogFiles, Problem, Sticky,
+    AccessLog, AccessLogFormat, AdminConfig, AppConfig, Balance, CorralConfig, HttpLimits, Instances, LogFiles,
+    Problem, Sticky,
 };
 
 /// Keys that PM2 users will reach for and that this version does not implement yet: they get a
@@ -82,11 +84,28 @@ pub(super) const APP_KEYS: &[&str] = &[
     "access_log",
     "access_log_format",
     "request_id",
+    "watch",
+    "ignore_watch",
+    "watch_delay",
 ];
 
 /// Parses config text; relative `cwd`s resolve against `base`.
 /// The apps, the `[admin]` table, and the warnings of a valid file.
-type Parsed = (Vec<AppConfig>, Option<AdminConfig>, Vec<Problem>);
+type Parsed = (Vec<AppConfig>, Option<AdminConfig>, CorralConfig, Vec<Problem>);
+
+/// The `[corral]` table: settings of corral itself.
+fn read_corral(value: Spanned<DeValue<'_>>, base: &Path, r: &mut Report<'_>) -> CorralConfig {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        r.at(span, "`corral` must be a table: write [corral]");
+        return CorralConfig::default();
+    };
+    let mut t = Table::new(table, span, "corral: ".into());
+    t.known = &["log_file"];
+    let log_file = t.optional("log_file", r, read_string).map(|p| base.join(p));
+    t.finish(r, &[]);
+    CorralConfig { log_file }
+}
 
 pub(super) fn parse(text: &str, base: &Path) -> Result<Parsed, Vec<Problem>> {
     let lines = Lines::new(text);
@@ -136,12 +155,16 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Parsed, Vec<Problem>> {
     let admin = top
         .take("admin")
         .and_then(|(_, value)| read_admin(value, base, &apps, &mut report));
+    let corral = top
+        .take("corral")
+        .map(|(_, value)| read_corral(value, base, &mut report))
+        .unwrap_or_default();
     top.finish(&mut report, &[]);
     check_across_apps(&apps, &mut report);
 
     if problems.is_empty() {
         warnings.sort_by_key(|p| (p.line, p.column));
-        Ok((apps.into_iter().map(|(app, _)| app).collect(), admin, warnings))
+        Ok((apps.into_iter().map(|(app, _)| app).collect(), admin, corral, warnings))
     } else {
         problems.sort_by_key(|p| (p.line, p.column));
         Err(problems)
@@ -162,6 +185,24 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .optional("instances", r, read_instances)
         .unwrap_or(Instances::Count(NonZeroUsize::MIN));
     let env = t.optional("env", r, read_env).unwrap_or_default();
+    let mut envs = Vec::new();
+    for (key, span, value) in t.take_prefixed("env_") {
+        let set = &key["env_".len()..];
+        if set.is_empty() || !set.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            r.at(
+                span,
+                format!(
+                    "{}{key}: an environment's name is letters, digits, `_` and `-` ([app.env_production])",
+                    t.context
+                ),
+            );
+            continue;
+        }
+        match read_env(value.get_ref()) {
+            Ok(vars) => envs.push((set.to_owned(), vars)),
+            Err(message) => r.at(value.span(), format!("{}{key}: {message}", t.context)),
+        }
+    }
     let port_env = t
         .optional("port_env", r, read_env_name)
         .unwrap_or_else(|| "PORT".into());
@@ -273,6 +314,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let access_log_path = t.optional("access_log", r, read_string).map(|p| base.join(p));
     let access_log_format = t.optional("access_log_format", r, read_access_log_format);
     let request_id = t.optional("request_id", r, read_bool).unwrap_or(true);
+    let watch = super::habits::read_watch(&mut t, &cwd, r);
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);
 
@@ -330,6 +372,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         listen,
         instances,
         env,
+        envs,
         port_env,
         listen_timeout,
         kill_timeout,
@@ -360,6 +403,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         hsts,
         access_log,
         request_id,
+        watch,
     })
 }
 

@@ -83,6 +83,22 @@ impl<'i> Table<'i> {
         Some((k.span(), v))
     }
 
+    /// Takes every key that starts with `prefix`, in file order: (key, its span, value).
+    pub(super) fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, Range<usize>, Spanned<DeValue<'i>>)> {
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for (k, v) in std::mem::take(&mut self.entries) {
+            if k.get_ref().as_ref().starts_with(prefix) {
+                taken.push((k.get_ref().as_ref().to_owned(), k.span(), v));
+            } else {
+                kept.push((k, v));
+            }
+        }
+        self.entries = kept;
+        taken.sort_by_key(|(_, span, _)| span.start);
+        taken
+    }
+
     pub(super) fn optional<T>(
         &mut self,
         key: &str,

@@ -26,8 +26,17 @@ fn the_example_config_is_valid_and_documents_every_key() {
     assert_eq!(app.listen, Some("127.0.0.1:4321".parse().expect("addr")));
     assert_eq!(app.env, vec![("NODE_ENV".to_owned(), "production".to_owned())]);
     // Switching users needs root, and the example runs as whoever tries it, on plain HTTP
-    // without certificates: these are shown commented.
-    let commented = ["user", "group", "http_redirect", "hosts", "default", "hsts"];
+    // without certificates, and does not watch files: these are shown commented.
+    let commented = [
+        "user",
+        "group",
+        "http_redirect",
+        "hosts",
+        "default",
+        "hsts",
+        "ignore_watch",
+        "watch_delay",
+    ];
     for key in super::parse::APP_KEYS {
         let documented = EXAMPLE.contains(&format!("\n{key} = "))
             || EXAMPLE.contains(&format!("\n# [app.{key}]"))
@@ -292,4 +301,48 @@ fn the_edge_keys_need_tls_and_tls_needs_its_files() {
     };
     assert_eq!(acme.directory, super::tls::LETS_ENCRYPT);
     assert_eq!(acme.cache_dir, repo_root().join("acme"));
+}
+
+#[test]
+fn env_tables_merge_over_env_when_chosen_and_bad_ones_are_named() {
+    let text = r#"
+[[app]]
+name = "a"
+command = ["node", "a.js"]
+[app.env]
+NODE_ENV = "development"
+KEPT = 1
+[app.env_production]
+NODE_ENV = "production"
+ADDED = true
+
+[[app]]
+name = "b"
+command = ["node", "b.js"]
+[app.env]
+NODE_ENV = "development"
+"#;
+    let mut config = parse(text).unwrap_or_else(|p| panic!("{p:?}"));
+    assert_eq!(config.apps[0].envs.len(), 1);
+    let why = config.clone().choose_env("staging").expect_err("no such table");
+    assert!(why.contains("env_production"), "{why}");
+    config.choose_env("production").expect("chosen");
+    let pairs = |app: &AppConfig| {
+        let mut pairs = app.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        pairs.sort();
+        pairs
+    };
+    assert_eq!(pairs(&config.apps[0]), ["ADDED=true", "KEPT=1", "NODE_ENV=production"]);
+    // An app without the table keeps its own.
+    assert_eq!(pairs(&config.apps[1]), ["NODE_ENV=development"]);
+    assert_eq!(config.env_name.as_deref(), Some("production"));
+
+    let bad =
+        messages("[[app]]\nname = \"a\"\ncommand = [\"x\"]\nenv_ = { A = \"1\" }\nenv_prod = 3\n\"env_a b\" = {}\n");
+    assert!(bad.iter().any(|m| m.contains("env_: an environment's name")), "{bad:?}");
+    assert!(bad.iter().any(|m| m.contains("env_prod: expected a table")), "{bad:?}");
+    assert!(
+        bad.iter().any(|m| m.contains("env_a b: an environment's name")),
+        "{bad:?}"
+    );
 }

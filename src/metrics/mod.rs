@@ -654,6 +654,7 @@ mod tests {
             reloading: false,
             last_reload: None,
             leftovers_stopped: 0,
+            env: None,
             apps: vec![AppStatus {
                 name: "web".into(),
                 listen: Some("127.0.0.1:1".into()),

@@ -236,6 +236,7 @@ impl Supervisor {
             last_reload: self.last_reload.clone(),
             apps,
             leftovers_stopped: self.leftovers,
+            env: self.env_name.clone(),
         }
     }
 }

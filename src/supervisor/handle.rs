@@ -100,9 +100,15 @@ impl Handle {
     /// Re-reads the config file and replaces the workers of `app` (or of every app), slot by
     /// slot. Progress lines go to `progress`; the answer is the summary, or why nothing (or
     /// not everything) changed.
-    pub async fn reload(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Outcome {
+    pub async fn reload(
+        &self,
+        app: Option<String>,
+        env: Option<String>,
+        progress: mpsc::UnboundedSender<String>,
+    ) -> Outcome {
         self.ask(|reply| Command::Reload {
             app,
+            env,
             reread: true,
             progress,
             reply,
@@ -115,6 +121,7 @@ impl Handle {
     pub async fn restart(&self, app: Option<String>, progress: mpsc::UnboundedSender<String>) -> Outcome {
         self.ask(|reply| Command::Reload {
             app,
+            env: None,
             reread: false,
             progress,
             reply,
@@ -243,6 +250,8 @@ pub enum Command {
     Reload {
         /// Only this app.
         app: Option<String>,
+        /// `--env NAME`: this `[app.env_NAME]` from now on (a reload only).
+        env: Option<String>,
         /// Read the config file (a reload), or run the current configs again (a restart).
         reread: bool,
         /// Progress lines.

@@ -146,6 +146,8 @@ pub struct Supervisor {
     last_reload: Option<ReloadOutcome>,
     /// `[admin]` as it was at start (a reload cannot change it).
     admin: Option<crate::config::AdminConfig>,
+    /// The `[app.env_NAME]` in use (`--env NAME`): it stays until a reload names another.
+    env_name: Option<String>,
     /// Where lifecycle events go (the log, the admin event stream).
     feed: Arc<crate::admin::events::Events>,
     /// Processes of a killed earlier run stopped at start.
@@ -204,6 +206,7 @@ impl Supervisor {
             state_file: None,
             last_reload: None,
             admin: config.admin.clone(),
+            env_name: config.env_name.clone(),
             feed: Arc::default(),
             leftovers: 0,
             metrics: None,
@@ -353,10 +356,11 @@ impl Supervisor {
             }
             Command::Reload {
                 app,
+                env,
                 reread,
                 progress,
                 reply,
-            } => self.begin_reload(app, reread, progress, reply),
+            } => self.begin_reload(app, env, reread, progress, reply),
             Command::Logs { app, lines, reply } => {
                 let _client_gone = reply.send(self.recent_output(app.as_deref(), lines));
             }

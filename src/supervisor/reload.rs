@@ -100,6 +100,7 @@ impl Supervisor {
     pub(super) fn begin_reload(
         &mut self,
         only: Option<String>,
+        env: Option<String>,
         reread: bool,
         progress: mpsc::UnboundedSender<String>,
         reply: oneshot::Sender<Outcome>,
@@ -112,7 +113,7 @@ impl Supervisor {
             return self.refuse_reload(only.as_deref(), reply, ErrorCode::Stopping, "corral is stopping".into());
         }
         let config = if reread {
-            match self.fresh_config(only.as_deref()) {
+            match self.fresh_config(only.as_deref(), env.as_deref()) {
                 Ok(config) => config,
                 Err((code, why)) => return self.refuse_reload(only.as_deref(), reply, code, why),
             }
@@ -122,6 +123,8 @@ impl Supervisor {
                 path: self.config_path.clone(),
                 apps: self.apps.iter().map(|a| (*a.config).clone()).collect(),
                 admin: self.admin.clone(),
+                corral: crate::config::CorralConfig::default(),
+                env_name: self.env_name.clone(),
                 warnings: Vec::new(),
             }
         };
@@ -422,6 +425,8 @@ impl Supervisor {
             return;
         };
         crate::notify::ready();
+        // The environment the reload chose stays for the next ones.
+        self.env_name.clone_from(&run.config.env_name);
         let message = format!(
             "reload done: {} worker(s) replaced in {:.1?} ({})",
             run.replaced,

@@ -12,10 +12,10 @@ use crate::config::{Config, Tls};
 use crate::tls::CertTable;
 
 impl Supervisor {
-    /// The config file, read and checked against what a reload can change; its certificates
-    /// are loaded and swapped in.
-    pub(super) fn fresh_config(&self, only: Option<&str>) -> Result<Config, (ErrorCode, String)> {
-        let config = match Config::load(&self.config_path) {
+    /// The config file, read and checked against what a reload can change, with `env` (else
+    /// the environment in use) merged in; its certificates are loaded and swapped in.
+    pub(super) fn fresh_config(&self, only: Option<&str>, env: Option<&str>) -> Result<Config, (ErrorCode, String)> {
+        let mut config = match Config::load(&self.config_path) {
             Ok(config) => config,
             Err(e) => {
                 return Err((
@@ -24,11 +24,27 @@ impl Supervisor {
                 ))
             }
         };
+        if let Some(name) = env.or(self.env_name.as_deref()) {
+            if let Err(why) = config.choose_env(name) {
+                return Err((
+                    ErrorCode::InvalidConfig,
+                    format!("{why}\nnothing was changed: the running workers keep serving"),
+                ));
+            }
+        }
         if let Err(why) = self.compatible(&config) {
             return Err((
                 ErrorCode::InvalidConfig,
                 format!("{why}\nnothing was changed: the running workers keep serving"),
             ));
+        }
+        for app in &self.apps {
+            if config
+                .app(&app.config.name)
+                .is_some_and(|fresh| fresh.watch != app.config.watch)
+            {
+                warn!(app = %app.config.name, "watch, ignore_watch and watch_delay are read at start: the change applies at the next start of corral");
+            }
         }
         for warning in &config.warnings {
             warn!("{}:{}: {}", self.config_path.display(), warning.line, warning.message);

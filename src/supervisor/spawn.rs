@@ -1,4 +1,5 @@
-//! Starting and signalling worker processes: the one place with `unsafe` (the `pre_exec` hook).
+//! Starting and signalling worker processes: one of the two places with `unsafe` (the
+//! `pre_exec` hook; the other is `corral start`'s `setsid`).
 //!
 //! A worker runs in its own process group (so a stop reaches whatever it forked too), with
 //! `PR_SET_PDEATHSIG = SIGKILL` (so it dies with the front process even if that is SIGKILLed),

@@ -26,6 +26,9 @@ pub struct Status {
     /// Processes left by a killed earlier run that were stopped at start.
     #[serde(default)]
     pub leftovers_stopped: usize,
+    /// The `[app.env_NAME]` in use (`--env NAME`), if any.
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 /// The end of a reload.

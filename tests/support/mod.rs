@@ -437,8 +437,10 @@ impl Drop for Corral {
     }
 }
 
+/// The front process and every worker a status shows (a front started by `corral start` is
+/// not the harness's child: it is killed on drop through this list too).
 fn pids_in(status: &Value) -> Vec<u32> {
-    let mut pids = Vec::new();
+    let mut pids: Vec<u32> = status["pid"].as_u64().map(|p| p as u32).into_iter().collect();
     for app in status["apps"].as_array().into_iter().flatten() {
         for worker in app["workers"].as_array().into_iter().flatten() {
             if let Some(pid) = worker["pid"].as_u64() {
