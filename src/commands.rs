@@ -53,6 +53,11 @@ pub enum Request {
         #[serde(default)]
         env: Option<String>,
     },
+    /// Empty the log files (worker out/err files and the access log) of an app, or of all.
+    Flush {
+        /// Only this app.
+        app: Option<String>,
+    },
     /// Recent worker output kept in memory.
     Logs {
         /// Only this app.
@@ -101,6 +106,7 @@ pub async fn execute(
         }
         Request::Reload { app, env } => supervisor.reload(app, env, progress).await.map(Answer::Done),
         Request::Logs { app, lines } => supervisor.logs(app, lines).await.map(Answer::Logs),
+        Request::Flush { app } => supervisor.flush(app).await.map(Answer::Done),
     }
 }
 

@@ -38,6 +38,8 @@ pub mod cli;
 pub mod commands;
 // `proxy.toml` → validated [`config::Config`].
 pub mod config;
+// Cron expressions and their next firing (`log_rotate_interval`).
+pub mod cron;
 // The control socket between the CLI and a running instance.
 pub mod control;
 // The state file; stopping what a killed earlier run left behind.

@@ -133,7 +133,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .with_certs(certs.clone())
         .with_events(Arc::clone(&events))
         .with_leftovers(leftovers)
-        .with_metrics(Arc::clone(&metrics));
+        .with_metrics(Arc::clone(&metrics))
+        .with_access_logs(access_logs.as_ref().map(AccessLogs::emptier));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::reaper::run(shutdown.child_token()));

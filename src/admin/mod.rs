@@ -12,7 +12,7 @@
 //! taken for the scrape), `GET /api/status` (the JSON of `corral status --json`), `GET /api/events`
 //! (Server-Sent Events, [`events`]; `Last-Event-ID`, or `?last_event_id=N`, replays the kept
 //! ones after N), `GET /` (the [`dashboard`]), `POST /api/reload`, `POST /api/apps/APP/start`,
-//! `/restart`, `/stop`, `/scale?n=N`, and `POST /login`.
+//! `/restart`, `/stop`, `/scale?n=N`, `/flush` (empty its log files), and `POST /login`.
 //!
 //! Limits: request heads within 10 s and 16 KiB, bodies of at most 64 KiB, at most
 //! [`MAX_CONNECTIONS`] connections at once (more wait in the backlog).
@@ -232,6 +232,7 @@ impl State {
                     "start" => Request::StartApp { app },
                     "stop" => Request::StopApp { app },
                     "restart" => Request::Restart { app: Some(app) },
+                    "flush" => Request::Flush { app: Some(app) },
                     "scale" => match query_value(&query, "n") {
                         Some(count) => Request::Scale { app, count },
                         None => return error(CommandError::new(ErrorCode::BadRequest, "scale needs ?n=N (or +N, -N)")),

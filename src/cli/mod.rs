@@ -90,6 +90,12 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Empty the log files of the running instance (every app's, or APP's): worker `out_file`
+    /// and `error_file`, and the access log, like `pm2 flush`; rotated files are kept.
+    Flush {
+        /// Only this app.
+        app: Option<String>,
+    },
     /// Print a systemd unit that runs this config at boot, and how to install it.
     Startup {
         /// The user the unit runs corral as (like `pm2 startup -u`); default: the current one.
@@ -196,6 +202,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Startup { user } => startup(&cli.config, user.as_deref()),
         Command::Logs { app, lines, follow } => logs(&cli.config, app.as_deref(), lines, follow),
         Command::Scale { app, count } => control(&cli.config, Request::Scale { app, count }, print_reply),
+        Command::Flush { app } => control(&cli.config, Request::Flush { app }, print_reply),
         Command::Reload { app, env } => control_with_deadline(
             &cli.config,
             Request::Reload { app, env },

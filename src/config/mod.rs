@@ -261,12 +261,34 @@ pub struct LogFiles {
     pub error_file: Option<PathBuf>,
     /// One file for all slots instead of one per slot. Default false.
     pub merge_logs: bool,
-    /// Line timestamp format (moment.js tokens, UTC). Default `YYYY-MM-DDTHH:mm:ss.SSSZ`.
+    /// Line timestamp format (moment.js tokens), in local time with its offset unless `utc`.
+    /// Default `YYYY-MM-DDTHH:mm:ss.SSSZ`.
     pub date_format: String,
+    /// `log_utc`: timestamps (and `rotate_interval`) in UTC instead of local time. Default false.
+    pub utc: bool,
     /// Rotate a file at this size. Default: never.
     pub max_size: Option<u64>,
+    /// `log_rotate_interval`: rotate at these times too (`"daily"`, `"hourly"` or cron).
+    /// Default: never.
+    pub rotate_interval: Option<crate::cron::Schedule>,
     /// Rotated files kept. Default 5.
     pub retain: usize,
+    /// `log_compress`: gzip rotated files (`.N.gz`). Default false.
+    pub compress: bool,
+}
+
+impl LogFiles {
+    /// The rotation policy of one file of this app (a worker log or the access log).
+    pub fn file(&self, path: PathBuf) -> crate::logs::files::LogFile {
+        crate::logs::files::LogFile {
+            path,
+            max_size: self.max_size,
+            retain: self.retain,
+            compress: self.compress,
+            interval: self.rotate_interval.clone(),
+            zone: crate::logs::files::Zone::of(self.utc),
+        }
+    }
 }
 
 /// `health_check = { path, interval, timeout, unhealthy_threshold }`.

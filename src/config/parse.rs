@@ -60,8 +60,11 @@ pub(super) const APP_KEYS: &[&str] = &[
     "error_file",
     "merge_logs",
     "log_date_format",
+    "log_utc",
     "log_max_size",
+    "log_rotate_interval",
     "log_retain",
+    "log_compress",
     "max_header_size",
     "max_headers",
     "header_read_timeout",
@@ -246,7 +249,10 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
             n if n < 1024 => Err("must be at least 1K".into()),
             n => Ok(n),
         }),
+        utc: t.optional("log_utc", r, read_bool).unwrap_or(false),
+        rotate_interval: t.optional("log_rotate_interval", r, read_rotate_interval),
         retain: t.optional("log_retain", r, |v| read_count(v, 0, 1000)).unwrap_or(5),
+        compress: t.optional("log_compress", r, read_bool).unwrap_or(false),
     };
     let user = t.optional("user", r, read_user);
     let group = t.optional("group", r, read_group);

@@ -59,6 +59,39 @@ fn defaults() {
     assert_eq!(app.drain_timeout, Duration::from_secs(30));
     assert_eq!(app.http, HttpLimits::default());
     assert_eq!(app.cwd, repo_root());
+    assert!(!app.logs.utc && !app.logs.compress);
+    assert_eq!(app.logs.rotate_interval, None);
+}
+
+#[test]
+fn log_keys() {
+    let config = parse(
+        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlog_utc = true\nlog_compress = true\nlog_rotate_interval = \"daily\"\n",
+    )
+    .expect("valid");
+    let logs = &config.apps[0].logs;
+    assert!(logs.utc && logs.compress);
+    assert_eq!(logs.rotate_interval, crate::cron::Schedule::parse("0 0 * * *").ok());
+    for (value, schedule) in [
+        ("hourly", "0 * * * *"),
+        ("*/5 8-18 * * mon-fri", "*/5 8-18 * * mon-fri"),
+    ] {
+        let text = format!("[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlog_rotate_interval = {value:?}\n");
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.apps[0].logs.rotate_interval,
+            crate::cron::Schedule::parse(schedule).ok()
+        );
+    }
+    let got = messages(
+        "[[app]]\nname = \"a\"\ncommand = [\"node\"]\nlog_rotate_interval = \"weekly-ish\"\nlog_compress = \"yes\"\n",
+    );
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(got[0].starts_with("4: app \"a\": log_rotate_interval: expected \"daily\", \"hourly\" or a cron expression: \"weekly-ish\" has 1 field"), "{got:#?}");
+    assert!(
+        got[1].starts_with("5: app \"a\": log_compress: expected true or false"),
+        "{got:#?}"
+    );
 }
 
 #[test]

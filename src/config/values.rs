@@ -189,6 +189,18 @@ pub(super) fn read_bool(v: &DeValue<'_>) -> Result<bool, String> {
         .ok_or_else(|| format!("expected true or false, found {}", type_name(v)))
 }
 
+/// `log_rotate_interval`: `"daily"` (local midnight), `"hourly"`, or a cron expression.
+pub(super) fn read_rotate_interval(v: &DeValue<'_>) -> Result<crate::cron::Schedule, String> {
+    let text = read_string(v)?;
+    let expression = match text.trim() {
+        "daily" => "0 0 * * *",
+        "hourly" => "0 * * * *",
+        other => other,
+    };
+    crate::cron::Schedule::parse(expression)
+        .map_err(|e| format!("expected \"daily\", \"hourly\" or a cron expression: {e}"))
+}
+
 pub(super) fn read_exit_codes(v: &DeValue<'_>) -> Result<Vec<i32>, String> {
     let codes = match v {
         DeValue::Array(items) => items.iter().map(|i| integer(i.get_ref())).collect::<Option<Vec<i64>>>(),

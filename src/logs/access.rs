@@ -12,8 +12,14 @@
 //! cannot keep up (a slow or full disk), the batch is dropped, its lines are counted
 //! (`corral_access_log_dropped_lines_total`) and a warning says so, at most every
 //! [`WARN_EVERY`] per shard; a failed write is counted the same way by the writer. Files are
-//! opened, appended and rotated by size exactly like the worker logs ([`super::files`],
-//! `log_max_size`, `log_retain`), a line never split over two files.
+//! opened, appended and rotated exactly like the worker logs ([`super::files`]: `log_max_size`,
+//! `log_rotate_interval`, `log_retain`, `log_compress`), a line never split over two files, and
+//! emptied by `corral flush` like them (lines a shard still holds, at most [`FLUSH_EVERY`] old,
+//! land after the flush).
+//!
+//! Times are local with their offset, as nginx's `$time_local` (`[10/Oct/2000:13:55:36 +0530]`,
+//! JSON `"2000-10-10T13:55:36.123+05:30"`), or UTC with the app's `log_utc` (`+0000`, JSON
+//! `...Z`, as whenever the offset is zero), the same zone as the app's worker logs.
 //!
 //! Client bytes never shape a line: the method, target, user agent and referer are escaped.
 //! In `combined`, as nginx does, every byte below 0x20, 0x7f and above, `"` and `\` becomes
@@ -40,7 +46,7 @@ use http::{HeaderValue, Method, Request, Uri, Version};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::files::{civil_from_days, LogFile, Writers};
+use super::files::{civil_from_days, LogFile, Writers, Zone};
 use crate::config::{AccessLogFormat, Config};
 use crate::metrics::Registry;
 use crate::proxy::forward::Peer;
@@ -68,6 +74,8 @@ enum Msg {
     },
     /// Answered once everything sent before it has been written.
     Flushed(mpsc::Sender<()>),
+    /// Empty these files (`corral flush`); answered with how many were emptied.
+    Empty(Vec<PathBuf>, mpsc::Sender<usize>),
 }
 
 /// The access logs of a running corral: the writer thread and one [`AccessLog`] per app that
@@ -93,6 +101,8 @@ pub struct AccessLog {
     file: usize,
     /// Its file, for warnings.
     path: PathBuf,
+    /// The zone of its times (`log_utc`).
+    zone: Zone,
     tx: SyncSender<Msg>,
     /// Lines lost (shared with the metrics).
     drops: Arc<AtomicU64>,
@@ -116,11 +126,7 @@ impl AccessLogs {
             let file = match files.iter().position(|f| f.path == access.path) {
                 Some(file) => file,
                 None => {
-                    files.push(LogFile {
-                        path: access.path.clone(),
-                        max_size: app.logs.max_size,
-                        retain: app.logs.retain,
-                    });
+                    files.push(app.logs.file(access.path.clone()));
                     files.len() - 1
                 }
             };
@@ -129,6 +135,7 @@ impl AccessLogs {
                 format: access.format,
                 file,
                 path: access.path.clone(),
+                zone: Zone::of(app.logs.utc),
                 tx: tx.clone(),
                 drops: metrics.log_drops(index),
             })));
@@ -142,6 +149,20 @@ impl AccessLogs {
     /// The access log of app number `app` (config order), if it has one.
     pub fn log(&self, app: usize) -> Option<Arc<AccessLog>> {
         self.logs.get(app).cloned().flatten()
+    }
+
+    /// A way to empty the access logs (`corral flush`), for the supervisor.
+    pub fn emptier(&self) -> Emptier {
+        let files = self
+            .logs
+            .iter()
+            .flatten()
+            .map(|log| (log.app.clone(), log.path.clone()))
+            .collect();
+        Emptier {
+            tx: self.tx.clone(),
+            files,
+        }
     }
 
     /// After the connections have drained: every shard (one per runtime of `shards`) hands
@@ -163,11 +184,80 @@ impl AccessLogs {
     }
 }
 
-/// The writer thread: appends each batch to its file until every sender is gone.
+/// Empties the access logs of an app, or of every app, through their writer thread.
+#[derive(Debug, Clone)]
+pub struct Emptier {
+    tx: SyncSender<Msg>,
+    /// (app, its file)
+    files: Vec<(String, PathBuf)>,
+}
+
+impl Emptier {
+    /// Empties the access log of `app` (of every app for `None`); how many files were emptied.
+    pub async fn empty(&self, app: Option<&str>) -> usize {
+        let mut paths: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(name, _)| app.is_none_or(|app| app == name))
+            .map(|(_, path)| path.clone())
+            .collect();
+        paths.dedup();
+        if paths.is_empty() {
+            return 0;
+        }
+        let tx = self.tx.clone();
+        // The queue may be full for a moment: wait for room off the async thread.
+        let emptied = tokio::task::spawn_blocking(move || {
+            let (ack, done) = mpsc::channel();
+            tx.send(Msg::Empty(paths, ack)).ok()?;
+            done.recv_timeout(FINISH_WITHIN).ok()
+        });
+        match emptied.await {
+            Ok(Some(n)) => n,
+            _ => {
+                warn!("access log: the writer did not answer the flush within {FINISH_WITHIN:?}");
+                0
+            }
+        }
+    }
+}
+
+/// The writer thread: appends each batch to its file until every sender is gone, and rotates
+/// by time about once a second.
 fn write_all(rx: Receiver<Msg>, files: Vec<LogFile>) {
     let mut writers = Writers::default();
-    while let Ok(msg) = rx.recv() {
+    let timed = files.iter().any(|f| f.interval.is_some());
+    loop {
+        let msg = if timed {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(msg) => msg,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    writers.rotate_due(SystemTime::now());
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            }
+        };
+        if timed {
+            writers.rotate_due(SystemTime::now());
+        }
         match msg {
+            Msg::Empty(paths, ack) => {
+                let mut emptied = 0;
+                for path in &paths {
+                    match writers.truncate(path) {
+                        Ok(true) => emptied += 1,
+                        Ok(false) => {}
+                        Err(e) => warn!(path = %path.display(), error = %e, "flush: cannot empty the access log"),
+                    }
+                }
+                let _asker_gone = ack.send(emptied);
+            }
             Msg::Batch {
                 file,
                 lines,
@@ -185,6 +275,7 @@ fn write_all(rx: Receiver<Msg>, files: Vec<LogFile>) {
             }
         }
     }
+    writers.settle();
 }
 
 /// A response's line, from its request's head until its end.
@@ -247,7 +338,8 @@ impl Pending {
 #[derive(Default)]
 struct Local {
     buffers: Vec<Buffer>,
-    clock: Clock,
+    /// Local time and UTC.
+    clocks: [Clock; 2],
     /// Lines lost since the last warning, and when that was.
     lost: u64,
     warned: Option<Instant>,
@@ -285,9 +377,10 @@ impl Local {
         if buffer.count == 0 {
             buffer.since = line.arrived + duration;
         }
+        let clock = &mut self.clocks[usize::from(line.log.zone == Zone::Utc)];
         match line.log.format {
-            AccessLogFormat::Combined => combined(&mut buffer.lines, &mut self.clock, line, sent, slot, duration),
-            AccessLogFormat::Json => json(&mut buffer.lines, &mut self.clock, line, sent, slot, duration),
+            AccessLogFormat::Combined => combined(&mut buffer.lines, clock, line, sent, slot, duration),
+            AccessLogFormat::Json => json(&mut buffer.lines, clock, line, sent, slot, duration),
         }
         buffer.count += 1;
         if buffer.lines.len() >= BATCH || buffer.since.elapsed() >= FLUSH_EVERY {
@@ -355,24 +448,38 @@ pub async fn flush_every(stop: CancellationToken) {
     flush_local();
 }
 
-/// The time of the last second formatted, per thread: formatting happens once a second.
+/// The time of the last second formatted, per thread and zone: formatting (and looking up the
+/// local offset) happens once a second.
 #[derive(Default)]
 struct Clock {
     second: u64,
-    /// `10/Oct/2000:13:55:36 +0000`
+    /// `10/Oct/2000:13:55:36 +0530`
     combined: [u8; 26],
     /// `2000-10-10T13:55:36`
     iso: [u8; 19],
+    /// `+05:30`, or `Z` at offset zero.
+    iso_offset: String,
 }
 
 impl Clock {
-    fn at(&mut self, time: SystemTime) -> (&[u8; 26], &[u8; 19], u32) {
+    fn at(&mut self, time: SystemTime, zone: Zone) -> (&[u8; 26], &[u8; 19], &str, u32) {
         let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
         let second = since.as_secs();
         if second != self.second || self.iso[0] == 0 {
             self.second = second;
-            let (year, month, day) = civil_from_days((second / 86_400) as i64);
-            let (hour, minute, sec) = ((second / 3600) % 24, (second / 60) % 60, second % 60);
+            let offset = zone.offset(time);
+            let local = second as i64 + i64::from(offset);
+            let (year, month, day) = civil_from_days(local.div_euclid(86_400));
+            let of_day = local.rem_euclid(86_400);
+            let (hour, minute, sec) = (of_day / 3600, (of_day / 60) % 60, of_day % 60);
+            let sign = if offset < 0 { '-' } else { '+' };
+            let (off_h, off_m) = (offset.unsigned_abs() / 3600, (offset.unsigned_abs() / 60) % 60);
+            // RFC 3339 either way; `Z` whenever the offset is zero, as before local time.
+            self.iso_offset = if offset == 0 {
+                "Z".to_owned()
+            } else {
+                format!("{sign}{off_h:02}:{off_m:02}")
+            };
             const MONTHS: [&str; 12] = [
                 "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
             ];
@@ -381,12 +488,12 @@ impl Clock {
             // Writing into a buffer of exactly the right size cannot fail for years 0..=9999.
             let _ = write!(
                 combined,
-                "{day:02}/{month_name}/{year:04}:{hour:02}:{minute:02}:{sec:02} +0000"
+                "{day:02}/{month_name}/{year:04}:{hour:02}:{minute:02}:{sec:02} {sign}{off_h:02}{off_m:02}"
             );
             let mut iso = &mut self.iso[..];
             let _ = write!(iso, "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{sec:02}");
         }
-        (&self.combined, &self.iso, since.subsec_millis())
+        (&self.combined, &self.iso, &self.iso_offset, since.subsec_millis())
     }
 }
 
@@ -412,7 +519,7 @@ fn protocol(version: Version) -> &'static str {
 
 /// One `combined` line.
 fn combined(out: &mut Vec<u8>, clock: &mut Clock, line: &Pending, sent: u64, slot: Option<usize>, duration: Duration) {
-    let (time, _, _) = clock.at(line.time);
+    let (time, _, _, _) = clock.at(line.time, line.log.zone);
     // Writing to a Vec cannot fail.
     let _ = write!(out, "{} - - [", line.client);
     out.extend_from_slice(time);
@@ -473,11 +580,11 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// One `json` line.
 fn json(out: &mut Vec<u8>, clock: &mut Clock, line: &Pending, sent: u64, slot: Option<usize>, duration: Duration) {
-    let (_, iso, millis) = clock.at(line.time);
+    let (_, iso, offset, millis) = clock.at(line.time, line.log.zone);
     out.extend_from_slice(b"{\"time\":\"");
     out.extend_from_slice(iso);
     // Writing to a Vec cannot fail.
-    let _ = write!(out, ".{millis:03}Z\",\"app\":");
+    let _ = write!(out, ".{millis:03}{offset}\",\"app\":");
     escape_json(out, line.log.app.as_bytes());
     let _ = write!(out, ",\"client\":\"{}\",\"method\":", line.client);
     escape_json(out, line.method.as_str().as_bytes());
@@ -567,6 +674,7 @@ mod tests {
             format,
             file: 0,
             path: PathBuf::from("access.log"),
+            zone: Zone::Utc,
             tx,
             drops: Arc::default(),
         })

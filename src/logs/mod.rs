@@ -9,8 +9,11 @@
 //! that is writing (as if it wrote to the terminal itself), never the proxy, and lines from
 //! different workers are never interleaved mid-line. The last lines of each worker are also
 //! kept in memory ([`OutputTail`]) so a worker that fails can be reported with what it said.
-//! With `out_file` / `error_file`, lines go to those files instead, timestamped, rotated by
-//! size ([`files`]). The per-app access logs ([`access`]) have a writer thread of their own.
+//! With `out_file` / `error_file`, lines go to those files instead, timestamped (local time
+//! with its offset, or UTC with `log_utc`), rotated by size and time and maybe gzipped
+//! ([`files`]); the same thread empties them for `corral flush` and, about once a second,
+//! rotates the files whose `log_rotate_interval` time has come. The per-app access logs
+//! ([`access`]) have a writer thread of their own, with the same files, rotation and zone.
 
 pub mod access;
 pub mod files;
@@ -21,8 +24,10 @@ use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 
+use std::path::PathBuf;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc;
+
+use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::EnvFilter;
 
 /// Lines kept per worker for error reports.
@@ -120,6 +125,8 @@ pub enum Target {
         file: Arc<files::LogFile>,
         /// `log_date_format`.
         date_format: Arc<str>,
+        /// Local time or UTC (`log_utc`).
+        zone: files::Zone,
         /// Merged files also name the slot on each line.
         merged: bool,
     },
@@ -128,7 +135,14 @@ pub enum Target {
 enum Line {
     Terminal(Stream, String),
     File(Arc<files::LogFile>, String),
+    /// Empty these files (`corral flush`); the answer is how many there were.
+    Flush(Vec<PathBuf>, oneshot::Sender<usize>),
+    /// Time to look for files whose `log_rotate_interval` has come.
+    Tick,
 }
+
+/// How often the output thread checks for rotations by time.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where worker output goes: a handle to the writer thread. Cheap to clone.
 #[derive(Clone)]
@@ -158,13 +172,47 @@ impl OutputSink {
                         files.write(&file, &text);
                         Ok(())
                     }
+                    Line::Flush(paths, done) => {
+                        let _asker_gone = done.send(flush(&mut files, &paths));
+                        Ok(())
+                    }
+                    Line::Tick => {
+                        files.rotate_due(std::time::SystemTime::now());
+                        Ok(())
+                    }
                 };
             }
+            files.settle();
         });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the output thread; worker output is discarded");
         }
+        // The clock of rotations by time. It holds a weak sender, so it does not keep the
+        // thread alive: once every sink is gone, it ends too.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let ticks = tx.downgrade();
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(TICK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let Some(tx) = ticks.upgrade() else { return };
+                    // Full: lines are flowing, and each write checks its own file's time.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Line::Tick) {
+                        return;
+                    }
+                }
+            });
+        }
         OutputSink { tx }
+    }
+
+    /// Empties the log files at `paths` between two lines (those that exist); the answer is how
+    /// many were emptied.
+    pub async fn flush(&self, paths: Vec<PathBuf>) -> Option<usize> {
+        let (done, answer) = oneshot::channel();
+        self.tx.send(Line::Flush(paths, done)).await.ok()?;
+        answer.await.ok()
     }
 
     /// Reads `reader` line by line until EOF, printing each line with `prefix` and keeping it
@@ -198,9 +246,10 @@ impl OutputSink {
                 Target::File {
                     file,
                     date_format,
+                    zone,
                     merged,
                 } => {
-                    let at = files::timestamp(date_format, std::time::SystemTime::now());
+                    let at = files::timestamp_in(date_format, std::time::SystemTime::now(), *zone);
                     let text = if *merged {
                         format!("{at} {prefix} | {text}\n")
                     } else {
@@ -214,6 +263,19 @@ impl OutputSink {
             }
         }
     }
+}
+
+/// Empties each of `paths` that exists, saying what failed; how many were emptied.
+fn flush(files: &mut files::Writers, paths: &[PathBuf]) -> usize {
+    let mut emptied = 0;
+    for path in paths {
+        match files.truncate(path) {
+            Ok(true) => emptied += 1,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "flush: cannot empty the log file"),
+        }
+    }
+    emptied
 }
 
 /// Reads up to and including a newline, or `MAX_LINE` bytes, whichever comes first.

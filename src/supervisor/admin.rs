@@ -1,7 +1,10 @@
-//! Operator commands that change or report the table: `status`, `scale`, `stop APP`.
+//! Operator commands that change or report the table: `status`, `scale`, `stop APP`; and
+//! `flush`, which empties the log files through their writer threads.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use tracing::info;
 
 use super::status::{self, AppStatus, Status, WorkerStatus};
@@ -9,6 +12,56 @@ use super::{CommandError, ErrorCode, Outcome, Scale, Supervisor};
 use crate::admin::events::Reason;
 
 impl Supervisor {
+    /// Empties the current log files of `name` (of every app for `None`), answering on
+    /// `reply` once the writer threads have done it (the actor does not wait for them).
+    pub(super) fn flush(&mut self, name: Option<String>, reply: oneshot::Sender<Outcome>) {
+        let apps: Vec<usize> = match &name {
+            Some(name) => match self.app_named(name) {
+                Ok(app) => vec![app],
+                Err(e) => {
+                    let _client_gone = reply.send(Err(e));
+                    return;
+                }
+            },
+            None => (0..self.apps.len()).collect(),
+        };
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for &index in &apps {
+            let app = &self.apps[index];
+            // The app's files for every slot it has, and those its running workers write
+            // (after a reload that moved them, old workers may still write the old ones).
+            let specs = std::iter::once((&app.config, None)).chain(app.workers.iter().map(|w| (&w.spec, Some(w.slot))));
+            for (spec, slot) in specs {
+                let slots: Vec<usize> = match slot {
+                    Some(slot) => vec![slot],
+                    None => (0..app.instances.max(app.slots.len())).collect(),
+                };
+                for file in [&spec.logs.out_file, &spec.logs.error_file].into_iter().flatten() {
+                    for &slot in &slots {
+                        let path = crate::logs::files::slot_path(file, slot, spec.logs.merge_logs);
+                        if !paths.contains(&path) {
+                            paths.push(path);
+                        }
+                    }
+                }
+            }
+        }
+        let output = self.output.clone();
+        let access = self.access_logs.clone();
+        tokio::spawn(async move {
+            let mut emptied = output.flush(paths).await.unwrap_or(0);
+            if let Some(access) = access {
+                emptied += access.empty(name.as_deref()).await;
+            }
+            let whose = name.map_or_else(|| "every app".to_owned(), |n| format!("app {n:?}"));
+            info!(files = emptied, "log files of {whose} flushed on request");
+            let _client_gone = reply.send(Ok(format!(
+                "flushed {emptied} log file{} of {whose}",
+                if emptied == 1 { "" } else { "s" }
+            )));
+        });
+    }
+
     pub(super) fn stop_app(&mut self, name: &str) -> Outcome {
         if self.reload.is_some() {
             return Err(CommandError::new(

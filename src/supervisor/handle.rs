@@ -138,6 +138,12 @@ impl Handle {
         self.ask(|reply| Command::Logs { app, lines, reply }).await?
     }
 
+    /// Empties the log files of `app` (of every app for `None`): its workers' `out_file` and
+    /// `error_file` and its access log, through their writer threads; rotated files stay.
+    pub async fn flush(&self, app: Option<String>) -> Outcome {
+        self.ask(|reply| Command::Flush { app, reply }).await?
+    }
+
     /// Starts the workers of `app` that `stop_app` (or a crash loop) left stopped.
     pub async fn start_app(&self, app: String) -> Outcome {
         self.ask(|reply| Command::StartApp { app, reply }).await?
@@ -225,6 +231,13 @@ pub enum Command {
         lines: usize,
         /// The lines, oldest first.
         reply: oneshot::Sender<Result<Vec<crate::logs::recent::LogLine>, CommandError>>,
+    },
+    /// Empty log files (`corral flush`).
+    Flush {
+        /// Only this app.
+        app: Option<String>,
+        /// What was done, or why not.
+        reply: oneshot::Sender<Outcome>,
     },
     /// Start an app's stopped slots.
     StartApp {

@@ -20,7 +20,7 @@ use super::{Event, Supervisor};
 use crate::admin::events::{Draft, Kind};
 use crate::balancer::WorkerStats;
 use crate::config::AppConfig;
-use crate::logs::files::{self, LogFile};
+use crate::logs::files;
 use crate::logs::{OutputTail, Stream, Target};
 
 /// How long a worker's exit waits for the rest of its output (pipes a grandchild still holds
@@ -191,12 +191,9 @@ fn log_target(config: &AppConfig, slot: usize, stream: Stream) -> Target {
     match path {
         None => Target::Terminal(stream),
         Some(path) => Target::File {
-            file: Arc::new(LogFile {
-                path: files::slot_path(path, slot, config.logs.merge_logs),
-                max_size: config.logs.max_size,
-                retain: config.logs.retain,
-            }),
+            file: Arc::new(config.logs.file(files::slot_path(path, slot, config.logs.merge_logs))),
             date_format: Arc::from(config.logs.date_format.as_str()),
+            zone: files::Zone::of(config.logs.utc),
             merged: config.logs.merge_logs,
         },
     }

@@ -26,8 +26,8 @@
 //! ([`Handle`], [`Command`], [`Scale`]); `launch` spawning a worker and starting a slot;
 //! `lifecycle` what follows from a worker's events (ready, never ready, drained, exited);
 //! `drain` stops, drains and the shutdown; `reload` the rolling reload; `health` passive and
-//! active health checks, the memory cap and replacements; `admin` `status`, `scale` and
-//! `stop APP`; `probe` the readiness checks; `policy` the restart decisions; `spawn` the
+//! active health checks, the memory cap and replacements; `admin` `status`, `scale`,
+//! `stop APP` and `flush`; `probe` the readiness checks; `policy` the restart decisions; `spawn` the
 //! process-level work.
 
 mod admin;
@@ -154,6 +154,8 @@ pub struct Supervisor {
     leftovers: usize,
     /// The proxy's counters, for the last minute's rates in `status`.
     metrics: Option<Arc<crate::metrics::Registry>>,
+    /// The access logs' writer, for `corral flush`.
+    access_logs: Option<crate::logs::access::Emptier>,
 }
 
 impl Supervisor {
@@ -208,6 +210,7 @@ impl Supervisor {
             feed: Arc::default(),
             leftovers: 0,
             metrics: None,
+            access_logs: None,
         };
         (supervisor, Handle { tx })
     }
@@ -263,6 +266,12 @@ impl Supervisor {
     /// Reads the last minute's request rates and p99 from `metrics` for `status`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Registry>) -> Supervisor {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Lets `corral flush` empty the access logs too.
+    pub fn with_access_logs(mut self, emptier: Option<crate::logs::access::Emptier>) -> Supervisor {
+        self.access_logs = emptier;
         self
     }
 
@@ -355,6 +364,7 @@ impl Supervisor {
             Command::Logs { app, lines, reply } => {
                 let _client_gone = reply.send(self.recent_output(app.as_deref(), lines));
             }
+            Command::Flush { app, reply } => self.flush(app, reply),
             Command::StartApp { app, reply } => {
                 let _client_gone = reply.send(self.start_app(&app));
             }

@@ -309,7 +309,10 @@ impl Corral {
             .arg("-c")
             .arg(&self.config)
             .env("CORRAL_RUNTIME_DIR", self.runtime_dir())
-            .env("CORRAL_LOG", "info,corral=debug");
+            .env("CORRAL_LOG", "info,corral=debug")
+            // Log timestamps are in local time: tests do not depend on the machine's zone (a
+            // test that wants another passes its own TZ, which comes later and wins).
+            .env("TZ", "UTC");
     }
 
     /// Rewrites the config file (for reload tests).
