@@ -70,5 +70,7 @@ pub mod supervisor;
 pub mod tls;
 // `watch`: rolling restarts when an app's files change.
 pub mod watch;
+// `cron_restart`: rolling restarts at the times of a cron expression.
+pub mod cron_restart;
 // Reaping orphans re-parented to corral (subreaper, PID 1 in a container).
 pub mod reaper;

@@ -145,6 +145,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
     for app in &config.apps {
+        crate::cron_restart::spawn(app, handle.clone(), Arc::clone(&events), shutdown.child_token());
         let own = crate::watch::Own::of(app, &config.path, &runtime_dir);
         if let Err(why) = crate::watch::spawn(app, own, handle.clone(), Arc::clone(&events), shutdown.child_token()) {
             // Serving matters more than watching: the app runs, the log says why nothing is watched.

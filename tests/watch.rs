@@ -1,5 +1,6 @@
-//! `watch`: file changes under an app's `cwd` restart it, rolling, once per burst; ignored
-//! paths and corral's own log files (written under the watched tree) never do.
+//! Restarts corral makes by itself: `watch` (file changes under an app's `cwd` restart it,
+//! rolling, once per burst; ignored paths and corral's own log files, written under the
+//! watched tree, never do) and `cron_restart` (at the minute).
 
 mod support;
 
@@ -83,5 +84,24 @@ fn a_burst_of_changes_is_one_rolling_restart_and_ignored_files_are_none() -> Tes
         );
     }
     assert!(all_at(&corral, 2, 3).is_some(), "{:?}", corral.workers());
+    Ok(())
+}
+
+#[test]
+fn cron_restart_replaces_every_worker_at_the_minute_without_a_failed_request() -> TestResult {
+    // "* * * * *" fires at the next minute boundary: within 60 s of the start.
+    let corral = Corral::start(Options::default().instances(2).key("cron_restart = \"* * * * *\""))?;
+    assert!(corral.logs().contains("cron_restart scheduled"), "{}", corral.logs());
+    let load = Load::start(corral.addr, 2, 1);
+    poll_until(std::time::Duration::from_secs(120), "the cron restart", || {
+        all_at(&corral, 2, 2)
+    })
+    .map_err(|e| corral.explain(e))?;
+    let tally = load.finish();
+    assert_eq!(tally.failed, 0, "{:?}", tally.failures);
+    assert!(tally.ok > 0);
+    poll_until(DEADLINE, "the cron_restart event", || {
+        corral.logs().contains("event=cron_restart").then_some(())
+    })?;
     Ok(())
 }

@@ -72,6 +72,8 @@ pub enum Kind {
     CertificateReloaded,
     /// Files under `watch` changed and the app was restarted (rolling).
     WatchRestart,
+    /// `cron_restart` fired and the app was restarted (rolling).
+    CronRestart,
 }
 
 impl Kind {
@@ -92,6 +94,7 @@ impl Kind {
             Kind::CertificateRenewed => "certificate_renewed",
             Kind::CertificateReloaded => "certificate_reloaded",
             Kind::WatchRestart => "watch_restart",
+            Kind::CronRestart => "cron_restart",
         }
     }
 }

@@ -99,6 +99,8 @@ pub struct AppConfig {
     pub envs: Vec<(String, Vec<(String, String)>)>,
     /// `watch`: a rolling restart when files change. Default: off.
     pub watch: Option<WatchConfig>,
+    /// `cron_restart`: a rolling restart at these times (local). Default: none.
+    pub cron_restart: Option<crate::cron::Schedule>,
     /// Name of the variable that carries the worker's port. Default: `PORT`.
     pub port_env: String,
     /// A new worker must accept TCP on its port within this. Default: 10 s.

@@ -85,6 +85,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "access_log_format",
     "request_id",
     "watch",
+    "cron_restart",
     "ignore_watch",
     "watch_delay",
 ];
@@ -315,6 +316,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
     let access_log_format = t.optional("access_log_format", r, read_access_log_format);
     let request_id = t.optional("request_id", r, read_bool).unwrap_or(true);
     let watch = super::habits::read_watch(&mut t, &cwd, r);
+    let cron_restart = t.optional("cron_restart", r, |v| crate::cron::Schedule::parse(&read_string(v)?));
     let table_span = t.span.clone();
     t.finish(r, NOT_YET);
 
@@ -404,6 +406,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         access_log,
         request_id,
         watch,
+        cron_restart,
     })
 }
 

@@ -36,6 +36,7 @@ fn the_example_config_is_valid_and_documents_every_key() {
         "hsts",
         "ignore_watch",
         "watch_delay",
+        "cron_restart",
     ];
     for key in super::parse::APP_KEYS {
         let documented = EXAMPLE.contains(&format!("\n{key} = "))

@@ -41,9 +41,9 @@ impl Supervisor {
         for app in &self.apps {
             if config
                 .app(&app.config.name)
-                .is_some_and(|fresh| fresh.watch != app.config.watch)
+                .is_some_and(|fresh| fresh.watch != app.config.watch || fresh.cron_restart != app.config.cron_restart)
             {
-                warn!(app = %app.config.name, "watch, ignore_watch and watch_delay are read at start: the change applies at the next start of corral");
+                warn!(app = %app.config.name, "watch, ignore_watch, watch_delay and cron_restart are read at start: the change applies at the next start of corral");
             }
         }
         for warning in &config.warnings {
