@@ -97,7 +97,7 @@ pub struct Proxy {
     /// `request_id`: an `X-Request-Id` for every request, to the worker and back.
     request_id: bool,
     /// `access_log`: one line per response.
-    access_log: Option<Arc<AccessLog>>,
+    access_log: Option<&'static AccessLog>,
 }
 
 impl Proxy {
@@ -131,7 +131,7 @@ impl Proxy {
     }
 
     /// Writes a line per response to `log`.
-    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Proxy {
+    pub fn with_access_log(mut self, log: Option<&'static AccessLog>) -> Proxy {
         self.access_log = log;
         self
     }
@@ -182,7 +182,6 @@ impl Proxy {
         let id = self.request_id.then(|| request_id::pick(req.headers()));
         let log = self
             .access_log
-            .as_ref()
             .map(|log| Box::new(Pending::new(log, &req, &peer, arrived, id.clone())));
         let hsts = if peer.tls { self.hsts.clone() } else { None };
         let mut response = match refused {
