@@ -24,6 +24,7 @@ pub mod habits;
 mod parse;
 pub mod pm2;
 mod table;
+mod top;
 mod tls;
 pub mod units;
 mod values;

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use toml::de::{DeTable, DeValue};
-use toml::Spanned;
 
 use super::table::{Lines, Report, Table};
 use super::values::*;
@@ -90,24 +89,10 @@ pub(super) const APP_KEYS: &[&str] = &[
     "watch_delay",
 ];
 
-/// Parses config text; relative `cwd`s resolve against `base`.
-/// The apps, the `[admin]` table, and the warnings of a valid file.
+/// The apps, the `[admin]` and `[corral]` tables, and the warnings of a valid file.
 type Parsed = (Vec<AppConfig>, Option<AdminConfig>, CorralConfig, Vec<Problem>);
 
-/// The `[corral]` table: settings of corral itself.
-fn read_corral(value: Spanned<DeValue<'_>>, base: &Path, r: &mut Report<'_>) -> CorralConfig {
-    let span = value.span();
-    let DeValue::Table(table) = value.into_inner() else {
-        r.at(span, "`corral` must be a table: write [corral]");
-        return CorralConfig::default();
-    };
-    let mut t = Table::new(table, span, "corral: ".into());
-    t.known = &["log_file"];
-    let log_file = t.optional("log_file", r, read_string).map(|p| base.join(p));
-    t.finish(r, &[]);
-    CorralConfig { log_file }
-}
-
+/// Parses config text; relative `cwd`s resolve against `base`.
 pub(super) fn parse(text: &str, base: &Path) -> Result<Parsed, Vec<Problem>> {
     let lines = Lines::new(text);
     let mut problems = Vec::new();
@@ -155,10 +140,10 @@ pub(super) fn parse(text: &str, base: &Path) -> Result<Parsed, Vec<Problem>> {
     }
     let admin = top
         .take("admin")
-        .and_then(|(_, value)| read_admin(value, base, &apps, &mut report));
+        .and_then(|(_, value)| super::top::read_admin(value, base, &apps, &mut report));
     let corral = top
         .take("corral")
-        .map(|(_, value)| read_corral(value, base, &mut report))
+        .map(|(_, value)| super::top::read_corral(value, base, &mut report))
         .unwrap_or_default();
     top.finish(&mut report, &[]);
     check_across_apps(&apps, &mut report);
@@ -514,64 +499,7 @@ fn check_shared(
     }
 }
 
-/// `[admin]`: `listen` (required) and `token_file`. Without a token (no file and no
-/// `CORRAL_ADMIN_TOKEN` now) the address must be loopback; it must never be an app's.
-fn read_admin(
-    value: toml::Spanned<DeValue<'_>>,
-    base: &Path,
-    apps: &[(AppConfig, Range<usize>)],
-    r: &mut Report<'_>,
-) -> Option<AdminConfig> {
-    let span = value.span();
-    let DeValue::Table(table) = value.into_inner() else {
-        r.at(span, "admin: expected a table ([admin] with listen)");
-        return None;
-    };
-    let mut t = Table::new(table, span.clone(), "admin.".to_owned());
-    t.known = &["listen", "token_file"];
-    let listen = t.required("listen", r, read_listen);
-    let token_file = t.optional("token_file", r, read_string).map(|p| base.join(p));
-    t.finish(r, &[]);
-    let listen = listen?;
-    let env_token = std::env::var(super::ADMIN_TOKEN_ENV).is_ok_and(|t| !t.trim().is_empty());
-    if token_file.is_none() && !env_token && !listen.ip().is_loopback() {
-        r.at(
-            span.clone(),
-            format!("admin.listen: {listen} is not a loopback address: off loopback the admin API needs a token (token_file or {})", super::ADMIN_TOKEN_ENV),
-        );
-    }
-    if let Some(file) = &token_file {
-        match std::fs::read_to_string(file) {
-            Ok(token) if token.trim().len() < 16 => r.at(
-                span.clone(),
-                format!(
-                    "admin.token_file: {}: the token must be at least 16 characters",
-                    file.display()
-                ),
-            ),
-            Ok(_) => {}
-            Err(e) => r.at(
-                span.clone(),
-                format!("admin.token_file: {}: cannot read: {e}", file.display()),
-            ),
-        }
-    }
-    let taken = apps.iter().find(|(a, _)| {
-        [a.listen, a.http_redirect]
-            .into_iter()
-            .flatten()
-            .any(|b| overlaps(listen, b))
-    });
-    if let Some((app, _)) = taken {
-        r.at(
-            span,
-            format!("admin.listen: {listen} overlaps the address of app \"{}\"", app.name),
-        );
-    }
-    Some(AdminConfig { listen, token_file })
-}
-
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+pub(super) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
