@@ -24,8 +24,8 @@ pub mod habits;
 mod parse;
 pub mod pm2;
 mod table;
-mod top;
 mod tls;
+mod top;
 pub mod units;
 mod values;
 

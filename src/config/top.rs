@@ -80,4 +80,3 @@ pub(super) fn read_admin(
     }
     Some(AdminConfig { listen, token_file })
 }
-

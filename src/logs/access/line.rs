@@ -298,30 +298,39 @@ fn protocol(version: Version) -> &'static [u8] {
     }
 }
 
-/// `n` in decimal.
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+/// "00" to "99": two digits per division.
+const PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// `n` in decimal, at least `width` digits (zeros in front; `width` at most 20).
+fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
     let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
     }
-    out.extend_from_slice(&digits[at..]);
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        at -= 1;
+        digits[at] = b'0' + n as u8;
+    }
+    let from = at.min(digits.len() - width.min(digits.len()));
+    out.extend_from_slice(&digits[from..]);
 }
 
-/// `n` in decimal, padded with zeros to `width` digits.
-fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let start = out.len();
-    push_u64(out, n);
-    let written = out.len() - start;
-    if written < width {
-        let pad = width - written;
-        out.splice(start..start, std::iter::repeat_n(b'0', pad));
-    }
+/// `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    push_padded(out, n, 1);
 }
 
 /// The client address as text: IPv4 by hand (the common case), IPv6 through `Display`.
@@ -345,6 +354,7 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 /// One `combined` line.
 fn combined(out: &mut Vec<u8>, clock: &mut Clock, line: &Pending, sent: u64, slot: Option<usize>, duration: Duration) {
     let (time, _, _, _) = clock.at(line.time, line.log.zone);
+    out.reserve(line.text.len() + 160);
     push_ip(out, line.client);
     out.extend_from_slice(b" - - [");
     out.extend_from_slice(time);
@@ -408,6 +418,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// One `json` line.
 fn json(out: &mut Vec<u8>, clock: &mut Clock, line: &Pending, sent: u64, slot: Option<usize>, duration: Duration) {
     let (_, iso, offset, millis) = clock.at(line.time, line.log.zone);
+    out.reserve(line.text.len() + line.log.app_json.len() + 220);
     out.extend_from_slice(b"{\"time\":\"");
     out.extend_from_slice(iso);
     out.push(b'.');
