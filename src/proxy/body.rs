@@ -104,6 +104,11 @@ impl ProxyBody {
     /// Counts this stream open in `client`'s books (which counted it opened) until the body is
     /// dropped, and reports there when it waits on the client.
     pub fn watch(&mut self, client: Arc<Client>) {
+        // Waiting on the client until hyper first asks for a frame: a body hyper never polls
+        // (an HTTP/2 window that never opens, were hyper to wait for it before polling) is
+        // waiting on the client too.
+        client.handed();
+        self.handed = true;
         self.client = Some(client);
     }
 
