@@ -309,7 +309,11 @@ fn parse_field(text: &str, field: &Field) -> Result<u64, String> {
         let mut v = low;
         while v <= high {
             bits |= 1 << v;
-            v += step;
+            // A step past the field's end (`59/4294967295`) ends the list, never wraps.
+            match v.checked_add(step) {
+                Some(next) => v = next,
+                None => break,
+            }
         }
     }
     Ok(bits)
@@ -364,6 +368,15 @@ mod tests {
         assert_eq!(next("5,35 9-17/4 * * *", "2026-01-01 10:00"), "2026-01-01 13:05 Thu");
         assert_eq!(next("5,35 9-17/4 * * *", "2026-01-01 17:35"), "2026-01-02 09:05 Fri");
         assert_eq!(next("10/20 * * * *", "2026-01-01 10:31"), "2026-01-01 10:50 Thu");
+        // A step past the field's end is one value, not a wrap-around to every minute.
+        assert_eq!(
+            next("59/4294967295 * * * *", "2026-01-01 10:00"),
+            "2026-01-01 10:59 Thu"
+        );
+        assert_eq!(
+            next("59/4294967295 * * * *", "2026-01-01 10:59"),
+            "2026-01-01 11:59 Thu"
+        );
         assert_eq!(next("0 0 * * *", "2026-12-31 23:59"), "2027-01-01 00:00 Fri");
         assert_eq!(next("0 12 * jun-AUG *", "2026-01-01 10:00"), "2026-06-01 12:00 Mon");
         assert_eq!(next("0 12 * * sat,SUN", "2026-01-01 10:00"), "2026-01-03 12:00 Sat");

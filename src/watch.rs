@@ -41,22 +41,65 @@ const NAMED: usize = 5;
 /// What a watcher must never react to, besides `ignore_watch`.
 #[derive(Debug, Clone, Default)]
 pub struct Own {
-    /// Path prefixes (a log file's path without its extension covers its slots and rotations).
-    pub prefixes: Vec<PathBuf>,
+    /// Paths ignored with everything under them (the config file, the runtime directory).
+    pub paths: Vec<PathBuf>,
+    /// Log files as configured: each covers its slots (`web-out-0.log`), rotations (`.1`,
+    /// `.1.gz`) and the files a rotation makes on its way.
+    pub logs: Vec<PathBuf>,
 }
 
 impl Own {
     /// corral's own files for `app` of the config at `config_path`, and `runtime_dir`.
     pub fn of(app: &AppConfig, config_path: &Path, runtime_dir: &Path) -> Own {
-        let mut prefixes = vec![config_path.to_path_buf(), runtime_dir.to_path_buf()];
         let logs = [&app.logs.out_file, &app.logs.error_file]
             .into_iter()
             .flatten()
-            .chain(app.access_log.as_ref().map(|a| &a.path));
-        for file in logs {
-            prefixes.push(file.with_extension(""));
+            .chain(app.access_log.as_ref().map(|a| &a.path))
+            .cloned()
+            .collect();
+        Own {
+            paths: vec![config_path.to_path_buf(), runtime_dir.to_path_buf()],
+            logs,
         }
-        Own { prefixes }
+    }
+
+    /// Whether `path` is one of these files.
+    fn covers(&self, path: &Path) -> bool {
+        self.paths.iter().any(|own| path.starts_with(own)) || self.logs.iter().any(|log| is_log_of(path, log))
+    }
+}
+
+/// Whether `path` is the log file `log`, one of its slots (`STEM-N.EXT`), or one of their
+/// rotations (anything after `.EXT.`): in the same directory, never a file that merely starts
+/// with the same letters (`out.log` does not cover `output.js`).
+fn is_log_of(path: &Path, log: &Path) -> bool {
+    if path.parent() != log.parent() {
+        return false;
+    }
+    let (Some(name), Some(stem)) = (
+        path.file_name().and_then(|n| n.to_str()),
+        log.file_stem().and_then(|s| s.to_str()),
+    ) else {
+        return false;
+    };
+    let ext = log
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| format!(".{e}"))
+        .unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(stem) else {
+        return false;
+    };
+    if let Some(slot) = rest.strip_prefix('-') {
+        let digits = slot.len() - slot.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return false;
+        }
+        rest = &slot[digits..];
+    }
+    match rest.strip_prefix(ext.as_str()) {
+        Some(tail) => tail.is_empty() || tail.starts_with('.'),
+        None => false,
     }
 }
 
@@ -64,11 +107,7 @@ impl Own {
 /// (a name matches any component, `*` matches within one, a pattern with `/` is a path under
 /// `cwd`).
 pub fn ignored(path: &Path, cwd: &Path, ignore: &[String], own: &Own) -> bool {
-    if own.prefixes.iter().any(|prefix| {
-        path.as_os_str()
-            .as_encoded_bytes()
-            .starts_with(prefix.as_os_str().as_encoded_bytes())
-    }) {
+    if own.covers(path) {
         return true;
     }
     let relative = path.strip_prefix(cwd).unwrap_or(path);
@@ -144,6 +183,7 @@ pub fn spawn(
         own,
         supervisor,
         events,
+        dirs,
     };
     tokio::spawn(task.run(watcher, rx, stop));
     Ok(())
@@ -196,11 +236,13 @@ struct Task {
     own: Own,
     supervisor: Handle,
     events: Arc<Events>,
+    /// Directories watched so far (at most [`MAX_DIRS`] in all).
+    dirs: usize,
 }
 
 impl Task {
     async fn run(
-        self,
+        mut self,
         mut watcher: notify::RecommendedWatcher,
         mut rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
         stop: CancellationToken,
@@ -230,7 +272,7 @@ impl Task {
     /// Records what `event` changed; true if anything relevant did. New directories are
     /// watched too.
     fn note(
-        &self,
+        &mut self,
         watcher: &mut notify::RecommendedWatcher,
         event: notify::Result<notify::Event>,
         changed: &mut BTreeSet<PathBuf>,
@@ -250,8 +292,15 @@ impl Task {
             if ignored(&path, &self.cwd, &self.config.ignore, &self.own) {
                 continue;
             }
-            if matches!(event.kind, EventKind::Create(_)) && path.is_dir() {
-                add_tree(watcher, &path, &self.cwd, &self.config, &self.own, MAX_DIRS);
+            // A directory made, or moved in (`mv dist.tmp dist`): watched from now on, within
+            // the budget of watches.
+            let arrived = matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            );
+            if arrived && path.is_dir() {
+                let budget = MAX_DIRS.saturating_sub(self.dirs);
+                self.dirs += add_tree(watcher, &path, &self.cwd, &self.config, &self.own, budget);
             }
             debug!(app = %self.app, path = %path.display(), kind = ?event.kind, "watch: changed");
             changed.insert(path);
@@ -315,9 +364,10 @@ mod tests {
             .map(|s| (*s).to_owned())
             .collect();
         let own = Own {
-            prefixes: vec![
-                PathBuf::from("/srv/app/logs/web-out"),
-                PathBuf::from("/srv/app/proxy.toml"),
+            paths: vec![PathBuf::from("/srv/app/proxy.toml"), PathBuf::from("/run/corral")],
+            logs: vec![
+                PathBuf::from("/srv/app/logs/web-out.log"),
+                PathBuf::from("/srv/app/out.log"),
             ],
         };
         let is = |p: &str| ignored(Path::new(p), cwd, &ignore, &own);
@@ -326,7 +376,16 @@ mod tests {
         assert!(is("/srv/app/src/a.tmp"));
         assert!(is("/srv/app/public/uploads/cat.png"));
         assert!(is("/srv/app/logs/web-out-0.log.1.gz"));
+        assert!(is("/srv/app/logs/web-out.log"));
+        assert!(is("/srv/app/logs/web-out-12.log.rotating-1700000000-3"));
+        assert!(is("/srv/app/out-1.log"));
         assert!(is("/srv/app/proxy.toml"));
+        // Files that only start like a log file, or a config, are the app's.
+        assert!(!is("/srv/app/output/index.js"));
+        assert!(!is("/srv/app/outbound.js"));
+        assert!(!is("/srv/app/out-of-band.log"));
+        assert!(!is("/srv/app/logs/web-out.logger.js"));
+        assert!(!is("/srv/app/proxy.toml.d/x"));
         assert!(!is("/srv/app/src/server.js"));
         assert!(!is("/srv/app/public/index.html"));
         assert!(!is("/srv/app/logs/other.log"));

@@ -127,7 +127,7 @@ fn a_client_that_never_reads_holds_a_bounded_share_of_worker_connections_until_s
     poll_until(DEADLINE, "32 requests at the worker", || {
         (corral.total("in_flight")? == 32).then_some(())
     })?;
-    // The other 68 wait for one of the 32 instead of opening connections of their own.
+    // The other 68 are refused (32 streams at most), never given connections of their own.
     conn.sock.set_read_timeout(Some(DEADLINE))?;
     assert!(closed_by_server(&mut conn), "the connection outlived send_timeout");
     poll_until(DEADLINE, "the worker connections to close", || {
@@ -254,33 +254,37 @@ fn a_rapid_reset_flood_closes_the_connection_and_corral_keeps_serving() -> TestR
 fn cancelling_streams_at_the_workers_is_caught_even_padded_with_answered_requests() -> TestResult {
     // The h2 crate only counts streams reset before the server took them. This client waits
     // until its requests are in flight at the workers, then cancels them, round after round,
-    // and sends twice as many requests corral answers itself (400), so that cancelled streams
-    // are never most of its traffic.
+    // and before each round sends as many requests corral answers itself (400), so that
+    // cancelled streams are never more than half of its traffic.
     let (corral, _dir, _ca, mut conn, authority) = h2_connection(&[])?;
     let mut next = 1u32;
     let mut closed = false;
     for _round in 0..20 {
-        let mut batch = Vec::new();
-        let mut slow = Vec::new();
-        for i in 0..90 {
-            let stream = next;
-            next += 2;
-            if i % 3 == 0 {
-                slow.push(stream);
-                batch.extend(h2::get(stream, &authority, "/slow?ms=20000", &[]));
-            } else {
-                batch.extend(h2::get(stream, &authority, "/whoami", &[("host", "elsewhere.test")]));
-            }
+        let padding: Vec<u32> = (0..25).map(|i| next + 2 * i).collect();
+        next += 50;
+        let batch: Vec<u8> = padding
+            .iter()
+            .flat_map(|&s| h2::get(s, &authority, "/whoami", &[("host", "elsewhere.test")]))
+            .collect();
+        if conn.write_all(&batch).is_err() || h2::bodies(&mut conn, &padding).is_none() {
+            closed = true;
+            break;
         }
+        let slow: Vec<u32> = (0..25).map(|i| next + 2 * i).collect();
+        next += 50;
+        let batch: Vec<u8> = slow
+            .iter()
+            .flat_map(|&s| h2::get(s, &authority, "/slow?ms=20000", &[]))
+            .collect();
         if conn.write_all(&batch).is_err() {
             closed = true;
             break;
         }
-        let at_workers = poll_until(DEADLINE, "30 requests in flight at the workers, or the close", || {
+        let at_workers = poll_until(DEADLINE, "25 requests in flight at the workers, or the close", || {
             if corral.logs().contains("rapid reset") {
                 return Some(false);
             }
-            (corral.total("in_flight")? >= 30).then_some(true)
+            (corral.total("in_flight")? >= 25).then_some(true)
         })?;
         if !at_workers {
             closed = true;
@@ -328,4 +332,37 @@ fn a_continuation_flood_is_cut_off_long_before_it_ends() -> TestResult {
     conn.sock.set_read_timeout(Some(DEADLINE))?;
     assert!(refused || closed_by_server(&mut conn), "all {sent} bytes were taken in");
     assert_serves(&ca, &corral)
+}
+
+#[test]
+fn forty_large_uploads_on_one_connection_all_arrive() -> TestResult {
+    // More uploads at once than a connection's streams: none may stall the others (unread
+    // DATA of a waiting stream would fill the window all streams share).
+    let (corral, dir, ca, _conn, _authority) = h2_connection(&[])?;
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, vec![b'u'; 2 << 20])?;
+    let resolve = format!("localhost:{}:127.0.0.1", corral.addr.port());
+    let url = format!("https://localhost:{}/echo", corral.addr.port());
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "120", "--http2", "-Z", "--parallel-max", "40"])
+        .arg("--cacert")
+        .arg(&ca.pem)
+        .args([
+            "--resolve",
+            &resolve,
+            "-w",
+            "%{http_code} %{size_download} %{http_version}\\n",
+        ]);
+    for _ in 0..40 {
+        command.arg("-T").arg(&file).args(["-o", "/dev/null", &url]);
+    }
+    let out = command.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 40, "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for line in lines {
+        assert_eq!(line, format!("200 {} 2", 2 << 20), "{text}");
+    }
+    Ok(())
 }

@@ -10,9 +10,13 @@
 //! [`H2_PING`]) is closed after [`H2_PING_TIMEOUT`]. On both, a client that takes no byte of
 //! its responses for `send_timeout` is dropped ([`crate::proxy::client`]).
 //!
-//! HTTP/2 limits, chosen on purpose: at most [`H2_MAX_STREAMS`] concurrent streams (nginx's
-//! 128), of which at most [`crate::proxy::client::H2_WORKER_CONNS`] hold a worker connection at
-//! once; a header list no larger than `max_header_size` (the same limit as HTTP/1.1, which also
+//! HTTP/2 limits, chosen on purpose: at most [`H2_MAX_STREAMS`] concurrent streams, as many as
+//! the worker connections one HTTP/2 connection may hold
+//! ([`crate::proxy::client::H2_WORKER_CONNS`]; nginx allows 128 streams, each with an upstream
+//! connection of its own). Not more streams than that: a stream waiting for a worker connection
+//! would leave its request body unread, and unread DATA fills the connection's flow-control
+//! window that every stream shares, so 33 large uploads at once could stall all 32 that hold a
+//! worker connection. A browser queues the rest itself, as it queues HTTP/1.1 requests; a header list no larger than `max_header_size` (the same limit as HTTP/1.1, which also
 //! bounds a CONTINUATION flood: the h2 crate stops decoding a header block past it and answers
 //! with an error); at most [`H2_PENDING_RESETS`] streams reset by the client before the proxy
 //! saw them. Rapid reset (CVE-2023-44487) is the attack where a client opens and cancels
@@ -57,7 +61,7 @@ use crate::proxy::{Proxy, Via};
 use crate::sites::{host_name, Names};
 
 /// Concurrent streams one HTTP/2 connection may have.
-pub const H2_MAX_STREAMS: u32 = 128;
+pub const H2_MAX_STREAMS: u32 = crate::proxy::client::H2_WORKER_CONNS as u32;
 /// Streams the client may reset before the server accepted them (the h2 crate's guard).
 pub const H2_PENDING_RESETS: usize = 20;
 /// An idle HTTP/2 connection is pinged this often...

@@ -327,7 +327,17 @@ impl Writers {
             self.compressor = Compressor::start();
         }
         let sent = match &self.compressor {
-            Some(compressor) => compressor.tx.send(job).map_err(|e| e.0),
+            // A bounded queue: when gzip cannot keep up with a worker's output, writing waits
+            // for it instead of staging files without end (the disk would fill whatever
+            // `log_retain` says).
+            Some(compressor) => match compressor.tx.try_send(job) {
+                Ok(()) => Ok(()),
+                Err(mpsc::TrySendError::Full(job)) => {
+                    tracing::warn!(file = %file.path.display(), "log compression does not keep up with the output; writing waits for it");
+                    compressor.tx.send(job).map_err(|e| e.0)
+                }
+                Err(mpsc::TrySendError::Disconnected(job)) => Err(job),
+            },
             None => Err(job),
         };
         if let Err(job) = sent {
@@ -402,16 +412,19 @@ struct Job {
     staged: PathBuf,
 }
 
+/// Rotations waiting for the compressor before writing waits for it.
+const COMPRESS_QUEUE: usize = 4;
+
 /// The compressor thread of a [`Writers`]: rotations are finished in the order they happened.
 #[derive(Debug)]
 struct Compressor {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Compressor {
     fn start() -> Option<Compressor> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(COMPRESS_QUEUE);
         let spawned = std::thread::Builder::new()
             .name("corral-log-gzip".into())
             .spawn(move || {

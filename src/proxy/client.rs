@@ -7,19 +7,24 @@
 //!
 //! - **Worker connections per client connection.** An HTTP/1.1 connection carries one request at
 //!   a time, so it holds at most one worker connection. An HTTP/2 connection may carry
-//!   [`crate::listener::conn::H2_MAX_STREAMS`] at once, and a client that opens them all and
-//!   never reads (a zero flow-control window) would hold that many worker connections, an fd
-//!   each, for as long as it likes. So an HTTP/2 connection holds at most
-//!   [`H2_WORKER_CONNS`] worker connections; further streams wait for one of them (bounded by
-//!   `upstream_timeout`, then 503), much as a browser queues its seventh HTTP/1.1 request.
+//!   many at once, and a client that opens them all and never reads (a zero flow-control
+//!   window) would hold that many worker connections, an fd each, for as long as it likes. So
+//!   an HTTP/2 connection holds at most [`H2_WORKER_CONNS`] worker connections, and it is
+//!   allowed as many concurrent streams ([`crate::listener::conn::H2_MAX_STREAMS`]); a stream
+//!   that still finds no share free (one whose response body is still being sent after its
+//!   stream ended for the client) waits for one, bounded by `upstream_timeout`, then 503.
 //! - **Stalled clients** (nginx's `send_timeout`). Each response body tells the connection when
 //!   it handed hyper a frame ([`Client::handed`]) and when hyper asked for the next
 //!   ([`Client::polled`]). hyper asks only once the client has room for more (its socket
 //!   drained, or its HTTP/2 window opened), so a body handed a frame and not asked again is
 //!   waiting on the client, never on the worker: an SSE stream quiet for an hour is asked and
-//!   waits on the worker. [`Stall`] reports a connection where some body waits on
-//!   the client and no body has moved for `send_timeout`; the listener closes it, which ends
-//!   every stream and frees their worker connections.
+//!   waits on the worker. [`Stall`] reports a connection where every open stream waits on
+//!   the client and none has moved for `send_timeout`; the listener closes it, which ends
+//!   every stream and frees their worker connections. Per connection, not per stream (nginx
+//!   times each HTTP/2 stream): hyper offers no way to reset one stream from outside, and a
+//!   body hyper stopped polling cannot notice its own timeout. So a client that keeps one
+//!   stream moving can keep its other paused streams' worker connections; the share per
+//!   connection and the shard's budget bound what that costs.
 //! - **Cancelled streams** (rapid reset, CVE-2023-44487). Every stream the client cancels before
 //!   its response head takes a token from a bucket of [`RESET_BURST`] that refills at
 //!   [`RESET_RATE`] a second; an empty bucket marks the client abusive. A bucket, not a ratio of
@@ -33,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-/// Worker connections one HTTP/2 client connection may hold at once.
+/// Worker connections one HTTP/2 client connection may hold at once (and its streams).
 pub const H2_WORKER_CONNS: usize = 32;
 /// Streams a client may cancel before their response at once...
 pub const RESET_BURST: u32 = 100;
@@ -137,9 +142,13 @@ impl Client {
         self.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The progress mark for [`Stall`]: `None` when no body waits on the client.
+    /// The progress mark for [`Stall`]: `None` unless every open stream waits on the client.
+    /// One stream the client paused (a paused video, an unread download) beside one that waits
+    /// on its worker (a quiet event stream) is a client that still reads: its connection stays,
+    /// and the paused stream keeps its worker connection, within the connection's share.
     pub fn mark(&self) -> Option<u64> {
-        (self.waiting.load(Ordering::Relaxed) > 0).then(|| self.polls.load(Ordering::Relaxed))
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        (waiting > 0 && waiting >= self.live.load(Ordering::Relaxed)).then(|| self.polls.load(Ordering::Relaxed))
     }
 
     /// A stream was cancelled by the client before its response head: takes a token, and
@@ -211,7 +220,7 @@ mod tests {
         assert!(!fired(&client));
         client.cancelled_at(start);
         assert!(fired(&client));
-        // A second later ten more are allowed, and the eleventh fires.
+        // A second later RESET_RATE more are allowed, and the next one fires.
         let later = start + Duration::from_secs(1);
         for _ in 0..RESET_RATE {
             client.cancelled_at(later);
@@ -228,7 +237,8 @@ mod tests {
         let mut stall = Stall::default();
         let second = Duration::from_secs(1);
         let mut tick = || stall.tick(&client, second).as_secs();
-        // Nothing waits on the client (an idle SSE stream waits on its worker).
+        // One stream. Nothing waits on the client (an idle SSE stream waits on its worker).
+        client.opened();
         client.polled(false);
         assert_eq!([tick(), tick(), tick()], [0, 0, 0]);
         client.handed();
@@ -237,7 +247,12 @@ mod tests {
         client.polled(true);
         client.handed();
         assert_eq!([tick(), tick()], [0, 1]);
+        // A second stream, waiting on its worker: the client still reads, nothing counts.
+        client.opened();
+        assert_eq!([tick(), tick()], [0, 0]);
+        client.closed();
         client.gone_waiting();
+        client.closed();
         assert_eq!(tick(), 0);
     }
 }

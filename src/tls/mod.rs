@@ -33,6 +33,7 @@ pub mod acme;
 pub mod certs;
 pub mod tickets;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -221,14 +222,17 @@ impl CertStore {
 
 /// ACME challenge answers, shared by the TLS resolver (TLS-ALPN-01) and the `http_redirect`
 /// listener (HTTP-01). Touched only while a certificate is being ordered: a lookup first reads
-/// a count of the answers held (an atomic load, written only when one is set or cleared), so a
+/// a count of its kind of answers held (an atomic load, written under that list's lock when one
+/// is set or cleared), so a
 /// client that asks for a challenge when none is pending never takes the locks.
 #[derive(Debug, Default)]
 pub struct Challenges {
     alpn: Mutex<Vec<(String, Arc<CertifiedKey>)>>,
     http: Mutex<Vec<(String, String)>>,
-    /// Answers held, both kinds.
-    held: std::sync::atomic::AtomicUsize,
+    /// TLS-ALPN-01 answers held, written under `alpn`'s lock...
+    alpn_held: AtomicUsize,
+    /// ... and HTTP-01 answers, under `http`'s: each count is its own list's length.
+    http_held: AtomicUsize,
 }
 
 impl Challenges {
@@ -237,25 +241,14 @@ impl Challenges {
         let mut alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
         alpn.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
         alpn.push((domain.to_ascii_lowercase(), key));
-        self.recount(alpn.len(), None);
-    }
-
-    /// Stores the count of answers held after a change of one list.
-    fn recount(&self, alpn: usize, http: Option<usize>) {
-        let http = http.unwrap_or_else(|| self.http.lock().unwrap_or_else(|p| p.into_inner()).len());
-        self.held.store(alpn + http, std::sync::atomic::Ordering::Release);
-    }
-
-    /// True when no answer of either kind is held.
-    fn none_held(&self) -> bool {
-        self.held.load(std::sync::atomic::Ordering::Acquire) == 0
+        self.alpn_held.store(alpn.len(), Ordering::Release);
     }
 
     /// Stops answering TLS-ALPN-01 for `domain`.
     pub fn clear_alpn(&self, domain: &str) {
         let mut alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
         alpn.retain(|(d, _)| !d.eq_ignore_ascii_case(domain));
-        self.recount(alpn.len(), None);
+        self.alpn_held.store(alpn.len(), Ordering::Release);
     }
 
     /// Serves `key_authorization` at `/.well-known/acme-challenge/<token>` until cleared.
@@ -263,23 +256,19 @@ impl Challenges {
         let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
         http.retain(|(t, _)| t != token);
         http.push((token.to_owned(), key_authorization));
-        let held = http.len();
-        drop(http);
-        self.recount(self.alpn.lock().unwrap_or_else(|p| p.into_inner()).len(), Some(held));
+        self.http_held.store(http.len(), Ordering::Release);
     }
 
     /// Stops serving the HTTP-01 answer of `token`.
     pub fn clear_http(&self, token: &str) {
         let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
         http.retain(|(t, _)| t != token);
-        let held = http.len();
-        drop(http);
-        self.recount(self.alpn.lock().unwrap_or_else(|p| p.into_inner()).len(), Some(held));
+        self.http_held.store(http.len(), Ordering::Release);
     }
 
     /// The TLS-ALPN-01 certificate for `domain`.
     pub fn alpn(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
-        if self.none_held() {
+        if self.alpn_held.load(Ordering::Acquire) == 0 {
             return None;
         }
         let alpn = self.alpn.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,7 +279,7 @@ impl Challenges {
 
     /// The HTTP-01 answer for `token`.
     pub fn http(&self, token: &str) -> Option<String> {
-        if self.none_held() {
+        if self.http_held.load(Ordering::Acquire) == 0 {
             return None;
         }
         let http = self.http.lock().unwrap_or_else(|p| p.into_inner());

@@ -256,12 +256,19 @@ fn load(file: &Path) -> Result<Loaded, ImportError> {
         return match serde_json::from_str::<Json>(&text) {
             Ok(value) => Ok((value, Vec::new(), String::new())),
             // PM2 evaluates .json files as JavaScript: comments and unquoted keys pass there.
-            Err(json_error) => from_node(file, "json").map_err(|node_error| match node_error {
-                ImportError::Node { .. } | ImportError::Evaluation { .. } => bad(format!(
-                    "not valid JSON ({json_error}), nor a JavaScript object literal"
-                )),
-                other => other,
-            }),
+            // That runs whatever the file holds, so say so: a .json looks inert.
+            Err(json_error) => {
+                eprintln!(
+                    "corral import: {}: not strict JSON ({json_error}); evaluating it with node as a JavaScript literal, as PM2 does (this runs the file's code)",
+                    file.display()
+                );
+                from_node(file, "json").map_err(|node_error| match node_error {
+                    ImportError::Node { .. } | ImportError::Evaluation { .. } => bad(format!(
+                        "not valid JSON ({json_error}), nor a JavaScript object literal"
+                    )),
+                    other => other,
+                })
+            }
         };
     }
     if name.ends_with(".yml") || name.ends_with(".yaml") {
