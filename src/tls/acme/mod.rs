@@ -142,16 +142,18 @@ impl Manager {
                     last_issued = Some(tokio::time::Instant::now());
                     rotate = false;
                     info!(app = %self.app, %domains, expires = %when(issued.not_after), "certificate issued");
+                    // Cached first (a few milliseconds): a certificate that serves is always
+                    // one a restart finds.
+                    let saved = issued.clone();
+                    if let Err(reason) = blocking(&self.cache, move |c| c.save_certificate(&saved)).await {
+                        warn!(app = %self.app, %reason, "could not cache the certificate; the next start orders another");
+                    }
                     self.store.install_acme(Arc::clone(&issued.key));
                     self.store.set_problem(None);
                     self.events.emit(
                         Draft::new(Kind::CertificateRenewed, &self.app)
                             .message(format!("{domains}, expires {}", when(issued.not_after))),
                     );
-                    let saved = issued.clone();
-                    if let Err(reason) = blocking(&self.cache, move |c| c.save_certificate(&saved)).await {
-                        warn!(app = %self.app, %reason, "could not cache the certificate; the next start orders another");
-                    }
                     current = Some(issued);
                 }
                 Err(error) => {
