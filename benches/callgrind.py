@@ -70,6 +70,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compare import first_line, free_port, machine, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "benches" / "hello.js"
 CONFIGS = {
@@ -79,15 +81,8 @@ CONFIGS = {
 }
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def answers(port):
+    """compare.answers with a longer timeout: corral answers slowly under valgrind."""
     import socket
 
     try:
@@ -97,33 +92,6 @@ def answers(port):
     except OSError:
         return False
 
-
-def wait_for(what, check, deadline):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out after {deadline} s waiting for {what}")
-
-
-def first_line(cmd):
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else None
-
-
-def machine():
-    model = "unknown CPU"
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = m.group(1).strip() if m else model
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({model}), Linux {os.uname().release}"
 
 
 class Run:
