@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::logs::recent::LogLine;
 use crate::supervisor::status::Status;
 use crate::supervisor::{CommandError, ErrorCode, Handle, Scale};
+use crate::upgrade::Upgrader;
 
 /// A command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +61,12 @@ pub enum Request {
         /// Only this app.
         app: Option<String>,
     },
+    /// Self-upgrade: a new corral process (this binary's path, or `binary`) takes over.
+    Upgrade {
+        /// The new binary (absolute); default: the path this corral was started from.
+        #[serde(default)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Recent worker output kept in memory.
     Logs {
         /// Only this app.
@@ -85,10 +94,50 @@ pub async fn execute(
     request: Request,
     supervisor: &Handle,
     shutdown: &CancellationToken,
+    upgrader: &Arc<Upgrader>,
     progress: mpsc::UnboundedSender<String>,
 ) -> Result<Answer, CommandError> {
     match request {
-        Request::Status => Ok(Answer::Status(Box::new(supervisor.status().await?))),
+        Request::Status => {
+            let mut status = supervisor.status().await?;
+            status.upgrade = upgrader.peer();
+            Ok(Answer::Status(Box::new(status)))
+        }
+        Request::Upgrade { binary } => {
+            let status = supervisor.status().await?;
+            if status.stopping || shutdown.is_cancelled() {
+                return Err(CommandError::new(ErrorCode::Stopping, "corral is stopping"));
+            }
+            if status.reloading {
+                return Err(CommandError::new(
+                    ErrorCode::Busy,
+                    "a reload is running; upgrade when it has finished",
+                ));
+            }
+            if let Some(path) = binary.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(CommandError::new(
+                    ErrorCode::BadRequest,
+                    format!("--binary {}: give an absolute path", path.display()),
+                ));
+            }
+            upgrader.upgrade(binary, status.env, progress).await.map(Answer::Done)
+        }
+        Request::Reload { app, env } => match supervisor.reload(app, env.clone(), progress.clone()).await {
+            Err(e) if e.code == ErrorCode::Topology => {
+                // The same binary (even if its file was replaced since), the new config.
+                let _ = progress.send(format!(
+                    "{}: a rolling reload cannot change the listeners or the set of apps, so a new corral process takes over with the new config (every app's workers are replaced, without a failed request)",
+                    e.message
+                ));
+                let env = match env {
+                    Some(env) => Some(env),
+                    None => supervisor.status().await?.env,
+                };
+                let self_exe = std::path::PathBuf::from("/proc/self/exe");
+                upgrader.upgrade(Some(self_exe), env, progress).await.map(Answer::Done)
+            }
+            other => other.map(Answer::Done),
+        },
         Request::Stop => {
             shutdown.cancel();
             Ok(Answer::Stopping(
@@ -104,7 +153,6 @@ pub async fn execute(
                 .map_err(|message| CommandError::new(ErrorCode::BadRequest, message))?;
             supervisor.scale(app, change).await.map(Answer::Done)
         }
-        Request::Reload { app, env } => supervisor.reload(app, env, progress).await.map(Answer::Done),
         Request::Logs { app, lines } => supervisor.logs(app, lines).await.map(Answer::Logs),
         Request::Flush { app } => supervisor.flush(app).await.map(Answer::Done),
     }

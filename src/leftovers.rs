@@ -100,6 +100,42 @@ pub fn path_for(socket: &Path) -> PathBuf {
     socket.with_extension("state.json")
 }
 
+/// The state file of a corral that took over by self-upgrade: one per process, so that the
+/// previous one (still draining, with its own workers) and this one never write one file.
+pub fn generation_path(socket: &Path, pid: u32) -> PathBuf {
+    socket.with_extension(format!("{pid}.state.json"))
+}
+
+/// [`clean`]s the instance's state file and those of every generation (a killed run after an
+/// upgrade); returns how many processes were signalled.
+pub fn clean_all(socket: &Path) -> usize {
+    let main = path_for(socket);
+    let mut killed = clean(&main);
+    let (Some(dir), Some(stem)) = (socket.parent(), socket.file_stem().and_then(|s| s.to_str())) else {
+        return killed;
+    };
+    let prefix = format!("{stem}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return killed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let pid = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".state.json"))
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if pid.is_some() {
+            let path = entry.path();
+            killed += clean(&path);
+            if load(&path).is_none_or(|state| !state.front.alive()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    killed
+}
+
 /// The temporary file that [`save`] writes and renames over `path`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_extension("tmp")

@@ -15,6 +15,8 @@
 //!   probes, restarts and stops workers, and publishes a new pool snapshot after each change.
 //!   Everything else talks to it through a cloneable [`supervisor::Handle`];
 //! - the **control socket** ([`control`]) lets the CLI ([`cli`]) reach a running instance;
+//! - [`upgrade`] hands every socket (and the cookie and ticket keys) to a new corral process,
+//!   for a binary upgrade or a reload that changes the listeners;
 //! - [`run`] wires these together and owns the stop sequence; [`signals`] maps Unix signals to
 //!   intents; [`tls`] holds each app's certificates and picks one per handshake; [`sites`]
 //!   maps host names to the apps sharing an address; [`config`] turns `proxy.toml` into validated types; [`logs`] sets up tracing and
@@ -74,3 +76,5 @@ pub mod watch;
 pub mod cron_restart;
 // Reaping orphans re-parented to corral (subreaper, PID 1 in a container).
 pub mod reaper;
+// Self-upgrade: a new corral process takes over the sockets.
+pub mod upgrade;

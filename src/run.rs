@@ -25,6 +25,7 @@ use crate::admin::events::{Draft, Events, Kind};
 use crate::admin::Admin;
 use crate::balancer::Balancer;
 use crate::config::Config;
+use crate::control::Request;
 use crate::control::{ControlError, ControlSocket};
 use crate::listener::redirect::Redirect;
 use crate::listener::{self, Admission, Front, ListenError, PerIp};
@@ -37,6 +38,7 @@ use crate::signals::{Intent, Signals};
 use crate::sites::Names;
 use crate::supervisor::{Handle, Supervisor};
 use crate::tls::{CertError, CertStore, Challenges, SniResolver, Tickets};
+use crate::upgrade::{Inherited, Upgrader};
 
 /// Why `corral run` could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -68,10 +70,15 @@ pub enum RunError {
     /// A second stop signal arrived; workers were killed without waiting.
     #[error("stopped by a second {0}: workers were killed without draining")]
     Forced(&'static str),
+    /// This process was started to take over from a running corral and gave up (the running
+    /// one serves on; it reports why).
+    #[error("the upgrade was abandoned: the running corral serves on")]
+    UpgradeAbandoned,
 }
 
-/// Runs `config` until stopped.
-pub async fn run(config: Config) -> Result<(), RunError> {
+/// Runs `config` until stopped; with `inherited`, takes over from the corral that started this
+/// process ([`crate::upgrade`]).
+pub async fn run(config: Config, mut inherited: Option<Inherited>) -> Result<(), RunError> {
     // Before any worker exists, so that every orphan of theirs comes to corral.
     crate::reaper::become_subreaper();
     crate::limits::raise();
@@ -85,12 +92,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let addresses = group_by(&config, |app| app.listen);
     let mut sockets = Vec::new();
     for (addr, _) in &addresses {
-        sockets.push(listener::bind(*addr, shards.len())?);
+        sockets.push(match inherited.as_mut().and_then(|i| i.public(*addr)) {
+            Some(handed) => listener::adopt(handed, shards.len())?,
+            None => listener::bind(*addr, shards.len())?,
+        });
     }
     let redirects = group_by(&config, |app| app.http_redirect);
     let mut redirect_sockets = Vec::new();
     for (addr, _) in &redirects {
-        redirect_sockets.push(listener::bind(*addr, shards.len())?);
+        redirect_sockets.push(match inherited.as_mut().and_then(|i| i.redirect(*addr)) {
+            Some(handed) => listener::adopt(handed, shards.len())?,
+            None => listener::bind(*addr, shards.len())?,
+        });
     }
     // Certificates are loaded before anything starts: a file that broke since `check` fails
     // the start with its name.
@@ -113,14 +126,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         shards.len(),
     ));
     let access_logs = AccessLogs::start(&config, &metrics).map_err(RunError::AccessLog)?;
-    let control = ControlSocket::bind(&config.path).await?;
+    let mut control = match inherited.as_mut().and_then(Inherited::control) {
+        Some(listener) => ControlSocket::adopt(&config.path, listener)?,
+        None => ControlSocket::bind(&config.path).await?,
+    };
     info!(config = %config.path.display(), control = %control.path().display(), pid = std::process::id(), "corral starting");
 
     let balancers: Vec<Option<Arc<Balancer>>> = config.apps.iter().map(|a| a.listen.map(|_| Arc::default())).collect();
-    // The control socket is ours, so no live instance runs this config: whatever its state file
-    // still lists was left behind by a killed front process.
-    let state_file = crate::leftovers::path_for(control.path());
-    let leftovers = crate::leftovers::clean(&state_file);
+    // The control socket is ours, so no live instance runs this config: whatever its state
+    // files still list was left behind by a killed front process. A process taking over
+    // leaves the running one's workers alone and keeps a state file of its own.
+    let (state_file, leftovers) = match &inherited {
+        Some(_) => (crate::leftovers::generation_path(control.path(), std::process::id()), 0),
+        None => (
+            crate::leftovers::path_for(control.path()),
+            crate::leftovers::clean_all(control.path()),
+        ),
+    };
     let events = Arc::new(Events::default());
     if leftovers > 0 {
         events.emit(Draft::global(Kind::LeftoversStopped).message(format!(
@@ -137,6 +159,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .with_access_logs(access_logs.as_ref().map(AccessLogs::emptier));
 
     let shutdown = CancellationToken::new();
+    // The admin listener stops with the stop sequence's end, so `/readyz` says "stopping"
+    // while connections drain (or at the switch, after handing over).
+    let admin_stop = CancellationToken::new();
+    let tickets = match &inherited {
+        Some(handed) => Tickets::with_keys(handed.ticket_keys()),
+        None => Tickets::new(),
+    }
+    .ok_or(RunError::Random)?;
+    if let Some(handed) = &inherited {
+        crate::balancer::sticky::adopt_process_key(handed.sticky_key());
+    }
+    let upgrader = Arc::new(Upgrader::new(
+        &config.path,
+        inherited
+            .as_ref()
+            .map_or_else(crate::upgrade::own_binary, Inherited::binary),
+        crate::balancer::sticky::process_key(),
+        Arc::clone(&tickets),
+        Arc::clone(&events),
+        takeover_deadline(&config) + Duration::from_secs(60),
+        vec![shutdown.clone(), admin_stop.clone()],
+    ));
+    if let Some(handed) = &inherited {
+        // No upgrade of this one until the previous one has exited.
+        upgrader.set_peer(Some(crate::upgrade::Generation {
+            pid: handed.old_pid(),
+            state: "handing over".into(),
+            detail: String::new(),
+        }));
+    }
+    for (socket, (addr, _)) in sockets.iter().zip(&addresses) {
+        upgrader.keep(true, *addr, &socket.sockets);
+    }
+    for (socket, (addr, _)) in redirect_sockets.iter().zip(&redirects) {
+        upgrader.keep(false, *addr, &socket.sockets);
+    }
+    upgrader.keep_control(control.listener());
     tokio::spawn(crate::reaper::run(shutdown.child_token()));
     tokio::spawn(Arc::clone(&metrics).sample_every(handle.clone(), shutdown.child_token()));
     let runtime_dir = control
@@ -159,21 +218,37 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     // Bound before anything is served, so a taken admin address fails the start.
     let admin = match &config.admin {
-        Some(admin) => Some(
-            Admin::bind(
+        Some(admin) => {
+            let bound = Admin::bind(
                 admin,
+                inherited.as_mut().and_then(|i| i.admin(admin.listen)),
                 handle.clone(),
                 shutdown.clone(),
                 Arc::clone(&events),
                 Arc::clone(&metrics),
+                Arc::clone(&upgrader),
             )
-            .await?,
-        ),
+            .await?;
+            upgrader.keep_admin(admin.listen, bound.listener());
+            Some(bound)
+        }
         None => None,
     };
+    // Every socket is claimed by now; what the previous corral had and this config does not
+    // name is closed.
+    let takeover = match inherited.take().map(Inherited::into_takeover) {
+        Some(Ok(takeover)) => Some(takeover),
+        Some(Err(e)) => {
+            error!(error = %e, "the hand-over channel failed");
+            return Err(RunError::UpgradeAbandoned);
+        }
+        None => None,
+    };
+    // Cancelled when this process may accept: at once, or after the switch when taking over.
+    let released = CancellationToken::new();
+    let abandoned = CancellationToken::new();
     let supervisor = tokio::spawn(supervisor.run());
     let challenges = Arc::new(Challenges::default());
-    let tickets = Tickets::new().ok_or(RunError::Random)?;
     tokio::spawn(Arc::clone(&tickets).rotate_every_period(shutdown.clone()));
     for (app, store) in config.apps.iter().zip(&certs) {
         if let (Some(crate::config::Tls::Acme(acme)), Some(store)) = (&app.tls, store) {
@@ -197,6 +272,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .filter_map(|(app, b)| b.as_ref().map(|b| (Arc::clone(b), app.listen_timeout)))
         .collect();
     let mut accept_loops = JoinSet::new();
+    let runtimes: Vec<tokio::runtime::Handle> = shards.handles().cloned().collect();
     let fd_limit = crate::limits::fd_limit();
     let proxies: Vec<Option<Arc<Proxy>>> = config
         .apps
@@ -237,8 +313,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         };
         let label: Vec<&str> = apps.iter().map(|&i| config.apps[i].name.as_str()).collect();
         let label = label.join(", ");
-        for (shard, (listener, runtime)) in socket.sockets.into_iter().zip(shards.handles()).enumerate() {
-            let stop = shutdown.child_token();
+        // Handed-over sockets beyond the shard count are served too (a shard may take two).
+        for (index, listener) in socket.sockets.into_iter().enumerate() {
+            let (shard, runtime) = (index % runtimes.len(), &runtimes[index % runtimes.len()]);
+            let (stop, hold) = (shutdown.child_token(), takeover.is_some().then(|| released.clone()));
             let name = label.clone();
             // Each shard has its own front (and TLS config, with its own session cache), so
             // the clones a request makes stay on its CPU.
@@ -259,19 +337,25 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             let admission = admission.clone();
             let addr = *addr;
             let accept_loop = async move {
-                let ready = async {
-                    for proxy in &front.sites {
-                        proxy.balancer().wait_ready().await;
-                    }
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = ready => {}
-                    _ = tokio::time::sleep(boot) => if shard == 0 {
-                        warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)");
+                match hold {
+                    // Taking over: not before the running corral has stopped accepting.
+                    Some(released) => tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = released.cancelled() => {}
+                    },
+                    None => tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = async {
+                            for proxy in &front.sites {
+                                proxy.balancer().wait_ready().await;
+                            }
+                        } => {}
+                        _ = tokio::time::sleep(boot) => if shard == 0 {
+                            warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)");
+                        },
                     },
                 }
-                if shard == 0 {
+                if index == 0 {
                     info!(app = %name, %addr, tls = tls.is_some(), "accepting connections");
                 }
                 if let Err(e) = listener::serve(listener, front, tls, limits, admission, stop, drain).await {
@@ -299,10 +383,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let per_shard = limits
             .connection_limit(fd_limit, addresses.len() + redirects.len())
             .div_ceil(shards.len().max(1));
-        for (listener, runtime) in socket.sockets.into_iter().zip(shards.handles()) {
+        for (index, listener) in socket.sockets.into_iter().enumerate() {
+            let runtime = &runtimes[index % runtimes.len()];
             let (redirect, stop) = (Arc::clone(&redirect), shutdown.child_token());
+            let hold = takeover.is_some().then(|| released.clone());
             accept_loops.spawn_on(
                 async move {
+                    if let Some(released) = hold {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = released.cancelled() => {}
+                        }
+                    }
                     if let Err(e) = listener::redirect::serve(listener, redirect, limits, per_shard, stop, drain).await
                     {
                         error!(error = %e, "http_redirect accept loop failed");
@@ -313,16 +405,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
         info!(%addr, "http_redirect: answering 308 to https");
     }
-    let control_task = tokio::spawn(control.serve(handle.clone(), shutdown.clone()));
-    // The admin listener stops with the stop sequence's end, so `/readyz` says "stopping"
-    // while connections drain.
-    let admin_stop = CancellationToken::new();
-    if let Some(admin) = admin {
-        tokio::spawn(admin.serve(admin_stop.clone()));
+    match takeover {
+        Some(takeover) => {
+            let (supervisor, upgrader) = (handle.clone(), Arc::clone(&upgrader));
+            let deadline = takeover_deadline(&config);
+            tokio::spawn(takeover.run(supervisor, upgrader, deadline, released.clone(), abandoned.clone()));
+        }
+        None => released.cancel(),
     }
-    // READY=1 once every proxied app accepts connections (or its boot wait is over).
+    // One corral answers the control socket at a time: a process taking over starts at the
+    // switch (connections meanwhile wait in the socket's backlog).
+    let control_task = tokio::spawn({
+        let (handle, shutdown, upgrader, released) = (
+            handle.clone(),
+            shutdown.clone(),
+            Arc::clone(&upgrader),
+            released.clone(),
+        );
+        async move {
+            released.cancelled().await;
+            control.own();
+            let handed_over = upgrader.handed_over_token();
+            control.serve(handle, shutdown, upgrader, handed_over).await;
+        }
+    });
+    if let Some(admin) = admin {
+        let (admin_stop, released) = (admin_stop.clone(), released.clone());
+        tokio::spawn(async move {
+            released.cancelled().await;
+            admin.serve(admin_stop).await;
+        });
+    }
+    // READY=1 once every proxied app accepts connections (or its boot wait is over); after a
+    // take-over, with this process's pid as the service's main pid.
     let ready: Vec<_> = balancers_ready.into_iter().collect();
+    let go = released.clone();
     tokio::spawn(async move {
+        go.cancelled().await;
         for (balancer, boot) in ready {
             if tokio::time::timeout(boot, balancer.wait_ready()).await.is_err() {
                 break;
@@ -332,11 +451,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     });
 
     let reason = tokio::select! {
-        intent = wait_for_stop(&mut signals, &handle) => intent,
-        _ = shutdown.cancelled() => "corral stop",
+        intent = wait_for_stop(&mut signals, &handle, &shutdown, &upgrader) => intent,
+        _ = shutdown.cancelled() => if upgrader.handed_over() { "handed over to the new corral" } else { "corral stop" },
+        _ = abandoned.cancelled() => "upgrade abandoned",
     };
     info!("{reason}: stopping gracefully");
-    crate::notify::stopping();
+    // No new upgrade from now on, and the kept copies of the sockets close.
+    upgrader.close();
+    if !upgrader.handed_over() && !abandoned.is_cancelled() {
+        // After a switch the service runs on in the new process: a STOPPING=1 would stop it.
+        crate::notify::stopping();
+    }
     shutdown.cancel();
 
     let graceful = async {
@@ -355,7 +480,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let outcome = tokio::select! {
         _ = graceful => Ok(()),
-        signal = wait_for_stop(&mut signals, &handle) => {
+        signal = wait_for_stop(&mut signals, &handle, &shutdown, &upgrader) => {
             warn!("{signal} again: killing workers now");
             if handle.kill().await.is_err() {
                 error!("the supervisor is gone; cannot kill workers");
@@ -377,28 +502,47 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
         info!("stopped");
     }
+    if abandoned.is_cancelled() {
+        return outcome.and(Err(RunError::UpgradeAbandoned));
+    }
     outcome
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP starts a rolling reload in the background (its
-/// progress and outcome go to the log).
-async fn wait_for_stop(signals: &mut Signals, supervisor: &Handle) -> &'static str {
+/// How long a process taking over waits for its workers before it gives up.
+pub fn takeover_deadline(config: &Config) -> Duration {
+    let longest = config.apps.iter().map(|a| a.listen_timeout).max().unwrap_or_default();
+    longest * 2 + Duration::from_secs(30)
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP starts a rolling reload and SIGUSR2 an upgrade in the
+/// background, as `corral reload` and `corral upgrade` would (progress and outcome go to the
+/// log).
+async fn wait_for_stop(
+    signals: &mut Signals,
+    supervisor: &Handle,
+    shutdown: &CancellationToken,
+    upgrader: &Arc<Upgrader>,
+) -> &'static str {
     loop {
-        match signals.next().await {
+        let (name, request) = match signals.next().await {
             Intent::Stop(name) => return name,
-            Intent::Reload => {
-                info!("SIGHUP: rolling reload");
-                let supervisor = supervisor.clone();
-                tokio::spawn(async move {
-                    // Progress lines are logged by the supervisor itself.
-                    let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
-                    match supervisor.reload(None, None, progress).await {
-                        Ok(summary) => info!("SIGHUP: {summary}"),
-                        Err(why) => error!("SIGHUP: {why}"),
-                    }
-                });
+            Intent::Reload => ("SIGHUP", Request::Reload { app: None, env: None }),
+            Intent::Upgrade => ("SIGUSR2", Request::Upgrade { binary: None }),
+        };
+        info!(
+            "{name}: {}",
+            if name == "SIGHUP" { "rolling reload" } else { "upgrade" }
+        );
+        let (supervisor, shutdown, upgrader) = (supervisor.clone(), shutdown.clone(), Arc::clone(upgrader));
+        tokio::spawn(async move {
+            // Progress lines are logged where they are made.
+            let (progress, _lines) = tokio::sync::mpsc::unbounded_channel();
+            match crate::commands::execute(request, &supervisor, &shutdown, &upgrader, progress).await {
+                Ok(crate::commands::Answer::Done(summary)) => info!("{name}: {summary}"),
+                Ok(_) => {}
+                Err(why) => error!("{name}: {why}"),
             }
-        }
+        });
     }
 }
 

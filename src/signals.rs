@@ -4,6 +4,7 @@
 //! |-------------------|-----------------------------------------------------------|
 //! | SIGTERM, SIGINT   | graceful stop; a second one while stopping kills at once  |
 //! | SIGHUP            | rolling reload of every app (progress in the log)         |
+//! | SIGUSR2           | self-upgrade: the binary at the same path takes over      |
 
 use tokio::signal::unix::{signal, Signal as Stream, SignalKind};
 
@@ -14,6 +15,8 @@ pub enum Intent {
     Stop(&'static str),
     /// SIGHUP.
     Reload,
+    /// SIGUSR2.
+    Upgrade,
 }
 
 /// The signals corral listens to. Creating it replaces their default actions (which would kill
@@ -23,6 +26,7 @@ pub struct Signals {
     term: Stream,
     int: Stream,
     hup: Stream,
+    usr2: Stream,
 }
 
 impl Signals {
@@ -32,6 +36,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -41,6 +46,7 @@ impl Signals {
             _ = self.term.recv() => Intent::Stop("SIGTERM"),
             _ = self.int.recv() => Intent::Stop("SIGINT"),
             _ = self.hup.recv() => Intent::Reload,
+            _ = self.usr2.recv() => Intent::Upgrade,
         }
     }
 }

@@ -75,6 +75,12 @@ fn as_pid_1_of_a_pid_namespace_corral_reaps_every_orphan_and_stops_cleanly() -> 
         zombies_of(init).is_empty().then_some(())
     })?;
     assert_eq!(support::http::get(corral.addr, "/whoami")?.status, 200);
+    // An upgrade would end the container (PID 1 could never exit): refused, nothing changes.
+    let upgrade = corral.cli(&["upgrade"])?;
+    let text = String::from_utf8_lossy(&upgrade.stderr);
+    assert!(!upgrade.status.success() && text.contains("PID 1"), "{upgrade:?}");
+    assert_eq!(corral.status().ok_or("status")?["pid"], 1);
+    assert_eq!(support::http::get(corral.addr, "/whoami")?.status, 200);
     // SIGTERM to the namespace's init drains and stops like anywhere else.
     let stop = corral.cli(&["stop"])?;
     assert!(stop.status.success(), "{stop:?}");

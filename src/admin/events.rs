@@ -74,6 +74,12 @@ pub enum Kind {
     WatchRestart,
     /// `cron_restart` fired and the app was restarted (rolling).
     CronRestart,
+    /// A self-upgrade began: a new corral process starts.
+    UpgradeStarted,
+    /// The new corral process took over; this one drains and exits.
+    UpgradeDone,
+    /// The new corral process failed; this one serves on.
+    UpgradeFailed,
 }
 
 impl Kind {
@@ -95,6 +101,9 @@ impl Kind {
             Kind::CertificateReloaded => "certificate_reloaded",
             Kind::WatchRestart => "watch_restart",
             Kind::CronRestart => "cron_restart",
+            Kind::UpgradeStarted => "upgrade_started",
+            Kind::UpgradeDone => "upgrade_done",
+            Kind::UpgradeFailed => "upgrade_failed",
         }
     }
 }

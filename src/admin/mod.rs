@@ -80,17 +80,20 @@ struct State {
     shutdown: CancellationToken,
     events: Arc<Events>,
     metrics: Arc<crate::metrics::Registry>,
+    upgrader: Arc<crate::upgrade::Upgrader>,
 }
 
 impl Admin {
-    /// Binds `config`'s address and reads its token (from `token_file`, else
-    /// `CORRAL_ADMIN_TOKEN`).
+    /// Binds `config`'s address (or serves `inherited`, the listener a previous corral handed
+    /// over) and reads its token (from `token_file`, else `CORRAL_ADMIN_TOKEN`).
     pub async fn bind(
         config: &crate::config::AdminConfig,
+        inherited: Option<std::net::TcpListener>,
         supervisor: Handle,
         shutdown: CancellationToken,
         events: Arc<Events>,
         metrics: Arc<crate::metrics::Registry>,
+        upgrader: Arc<crate::upgrade::Upgrader>,
     ) -> Result<Admin, AdminError> {
         let token = match &config.token_file {
             Some(path) => {
@@ -106,12 +109,14 @@ impl Admin {
         if token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(AdminError::Token("the token must be at least 16 characters".into()));
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| AdminError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_error = |source| AdminError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let listener = match inherited {
+            Some(listener) => TcpListener::from_std(listener).map_err(bind_error)?,
+            None => TcpListener::bind(config.listen).await.map_err(bind_error)?,
+        };
         let listen = listener.local_addr().unwrap_or(config.listen);
         info!(%listen, token = token.is_some(), "admin listener ready");
         Ok(Admin {
@@ -122,8 +127,14 @@ impl Admin {
                 shutdown,
                 events,
                 metrics,
+                upgrader,
             }),
         })
+    }
+
+    /// The listener, for a copy to hand over.
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
     }
 
     /// Serves until `stop` fires.
@@ -257,7 +268,7 @@ impl State {
     async fn run(&self, request: Request) -> Response<AdminBody> {
         // Progress lines are not streamed over HTTP: the event stream carries them.
         let (progress, _lines) = mpsc::unbounded_channel();
-        match commands::execute(request, &self.supervisor, &self.shutdown, progress).await {
+        match commands::execute(request, &self.supervisor, &self.shutdown, &self.upgrader, progress).await {
             Ok(Answer::Status(status)) => json_response(StatusCode::OK, &*status),
             Ok(Answer::Logs(lines)) => json_response(StatusCode::OK, &json!({ "lines": lines })),
             Ok(Answer::Done(message)) | Ok(Answer::Stopping(message)) => {

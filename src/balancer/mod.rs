@@ -377,6 +377,14 @@ impl Balancer {
         }
     }
 
+    /// Ends every response still streaming from a worker in rotation (SSE ends with its
+    /// terminating chunk): the stop sequence's drain deadline has passed.
+    pub fn cut_all(&self) {
+        for upstream in &self.pool.load().members {
+            upstream.cut.cancel();
+        }
+    }
+
     /// Waits until at least one worker is ready.
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.subscribe();

@@ -25,6 +25,21 @@ use crate::config::Network;
 /// Hex digits of the MAC kept in the cookie (64 bits of it).
 const MAC_HEX: usize = 16;
 
+/// The key every app's cookies are signed under (the app name is part of the MAC): made at
+/// start, or handed over by the corral this one took over from, so cookies stay valid across
+/// an upgrade.
+static PROCESS_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+
+/// The process's cookie key (made on first use).
+pub fn process_key() -> [u8; 32] {
+    *PROCESS_KEY.get_or_init(random_key)
+}
+
+/// Takes over the cookie key of the previous corral; false if a key was already in use.
+pub fn adopt_process_key(key: [u8; 32]) -> bool {
+    PROCESS_KEY.set(key).is_ok()
+}
+
 /// Signs and checks affinity cookies for one app.
 #[derive(Debug)]
 pub struct CookieSigner {
@@ -33,10 +48,15 @@ pub struct CookieSigner {
 }
 
 impl CookieSigner {
-    /// A signer with a fresh random key.
+    /// A signer under the process's key ([`process_key`]).
     pub fn new(app: &str) -> CookieSigner {
+        CookieSigner::with_key(app, process_key())
+    }
+
+    /// A signer under `key`.
+    pub fn with_key(app: &str, key: [u8; 32]) -> CookieSigner {
         CookieSigner {
-            key: random_key(),
+            key,
             app: app.to_owned(),
         }
     }
@@ -146,7 +166,9 @@ mod tests {
         // Another slot with this MAC, another key, garbage: all invalid.
         let mac = value.split_once('.').map(|(_, m)| m).unwrap_or_default();
         assert_eq!(signer.verify(&format!("2.{mac}")), None);
-        assert_eq!(CookieSigner::new("web").verify(&value), None);
+        assert_eq!(CookieSigner::with_key("web", random_key()).verify(&value), None);
+        // The same key signs for one app only.
+        assert_eq!(CookieSigner::new("api").verify(&value), None);
         for garbage in ["", "3", "3.", ".abc", "x.y", "99999999999999999999.00", "3.zz"] {
             assert_eq!(signer.verify(garbage), None, "{garbage:?}");
         }

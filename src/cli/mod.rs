@@ -140,6 +140,14 @@ enum Command {
         /// Only this app.
         app: Option<String>,
     },
+    /// Zero-downtime self-upgrade: a new corral process (the binary at the path this one was
+    /// started from, or --binary) takes over the sockets and starts its workers; this one then
+    /// drains and exits. If the new one fails, this one serves on and the command says why.
+    Upgrade {
+        /// The new corral binary.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 /// Parses the command line, runs the command, and picks the exit code.
@@ -160,6 +168,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start { env } => start::start(&cli.config, env.as_deref(), cli.log_format),
         Command::Describe { app } => describe::describe(&cli.config, &app),
         Command::Run { env } => {
+            // Read before any thread starts (it removes its variable from the environment).
+            let inherited = match crate::upgrade::Inherited::from_env() {
+                Ok(inherited) => inherited,
+                Err(e) => {
+                    eprintln!("corral: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
             logs::init(cli.log_format);
             let config = match load(&cli.config, env.as_deref()) {
                 Ok(config) => config,
@@ -171,7 +187,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(crate::run::run(config))?;
+            runtime.block_on(crate::run::run(config, inherited))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { app, json } => control(&cli.config, Request::Status, |reply| match reply {
@@ -215,6 +231,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Duration::from_secs(3600),
             print_reply,
         ),
+        Command::Upgrade { binary } => {
+            let binary = match binary.map(|b| std::path::absolute(&b).map(|a| (b, a))).transpose() {
+                Ok(binary) => binary.map(|(_, absolute)| absolute),
+                Err(e) => anyhow::bail!("--binary: {e}"),
+            };
+            let deadline = Config::load(&cli.config)
+                .map(|c| crate::run::takeover_deadline(&c) + Duration::from_secs(120))
+                .unwrap_or(Duration::from_secs(600));
+            control_with_deadline(&cli.config, Request::Upgrade { binary }, deadline, print_reply)
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::control::client::{self, ClientError};
 use crate::control::{socket_path, Reply, Request};
 use crate::logs::LogFormat;
-use crate::supervisor::status::Status;
+use crate::supervisor::status::{Status, Verdict};
 
 /// How often the instance is asked how it is doing while it starts.
 const POLL: Duration = Duration::from_millis(100);
@@ -104,7 +104,7 @@ pub(super) fn start(path: &Path, env: Option<&str>, log_format: LogFormat) -> an
         }
         // Until the control socket is up there is no status: ask again.
         if let Ok(Some(status)) = status(&runtime) {
-            match verdict(&status) {
+            match status.verdict() {
                 Verdict::Up => {
                     print!("{}", table(&status));
                     println!(
@@ -114,11 +114,9 @@ pub(super) fn start(path: &Path, env: Option<&str>, log_format: LogFormat) -> an
                     );
                     return Ok(ExitCode::SUCCESS);
                 }
-                Verdict::Failed(report) => {
+                Verdict::Failed { app, report } => {
                     eprintln!("corral: {report}");
-                    if let Some(app) = failing_app(&status) {
-                        eprint!("{}", runtime.block_on(recent_output(&socket, &app)));
-                    }
+                    eprint!("{}", runtime.block_on(recent_output(&socket, &app)));
                     stop(&runtime, &socket, &mut child);
                     eprintln!("corral: the instance was stopped; its log: {}", log_path.display());
                     return Ok(ExitCode::FAILURE);
@@ -173,51 +171,6 @@ fn boot_deadline(config: &Config) -> Duration {
         .max()
         .unwrap_or(Duration::from_secs(10));
     longest * 2 + Duration::from_secs(30)
-}
-
-/// How a starting instance is doing.
-enum Verdict {
-    Starting,
-    Up,
-    Failed(String),
-}
-
-fn verdict(status: &Status) -> Verdict {
-    for app in &status.apps {
-        for worker in &app.workers {
-            if worker.restarts > 0 || worker.state == "waiting" || worker.last_exit.is_some() {
-                let how = worker.last_exit.as_deref().unwrap_or("it exited");
-                return Verdict::Failed(format!(
-                    "app {:?} slot {} failed to start: {how} (restarted {} time(s))",
-                    app.name, worker.slot, worker.restarts
-                ));
-            }
-        }
-    }
-    let up = status.apps.iter().all(|app| {
-        let running = app.workers.iter().filter(|w| w.pid.is_some()).count();
-        match app.listen {
-            Some(_) => app.ready >= app.instances,
-            None => running >= app.instances,
-        }
-    });
-    if up && !status.apps.is_empty() {
-        Verdict::Up
-    } else {
-        Verdict::Starting
-    }
-}
-
-fn failing_app(status: &Status) -> Option<String> {
-    status
-        .apps
-        .iter()
-        .find(|a| {
-            a.workers
-                .iter()
-                .any(|w| w.restarts > 0 || w.last_exit.is_some() || w.state == "waiting")
-        })
-        .map(|a| a.name.clone())
 }
 
 /// `corral status` of the instance at `socket`: `None` when none runs there (yet).

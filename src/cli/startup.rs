@@ -76,6 +76,10 @@ fn unit_text(config: &Config, exe: &std::path::Path, user: &str, path_env: &str)
          # Install:  save this as /etc/systemd/system/{unit}, then\n\
          #           systemctl daemon-reload && systemctl enable --now {unit}\n\
          # Deploy:   systemctl reload {unit}   (a rolling reload, like `corral reload`)\n\
+         # Upgrade:  replace {exe}, then `corral upgrade -c {config}`\n\
+         #           (or systemctl kill -s USR2 --kill-whom=main {unit}): a new corral takes\n\
+         #           over the sockets and tells systemd its pid (NotifyAccess=all), the old\n\
+         #           one drains and exits; no connection is dropped.\n\
          {cli_hint}\
          {switch_hint}\
          [Unit]\n\
@@ -85,7 +89,8 @@ fn unit_text(config: &Config, exe: &std::path::Path, user: &str, path_env: &str)
          \n\
          [Service]\n\
          Type=notify\n\
-         NotifyAccess=main\n\
+         # all: after `corral upgrade` the new process announces MAINPID= itself.\n\
+         NotifyAccess=all\n\
          User={user}\n\
          WorkingDirectory={dir}\n\
          Environment=PATH={path_env}\n\

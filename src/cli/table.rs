@@ -127,6 +127,22 @@ pub(super) fn table(status: &Status) -> String {
     if status.reloading {
         out.push_str("a reload is running\n");
     }
+    if let Some(other) = &status.upgrade {
+        let line = match other.state.as_str() {
+            "starting" => format!(
+                "upgrade under way: new corral pid {} starting ({})",
+                other.pid, other.detail
+            ),
+            "serving" => format!(
+                "upgraded: new corral pid {} serves; this one (pid {}) drains",
+                other.pid, status.pid
+            ),
+            "draining" => format!("previous corral pid {} is draining its connections", other.pid),
+            state => format!("other corral pid {}: {state}", other.pid),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
     if let Some(last) = status.last_reload.as_ref().filter(|r| !r.ok) {
         let ago = uptime(status.uptime_ms.saturating_sub(last.at_ms));
         out.push_str(&format!("last reload FAILED {ago} ago: {}\n", last.message));

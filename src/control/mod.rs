@@ -17,6 +17,7 @@ pub mod client;
 pub mod runtime_dir;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::commands::{self, Answer};
 use crate::supervisor::{CommandError, ErrorCode, Handle};
+use crate::upgrade::Upgrader;
 use runtime_dir::RuntimeDirError;
 
 /// How long `corral run` waits for an existing control socket to answer before it gives up.
@@ -98,11 +100,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The bound control socket; the file is removed when this is dropped.
+/// The bound control socket; the file is removed when this is dropped, unless the socket
+/// was handed over to a new corral (or not yet taken over from the previous one).
 #[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    remove_on_drop: bool,
 }
 
 impl ControlSocket {
@@ -138,7 +142,36 @@ impl ControlSocket {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         }
-        Ok(ControlSocket { listener, path })
+        Ok(ControlSocket {
+            listener,
+            path,
+            remove_on_drop: true,
+        })
+    }
+
+    /// The control socket of `config` as the previous corral handed it over: served (and its
+    /// file owned) only once [`ControlSocket::own`] is called at the switch.
+    pub fn adopt(config: &Path, listener: std::os::unix::net::UnixListener) -> Result<ControlSocket, ControlError> {
+        let path = socket_path(config);
+        let listener = UnixListener::from_std(listener).map_err(|source| ControlError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(ControlSocket {
+            listener,
+            path,
+            remove_on_drop: false,
+        })
+    }
+
+    /// This process answers on the socket from now on, and removes its file at exit.
+    pub fn own(&mut self) {
+        self.remove_on_drop = true;
+    }
+
+    /// The listener, for a copy to hand over.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
     }
 
     /// The socket's path.
@@ -146,12 +179,32 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Serves requests until the process exits. `stop` cancels `shutdown`.
-    pub async fn serve(self, supervisor: Handle, shutdown: CancellationToken) {
+    /// Serves requests until the process exits, or until `handed_over` (then the socket and
+    /// its file are the new corral's). `stop` cancels `shutdown`.
+    pub async fn serve(
+        mut self,
+        supervisor: Handle,
+        shutdown: CancellationToken,
+        upgrader: Arc<Upgrader>,
+        handed_over: CancellationToken,
+    ) {
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                biased;
+                _ = handed_over.cancelled() => {
+                    self.remove_on_drop = false;
+                    return;
+                }
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, supervisor.clone(), shutdown.clone()));
+                    tokio::spawn(handle(
+                        stream,
+                        supervisor.clone(),
+                        shutdown.clone(),
+                        Arc::clone(&upgrader),
+                    ));
                 }
                 Err(e) => {
                     warn!(error = %e, "control socket accept failed");
@@ -192,13 +245,16 @@ async fn probe(path: &Path) -> Probe {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
+        if !self.remove_on_drop {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.path) {
             debug!(path = %self.path.display(), error = %e, "could not remove control socket");
         }
     }
 }
 
-async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationToken) {
+async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationToken, upgrader: Arc<Upgrader>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(64 * 1024));
@@ -218,7 +274,7 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
         info!("stop requested over the control socket");
     }
     let (progress, mut lines) = mpsc::unbounded_channel();
-    let answer = commands::execute(request, &supervisor, &shutdown, progress);
+    let answer = commands::execute(request, &supervisor, &shutdown, &upgrader, progress);
     tokio::pin!(answer);
     let answer = loop {
         tokio::select! {

@@ -26,6 +26,14 @@
 //! ([`crate::proxy::client`]); when it runs dry the connection gets GOAWAY and is closed, and
 //! its address is logged.
 //!
+//! Stopping (a stop, or the old process after a self-upgrade): HTTP/2 connections get GOAWAY,
+//! which tells the client which streams were not served, so it retries them elsewhere. An
+//! HTTP/1.1 connection has no such signal, and closing it while idle races a request its client
+//! may be sending at that moment (the client sees a closed connection, not an answer): so for
+//! [`LINGER`] every response carries `Connection: close` and the connection closes after it,
+//! and only a connection still idle then is closed by corral (the race that remains is the one
+//! every keep-alive timeout has, for clients idle for a whole second).
+//!
 //! WebSocket stays on HTTP/1.1: corral does not announce extended CONNECT (RFC 8441) on HTTP/2,
 //! so browsers open their WebSocket on a connection of its own, negotiated as `http/1.1`.
 
@@ -206,6 +214,8 @@ impl Protocols {
 #[derive(Debug)]
 pub(super) struct Watch {
     first: AtomicBool,
+    /// A stop began: HTTP/1 responses from now on say `Connection: close`.
+    closing: AtomicBool,
     streams: AtomicU64,
     client: Arc<Client>,
     /// Counts the connection open for its app until the connection (and so this) is gone.
@@ -218,6 +228,7 @@ impl Watch {
     fn new(front: &Front, client: Arc<Client>) -> Arc<Watch> {
         let watch = Arc::new(Watch {
             first: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             client,
             open: OnceLock::new(),
@@ -254,7 +265,15 @@ struct Timers {
     idle: Option<Duration>,
     /// `send_timeout`.
     send: Duration,
+    /// HTTP/1: how long an idle keep-alive connection stays open after a stop begins, so
+    /// that a request its client is sending gets an answer (with `Connection: close`) rather
+    /// than a closed connection. HTTP/2 needs none: GOAWAY tells the client which streams
+    /// were not served.
+    linger: Option<Duration>,
 }
+
+/// [`Timers::linger`] for HTTP/1 connections.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Drives `conn` to its end: finishes it gracefully on `stop`, when its client abuses stream
 /// resets or when it has been idle too long, drops it at `first_deadline` if no request head
@@ -275,11 +294,20 @@ async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut stall, mut idle_for) = (Stall::default(), Duration::ZERO);
     let client = &watch.client;
+    let mut lingering: Option<Instant> = None;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
+                watch.closing.store(true, Ordering::Relaxed);
+                match timers.linger {
+                    Some(linger) => lingering = Some(Instant::now() + linger),
+                    None => graceful(conn.as_mut()),
+                }
+            }
+            _ = tokio::time::sleep_until(lingering.unwrap_or_else(Instant::now)), if lingering.is_some() => {
+                lingering = None;
                 graceful(conn.as_mut());
             }
             _ = client.abusive.notified(), if !abusive => {
@@ -338,6 +366,13 @@ fn service(
             if h2 {
                 // Connection-specific fields do not exist in HTTP/2 (RFC 9113 §8.2.2).
                 response.headers_mut().remove(http::header::CONNECTION);
+            } else if watch.closing.load(Ordering::Relaxed)
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                // Stopping: the client learns from this answer not to send another.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }
             // The body counts the stream open from here, and reports when it waits on the client.
             response.body_mut().watch(Arc::clone(&watch.client));
@@ -366,6 +401,7 @@ pub(super) async fn plain(
         first_deadline: None,
         idle: None,
         send: protocols.send_timeout,
+        linger: Some(LINGER),
     };
     drive(conn, |c| c.graceful_shutdown(), stop, &watch, timers, addr).await;
 }
@@ -415,6 +451,7 @@ pub(super) async fn tls(
         first_deadline: Some(deadline),
         idle: h2.then_some(protocols.header_read_timeout),
         send: protocols.send_timeout,
+        linger: (!h2).then_some(LINGER),
     };
     if h2 {
         let conn = protocols.h2.serve_connection(TokioIo::new(stream), service);

@@ -4,8 +4,8 @@
 //! backlog 1024) before any worker starts, so an address in use fails `corral run` at once and
 //! names the address. There is one socket per shard ([`crate::shards`]), all on the same
 //! address: the kernel spreads incoming connections over them, and each shard accepts only from
-//! its own. The sockets are never closed and re-bound while corral runs; handing them to a new
-//! corral process (binary upgrade) will start from the same [`PublicSocket`].
+//! its own. The sockets are never closed and re-bound while corral runs; a new corral process
+//! (self-upgrade, [`crate::upgrade`]) gets the very same sockets and [`adopt`]s them.
 //!
 //! [`serve`] is one shard's accept loop for one address. It owns its socket from then on,
 //! serves every connection for the apps on that address ([`conn::Front`], routing by host
@@ -54,6 +54,9 @@ use conn::Protocols;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one warning per this, for each kind of accept-side trouble of a shard.
 pub const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// After the drain deadline, how long ended streams get to write their last bytes.
+const END_STREAMS: Duration = Duration::from_secs(1);
 
 /// Pending connections the kernel queues while we are busy (or before the first worker is up).
 const BACKLOG: i32 = 1024;
@@ -110,6 +113,31 @@ pub fn bind(addr: SocketAddr, count: usize) -> Result<PublicSocket, ListenError>
     let mut sockets = vec![first];
     for _ in 1..count.max(1) {
         sockets.push(listen_on(addr).map_err(fail)?);
+    }
+    Ok(PublicSocket { addr, sockets })
+}
+
+/// Serves the sockets a previous corral handed over ([`crate::upgrade`]): never re-bound, so
+/// nothing queued on them is lost. With fewer than `count` (this process runs more shards),
+/// new sockets join their `SO_REUSEPORT` group; with more, every one is still served (a
+/// shard may take two), since closing one would reset the connections in its queue.
+pub fn adopt(sockets: Vec<std::net::TcpListener>, count: usize) -> Result<PublicSocket, ListenError> {
+    let Some(first) = sockets.first() else {
+        return Err(ListenError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "no socket was handed over".into(),
+        });
+    };
+    let addr = first.local_addr().map_err(|e| ListenError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        reason: e.to_string(),
+    })?;
+    let mut sockets = sockets;
+    while sockets.len() < count {
+        sockets.push(listen_on(addr).map_err(|e| ListenError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?);
     }
     Ok(PublicSocket { addr, sockets })
 }
@@ -329,7 +357,13 @@ pub async fn serve(
     info!(%addr, shard = crate::shards::current(), open_connections = connections.len(), "stopped accepting; draining connections");
     let deadline = tokio::time::Instant::now() + drain;
     if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
-        warn!(%addr, shard = crate::shards::current(), ?drain, "drain deadline passed; closing the remaining connections");
+        warn!(%addr, shard = crate::shards::current(), ?drain, "drain deadline passed; ending open streams, then closing the remaining connections");
+        // Streams (SSE) end cleanly, as at a worker's drain deadline, so clients reconnect
+        // (after an upgrade: to the new corral); what is still open a moment later is closed.
+        for proxy in &front.sites {
+            proxy.balancer().cut_all();
+        }
+        let _ = tokio::time::timeout(END_STREAMS, connections.wait()).await;
     }
     // Tunnels (WebSocket) are not HTTP connections any more: they get the same deadline.
     for proxy in &front.sites {

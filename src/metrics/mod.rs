@@ -655,6 +655,7 @@ mod tests {
             last_reload: None,
             leftovers_stopped: 0,
             env: None,
+            upgrade: None,
             apps: vec![AppStatus {
                 name: "web".into(),
                 listen: Some("127.0.0.1:1".into()),

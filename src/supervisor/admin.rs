@@ -237,6 +237,7 @@ impl Supervisor {
             apps,
             leftovers_stopped: self.leftovers,
             env: self.env_name.clone(),
+            upgrade: None,
         }
     }
 }

@@ -29,8 +29,12 @@ pub enum ErrorCode {
     Busy,
     /// corral is stopping.
     Stopping,
-    /// The config file is invalid or asks for what a reload cannot do; nothing changed.
+    /// The config file is invalid; nothing changed.
     InvalidConfig,
+    /// The config changes what a rolling reload cannot (the set of apps, a `listen` address,
+    /// the edge or admin listeners): a new corral process takes over instead
+    /// ([`crate::upgrade`]).
+    Topology,
     /// The operation ran and failed (a reload rolled back).
     Failed,
     /// The supervisor is gone.
@@ -45,7 +49,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => 400,
             ErrorCode::Busy => 409,
             ErrorCode::Stopping | ErrorCode::Unavailable => 503,
-            ErrorCode::InvalidConfig => 422,
+            ErrorCode::InvalidConfig | ErrorCode::Topology => 422,
             ErrorCode::Failed => 500,
         }
     }

@@ -33,10 +33,7 @@ impl Supervisor {
             }
         }
         if let Err(why) = self.compatible(&config) {
-            return Err((
-                ErrorCode::InvalidConfig,
-                format!("{why}\nnothing was changed: the running workers keep serving"),
-            ));
+            return Err((ErrorCode::Topology, why));
         }
         for app in &self.apps {
             if config
@@ -94,24 +91,23 @@ impl Supervisor {
         Ok(())
     }
 
-    /// What a reload cannot change without a restart.
+    /// What a rolling reload cannot change: the listeners and the set of apps (a hand-over to
+    /// a new process does it, [`crate::upgrade`]).
     fn compatible(&self, config: &Config) -> Result<(), String> {
         if config.admin != self.admin {
-            return Err(
-                "[admin] changed: the admin listener is bound once, so a change needs a restart of corral".into(),
-            );
+            return Err("[admin] changed".into());
         }
         let old: Vec<&str> = self.apps.iter().map(|a| a.config.name.as_str()).collect();
         let new: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         if old.iter().collect::<HashSet<_>>() != new.iter().collect::<HashSet<_>>() {
-            return Err(format!("the config now has apps {new:?} instead of {old:?}: adding or removing an app needs a restart of corral"));
+            return Err(format!("the config now has apps {new:?} instead of {old:?}"));
         }
         for app in &self.apps {
             let fresh = config.app(&app.config.name).map(|a| a.listen);
             if fresh != Some(app.config.listen) {
                 let show = |l: Option<std::net::SocketAddr>| l.map_or_else(|| "none".to_owned(), |a| a.to_string());
                 return Err(format!(
-                    "app {:?}: listen changed from {} to {}: the public socket is bound once and kept across reloads, so a new address needs a restart of corral",
+                    "app {:?}: listen changed from {} to {}",
                     app.config.name,
                     show(app.config.listen),
                     show(fresh.flatten())
@@ -135,7 +131,7 @@ impl Supervisor {
                 };
                 if edge(old) != edge(fresh) {
                     return Err(format!(
-                        "app {:?}: tls on/off, [app.tls.acme], http_redirect, hosts, default or hsts changed: these shape the public listeners, which are kept across reloads, so they need a restart of corral (certificate files are re-read by a reload)",
+                        "app {:?}: tls on/off, [app.tls.acme], http_redirect, hosts, default or hsts changed (they shape the public listeners)",
                         app.config.name
                     ));
                 }

@@ -29,6 +29,58 @@ pub struct Status {
     /// The `[app.env_NAME]` in use (`--env NAME`), if any.
     #[serde(default)]
     pub env: Option<String>,
+    /// The other corral process during a self-upgrade: the new one starting, or the previous
+    /// one still draining after handing over to this one ([`crate::upgrade`]).
+    #[serde(default)]
+    pub upgrade: Option<crate::upgrade::Generation>,
+}
+
+/// How a starting instance (or a new generation during an upgrade) is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Some workers are not ready yet.
+    Starting,
+    /// Every app runs its configured count (ready, for proxied apps).
+    Up,
+    /// A worker exited or is waiting for a restart before the start was complete.
+    Failed {
+        /// Its app.
+        app: String,
+        /// What happened, in words.
+        report: String,
+    },
+}
+
+impl Status {
+    /// The start's verdict: a slot that restarted, exited or waits means the start failed.
+    pub fn verdict(&self) -> Verdict {
+        for app in &self.apps {
+            for worker in &app.workers {
+                if worker.restarts > 0 || worker.state == "waiting" || worker.last_exit.is_some() {
+                    let how = worker.last_exit.as_deref().unwrap_or("it exited");
+                    return Verdict::Failed {
+                        app: app.name.clone(),
+                        report: format!(
+                            "app {:?} slot {} failed to start: {how} (restarted {} time(s))",
+                            app.name, worker.slot, worker.restarts
+                        ),
+                    };
+                }
+            }
+        }
+        let up = self.apps.iter().all(|app| {
+            let running = app.workers.iter().filter(|w| w.pid.is_some()).count();
+            match app.listen {
+                Some(_) => app.ready >= app.instances,
+                None => running >= app.instances,
+            }
+        });
+        if up && !self.apps.is_empty() {
+            Verdict::Up
+        } else {
+            Verdict::Starting
+        }
+    }
 }
 
 /// The end of a reload.

@@ -80,6 +80,25 @@ impl Tickets {
         }))
     }
 
+    /// A ticketer with keys handed over by the corral this one took over from (current
+    /// first), so that its clients' tickets still resume; `None` if none is usable.
+    pub fn with_keys(keys: &[([u8; ID_LEN], [u8; 32])]) -> Option<Arc<Tickets>> {
+        let current = keys.first().and_then(|(id, secret)| Key::with_id(*id, *secret))?;
+        let previous = keys.get(1).and_then(|(id, secret)| Key::with_id(*id, *secret));
+        Some(Arc::new(Tickets {
+            keys: ArcSwap::from_pointee(Keys { current, previous }),
+        }))
+    }
+
+    /// The keys, current first, to hand to a new corral.
+    pub fn export(&self) -> Vec<([u8; ID_LEN], [u8; 32])> {
+        let keys = self.keys.load();
+        std::iter::once(&keys.current)
+            .chain(keys.previous.as_ref())
+            .map(|k| (k.id, k.secret))
+            .collect()
+    }
+
     /// Rotates the keys every [`ROTATE_EVERY`] until `shutdown` (on the main runtime, so no
     /// handshake ever waits for it).
     pub async fn rotate_every_period(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {

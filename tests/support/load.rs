@@ -64,7 +64,14 @@ impl Load {
                     }
                     let Some(c) = conn.as_mut() else { continue };
                     match c.get("/whoami") {
-                        Ok(r) if r.status == 200 => tally.ok += 1,
+                        Ok(r) if r.status == 200 => {
+                            tally.ok += 1;
+                            // As every HTTP/1.1 client must: no further request on a
+                            // connection the server said it closes (RFC 9112, 9.6).
+                            if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                                conn = None;
+                            }
+                        }
                         Ok(r) => tally.fail(format!("{} {}", r.status, r.text().trim())),
                         Err(e) => {
                             tally.fail(format!("keep-alive request: {e}"));

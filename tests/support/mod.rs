@@ -452,6 +452,8 @@ impl Drop for Corral {
 /// not the harness's child: it is killed on drop through this list too).
 fn pids_in(status: &Value) -> Vec<u32> {
     let mut pids: Vec<u32> = status["pid"].as_u64().map(|p| p as u32).into_iter().collect();
+    // The other corral during a self-upgrade (a new one starting, or the previous draining).
+    pids.extend(status["upgrade"]["pid"].as_u64().map(|p| p as u32).filter(|&p| p > 1));
     for app in status["apps"].as_array().into_iter().flatten() {
         for worker in app["workers"].as_array().into_iter().flatten() {
             if let Some(pid) = worker["pid"].as_u64() {
