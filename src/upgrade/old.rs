@@ -383,7 +383,7 @@ impl Upgrader {
         if let Err(e) = write.write_all(line.as_bytes()).await {
             return Err(match child.try_wait() {
                 Ok(Some(status)) => {
-                    Failure::new(format!("the new corral exited ({status}) before reading the hand-over"))
+                    Failure::new(format!("the new corral (pid {pid}) exited ({status}) before taking over"))
                 }
                 _ => broken(e),
             });
