@@ -384,3 +384,28 @@ fn a_reload_to_a_listen_address_that_is_taken_fails_cleanly() -> TestResult {
     assert_eq!(get(corral.addr, "/whoami")?.status, 200);
     Ok(())
 }
+
+#[test]
+fn a_stop_during_an_upgrade_stops_the_new_corral_too() -> TestResult {
+    let options = Options::default().instances(1);
+    let mut corral = Corral::start(options.clone())?;
+    corral.rewrite_config(&options.env("FIXTURE_BOOT_DELAY_MS", "3000"))?;
+    let upgrading = corral
+        .command(&["upgrade"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let new = poll_until(DEADLINE, "the new corral to start", || {
+        let status = corral.status()?;
+        let pid = status["upgrade"]["pid"].as_u64().filter(|&p| p > 1)?;
+        (status["upgrade"]["state"] == "starting").then_some(pid as u32)
+    })?;
+    corral.signal(Signal::SIGTERM)?;
+    let output = upgrading.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && text.contains("stopping"), "{text}");
+    let exit = corral.wait_exit(DEADLINE)?;
+    assert!(exit.success(), "{exit:?}");
+    poll_until(DEADLINE, "the new corral to be stopped", || (!alive(new)).then_some(()))?;
+    Ok(())
+}

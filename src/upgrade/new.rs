@@ -177,7 +177,12 @@ impl Inherited {
 
     /// The control socket's listener.
     pub fn control(&mut self) -> Option<std::os::unix::net::UnixListener> {
-        let listener = std::os::unix::net::UnixListener::from(self.control.take()?);
+        let socket = socket2::Socket::from(self.control.take()?);
+        if socket.domain().ok() != Some(socket2::Domain::UNIX) || !socket.is_listener().unwrap_or(false) {
+            warn!("the handed-over control socket is not a listening Unix socket; binding a new one");
+            return None;
+        }
+        let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(socket));
         listener.set_nonblocking(true).ok()?;
         Some(listener)
     }

@@ -42,6 +42,9 @@ pub struct Upgrader {
     /// control socket, the admin listener).
     stop_accepting: Vec<CancellationToken>,
     handed_over: CancellationToken,
+    /// Cancelled when a stop begins: an upgrade under way gives up (the new process is
+    /// stopped), rather than taking over from a corral that was asked to stop.
+    abort: CancellationToken,
     deadline: Duration,
 }
 
@@ -73,6 +76,7 @@ impl Upgrader {
             peer: Mutex::new(None),
             stop_accepting,
             handed_over: CancellationToken::new(),
+            abort: CancellationToken::new(),
             deadline,
         }
     }
@@ -105,9 +109,12 @@ impl Upgrader {
         }
     }
 
-    /// A stop begins: the copies go, and no upgrade starts from now on.
+    /// A stop begins: the copies go, no upgrade starts from now on, and one under way gives up.
     pub fn close(&self) {
         self.lock_sockets().take();
+        if !self.handed_over() {
+            self.abort.cancel();
+        }
     }
 
     /// True once this process has handed over to a new one.
@@ -382,9 +389,9 @@ impl Upgrader {
         line.push('\n');
         if let Err(e) = write.write_all(line.as_bytes()).await {
             return Err(match child.try_wait() {
-                Ok(Some(status)) => {
-                    Failure::new(format!("the new corral (pid {pid}) exited ({status}) before taking over"))
-                }
+                Ok(Some(status)) => Failure::new(format!(
+                    "the new corral (pid {pid}) exited ({status}) before taking over"
+                )),
                 _ => broken(e),
             });
         }
@@ -419,9 +426,13 @@ impl Upgrader {
                     return Err(Failure::new(format!("the new corral (pid {pid}) exited ({status}) before taking over")));
                 }
                 _ = &mut deadline => return Err(Failure::new(format!("the new corral (pid {pid}) was not ready within {:?}", self.deadline))),
+                _ = self.abort.cancelled() => return Err(Failure::new("this corral is stopping".into())),
             }
         }
         // The switch: stop accepting everywhere, then tell the new process it is alone.
+        if self.abort.is_cancelled() {
+            return Err(Failure::new("this corral is stopping".into()));
+        }
         self.handed_over.cancel();
         for token in &self.stop_accepting {
             token.cancel();
