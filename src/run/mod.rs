@@ -8,18 +8,26 @@
 //! loop waits for its app's first ready worker before accepting (up to `listen_timeout`), so
 //! clients that connect during boot queue in the kernel's backlog instead of getting 503s.
 //!
+//! Taking over ([`crate::upgrade`]): the sockets, control socket, cookie key and ticket keys
+//! come from the corral that started this process instead of being made; the leftover cleanup
+//! is skipped (the state file is one of this process's own); and the accept loops, the control
+//! socket, the admin listener and `READY=1` all wait for the switch. A process that handed over
+//! runs the stop sequence below without `STOPPING=1` and without removing the control socket.
+//!
 //! Stop (SIGTERM, SIGINT or `corral stop`): one root [`CancellationToken`] is cancelled; the
 //! accept loops stop accepting, close their sockets and drain their open connections (in-flight
 //! requests finish, bounded by `drain_timeout`); then the supervisor stops the workers
 //! (`kill_signal`, `kill_timeout`, SIGKILL) and reaps them; then the process exits 0. A second
 //! SIGTERM/SIGINT during that sequence SIGKILLs the workers and exits at once.
 
+mod fronts;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::events::{Draft, Events, Kind};
 use crate::admin::Admin;
@@ -27,17 +35,14 @@ use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::control::Request;
 use crate::control::{ControlError, ControlSocket};
-use crate::listener::redirect::Redirect;
-use crate::listener::{self, Admission, Front, ListenError, PerIp};
+use crate::listener::{self, ListenError};
 use crate::logs::access::AccessLogs;
 use crate::logs::OutputSink;
 use crate::metrics::Registry;
-use crate::proxy::Proxy;
 use crate::shards::Shards;
 use crate::signals::{Intent, Signals};
-use crate::sites::Names;
 use crate::supervisor::{Handle, Supervisor};
-use crate::tls::{CertError, CertStore, Challenges, SniResolver, Tickets};
+use crate::tls::{CertError, CertStore, Challenges, Tickets};
 use crate::upgrade::{Inherited, Upgrader};
 
 /// Why `corral run` could not start or did not stop cleanly.
@@ -273,138 +278,21 @@ pub async fn run(config: Config, mut inherited: Option<Inherited>) -> Result<(),
         .collect();
     let mut accept_loops = JoinSet::new();
     let runtimes: Vec<tokio::runtime::Handle> = shards.handles().cloned().collect();
-    let fd_limit = crate::limits::fd_limit();
-    let proxies: Vec<Option<Arc<Proxy>>> = config
-        .apps
-        .iter()
-        .zip(&balancers)
-        .enumerate()
-        .map(|(index, (app, balancer))| {
-            balancer.as_ref().map(|b| {
-                let proxy = Proxy::new(app.name.clone(), Arc::clone(b), &app.http)
-                    .with_hsts(app.hsts)
-                    .with_request_id(app.request_id)
-                    .with_access_log(access_logs.as_ref().and_then(|logs| logs.log(index)));
-                Arc::new(proxy)
-            })
-        })
-        .collect();
-    for ((addr, apps), socket) in addresses.iter().zip(sockets) {
-        let first = &config.apps[apps[0]];
-        let names = Arc::new(Names::new(
-            apps.iter()
-                .map(|&i| (&config.apps[i].hosts[..], config.apps[i].default_host)),
-        ));
-        let sites: Vec<Arc<Proxy>> = apps.iter().filter_map(|&i| proxies[i].clone()).collect();
-        let resolver = first.tls.is_some().then(|| {
-            let stores = apps.iter().filter_map(|&i| certs[i].clone()).collect();
-            Arc::new(SniResolver::new(Arc::clone(&names), stores, Arc::clone(&challenges)))
-        });
-        let acme = apps
-            .iter()
-            .any(|&i| matches!(config.apps[i].tls, Some(crate::config::Tls::Acme(_))));
-        let (limits, drain, boot) = (first.http, first.drain_timeout, first.listen_timeout);
-        // http_redirect listeners take their share of the fds too.
-        let max_connections = limits.connection_limit(fd_limit, addresses.len() + redirects.len());
-        debug!(%addr, max_connections, fd_limit, "connection limit");
-        let admission = Admission {
-            per_shard: max_connections.div_ceil(shards.len().max(1)),
-            per_ip: limits.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
-        };
-        let label: Vec<&str> = apps.iter().map(|&i| config.apps[i].name.as_str()).collect();
-        let label = label.join(", ");
-        // Handed-over sockets beyond the shard count are served too (a shard may take two).
-        for (index, listener) in socket.sockets.into_iter().enumerate() {
-            let (shard, runtime) = (index % runtimes.len(), &runtimes[index % runtimes.len()]);
-            let (stop, hold) = (shutdown.child_token(), takeover.is_some().then(|| released.clone()));
-            let name = label.clone();
-            // Each shard has its own front (and TLS config, with its own session cache), so
-            // the clones a request makes stay on its CPU.
-            let front = Arc::new(Front {
-                addr: *addr,
-                names: Arc::clone(&names),
-                sites: sites.clone(),
-                meters: apps
-                    .iter()
-                    .map(|&i| metrics.shard(i, shard).expect("UNWRAP: an app on an address listens"))
-                    .collect(),
-                tls_meter: metrics.listen(*addr, shard),
-                budget: Arc::new(tokio::sync::Semaphore::new(admission.per_shard)),
-            });
-            let tls = resolver
-                .as_ref()
-                .map(|r| crate::tls::server_config(Arc::clone(r), Arc::clone(&tickets), acme));
-            let admission = admission.clone();
-            let addr = *addr;
-            let accept_loop = async move {
-                match hold {
-                    // Taking over: not before the running corral has stopped accepting.
-                    Some(released) => tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = released.cancelled() => {}
-                    },
-                    None => tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = async {
-                            for proxy in &front.sites {
-                                proxy.balancer().wait_ready().await;
-                            }
-                        } => {}
-                        _ = tokio::time::sleep(boot) => if shard == 0 {
-                            warn!(app = %name, "no worker ready within listen_timeout; accepting anyway (clients get 503 until one is)");
-                        },
-                    },
-                }
-                if index == 0 {
-                    info!(app = %name, %addr, tls = tls.is_some(), "accepting connections");
-                }
-                if let Err(e) = listener::serve(listener, front, tls, limits, admission, stop, drain).await {
-                    error!(app = %name, %shard, error = %e, "accept loop failed");
-                }
-            };
-            accept_loops.spawn_on(accept_loop, runtime);
-        }
-    }
-    for ((addr, apps), socket) in redirects.iter().zip(redirect_sockets) {
-        let first = &config.apps[apps[0]];
-        let redirect = Arc::new(Redirect {
-            addr: *addr,
-            names: Names::new(
-                apps.iter()
-                    .map(|&i| (&config.apps[i].hosts[..], config.apps[i].default_host)),
-            ),
-            ports: apps
-                .iter()
-                .map(|&i| config.apps[i].listen.map_or(443, |l| l.port()))
-                .collect(),
-            challenges: Arc::clone(&challenges),
-        });
-        let (limits, drain) = (first.http, first.drain_timeout);
-        let per_shard = limits
-            .connection_limit(fd_limit, addresses.len() + redirects.len())
-            .div_ceil(shards.len().max(1));
-        for (index, listener) in socket.sockets.into_iter().enumerate() {
-            let runtime = &runtimes[index % runtimes.len()];
-            let (redirect, stop) = (Arc::clone(&redirect), shutdown.child_token());
-            let hold = takeover.is_some().then(|| released.clone());
-            accept_loops.spawn_on(
-                async move {
-                    if let Some(released) = hold {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = released.cancelled() => {}
-                        }
-                    }
-                    if let Err(e) = listener::redirect::serve(listener, redirect, limits, per_shard, stop, drain).await
-                    {
-                        error!(error = %e, "http_redirect accept loop failed");
-                    }
-                },
-                runtime,
-            );
-        }
-        info!(%addr, "http_redirect: answering 308 to https");
-    }
+    let serving = fronts::Serving {
+        config: &config,
+        addresses: &addresses,
+        redirects: &redirects,
+        balancers: &balancers,
+        certs: &certs,
+        access_logs: access_logs.as_ref(),
+        metrics: &metrics,
+        challenges: &challenges,
+        tickets: &tickets,
+        runtimes: &runtimes,
+        shutdown: &shutdown,
+        hold: takeover.is_some().then_some(&released),
+    };
+    serving.spawn(sockets, redirect_sockets, &mut accept_loops);
     match takeover {
         Some(takeover) => {
             let (supervisor, upgrader) = (handle.clone(), Arc::clone(&upgrader));
