@@ -1,5 +1,6 @@
 //! Rolling reload: replace every worker of an app, a batch at a time, without ever dropping
-//! below the configured capacity, and roll back if the new version does not come up.
+//! below the configured capacity, and roll back if the new version does not come up (or, with
+//! `reload_keep_old = false`, stop where it is).
 //!
 //! A reload is a state machine inside the supervisor actor ([`ReloadRun`]), advanced by the same
 //! events as everything else:
@@ -21,7 +22,14 @@
 //!    rotation as they were, and the caller gets the failing worker's exit status and last
 //!    output lines. A reload never replaces a healthy worker with a broken one.
 //!
-//! How a reload ends (done, failed and rolled back, interrupted) is in `end`.
+//! With `reload_keep_old = false` (read from the config the reload loads) the old workers are
+//! not kept: each drains and stops as soon as its batch's replacements are in rotation, and
+//! the next batch starts only once they have exited, so the app never runs more than
+//! `instances + reload_batch` workers (2N with the default). Capacity still never drops: a
+//! batch enters rotation before its old workers leave. With nothing to roll back to, a failure
+//! stops the reload where it is (`end`): the batch still starting is stopped, the slots
+//! already replaced keep the new generation, the others keep the old one (`lagging`), and the
+//! caller is told which slots run which.
 //!
 //! One reload runs at a time; a second request while one runs is refused, not queued, so a
 //! deploy script learns at once that its reload did not happen.
@@ -35,6 +43,9 @@ use tokio::time::Instant;
 use tracing::{error, info};
 
 mod end;
+mod lagging;
+
+pub(super) use lagging::Lagging;
 
 use super::status::ReloadResult;
 use super::worker::{StopReason, WorkerState};
@@ -72,8 +83,11 @@ struct Phase {
     ready: HashSet<u64>,
     /// Every new worker of this phase.
     candidates: Vec<u64>,
-    /// Old workers out of rotation, kept until the commit and then stopped.
+    /// Old workers out of rotation, kept until the commit and then stopped (with
+    /// `reload_keep_old = false`: the current batch's, stopped once drained).
     retiring: Vec<u64>,
+    /// Slots whose batch entered rotation, in order.
+    swapped: Vec<usize>,
     committed: bool,
 }
 
@@ -85,11 +99,12 @@ impl ReloadRun {
             .is_some_and(|p| !p.committed && p.candidates.contains(&id))
     }
 
-    /// True for an old worker kept as the rollback of an uncommitted reload.
+    /// True for an old worker kept as the rollback of an uncommitted reload (never with
+    /// `reload_keep_old = false`: a drained old worker stops at once).
     pub(super) fn holds(&self, id: u64) -> bool {
         self.phase
             .as_ref()
-            .is_some_and(|p| !p.committed && p.retiring.contains(&id))
+            .is_some_and(|p| !p.committed && p.spec.reload_keep_old && p.retiring.contains(&id))
     }
 }
 
@@ -202,11 +217,16 @@ impl Supervisor {
             spec.instances.resolve(crate::config::usable_cpus())
         };
         let generation = self.apps[app].generation + 1;
+        let retire = if spec.reload_keep_old {
+            ""
+        } else {
+            " (reload_keep_old = false: each old worker stops once its replacement is ready)"
+        };
         say(
             &run.progress,
             &self.feed,
             format!(
-                "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
+                "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time{retire}",
                 self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
                 spec.reload_batch
             ),
@@ -221,6 +241,7 @@ impl Supervisor {
             ready: HashSet::new(),
             candidates: Vec::new(),
             retiring: Vec::new(),
+            swapped: Vec::new(),
             committed: false,
         });
         self.next_batch();
@@ -341,12 +362,17 @@ impl Supervisor {
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
         phase.retiring.extend(retiring);
+        phase.swapped.extend(batch.iter().map(|&(_, slot)| slot));
         run.replaced += batch.len();
         let name = phase.spec.name.clone();
         for line in lines {
             say(&run.progress, &self.feed, format!("{name} {line}"));
         }
-        self.next_batch();
+        // Without the rollback, the old workers just swapped out exit before the next batch
+        // starts: that is what bounds the peak to N + reload_batch (`reload_worker_gone`).
+        if phase.spec.reload_keep_old || phase.retiring.is_empty() {
+            self.next_batch();
+        }
     }
 
     /// Every slot runs the new generation: adopt the new config, and stop the old workers as
@@ -372,10 +398,12 @@ impl Supervisor {
         if state.slots.len() < phase.instances {
             state.slots.resize_with(phase.instances, Default::default);
         }
-        // A new version gets a clean slate: errored and stopped slots run again.
+        // A new version gets a clean slate: errored and stopped slots run again, and no slot
+        // lags behind an earlier reload any more.
         for slot in &mut state.slots {
             slot.parked = None;
             slot.history = Default::default();
+            slot.lagging = None;
         }
         let waiting = phase.retiring.len();
         say(
@@ -402,7 +430,26 @@ impl Supervisor {
         let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else {
             return;
         };
+        let before = phase.retiring.len();
         phase.retiring.retain(|&r| r != id);
+        let waiting = !phase.committed && !phase.spec.reload_keep_old && phase.batch.is_empty();
+        if waiting && before > 0 && phase.retiring.is_empty() {
+            // The old workers of the last batch have exited: the next one may start.
+            let Some(run) = self.reload.as_ref() else {
+                return;
+            };
+            if let Some(phase) = run.phase.as_ref().filter(|p| !p.todo.is_empty()) {
+                say(
+                    &run.progress,
+                    &self.feed,
+                    format!(
+                        "{}: the replaced old worker(s) have exited; next batch",
+                        phase.spec.name
+                    ),
+                );
+            }
+            return self.next_batch();
+        }
         self.check_phase_done();
     }
 
