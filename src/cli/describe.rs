@@ -117,6 +117,19 @@ fn text(status: &Status, app: &AppStatus, config: &AppConfig) -> String {
             config.kill_signal
         ),
     );
+    row(
+        &mut out,
+        "reload",
+        format!(
+            "{} worker(s) at a time; {}",
+            config.reload_batch,
+            if config.reload_keep_old {
+                "old workers kept until every slot is replaced, for the rollback"
+            } else {
+                "each old worker stopped once its replacement is ready, no rollback (reload_keep_old = false)"
+            }
+        ),
+    );
     for (key, file) in [
         ("out_file", &config.logs.out_file),
         ("error_file", &config.logs.error_file),

@@ -118,6 +118,11 @@ pub struct AppConfig {
     pub ready_path: Option<String>,
     /// Workers replaced at once during a rolling reload. Default: 1.
     pub reload_batch: usize,
+    /// `reload_keep_old`: a reload keeps the old workers it replaced until every slot runs the
+    /// new generation, so a failure rolls back to them (2N workers at the peak). `false` stops
+    /// each old worker once its replacement is ready (N + `reload_batch` at the peak), and a
+    /// failure stops the reload where it is, without a rollback. Default: true.
+    pub reload_keep_old: bool,
     /// How requests are spread over the workers. Default: round robin.
     pub balance: Balance,
     /// Session affinity. Default: none.

@@ -40,6 +40,7 @@ pub(super) const APP_KEYS: &[&str] = &[
     "drain_timeout",
     "ready_path",
     "reload_batch",
+    "reload_keep_old",
     "balance",
     "sticky",
     "sticky_cookie",
@@ -204,6 +205,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         .unwrap_or(Duration::from_secs(30));
     let ready_path = t.optional("ready_path", r, read_path);
     let reload_batch = t.optional("reload_batch", r, |v| read_count(v, 1, 1024)).unwrap_or(1);
+    let reload_keep_old = t.optional("reload_keep_old", r, read_bool).unwrap_or(true);
     let balance = t.optional("balance", r, read_balance).unwrap_or(Balance::RoundRobin);
     let sticky = t.optional("sticky", r, read_sticky).unwrap_or(Sticky::None);
     let sticky_cookie = t
@@ -367,6 +369,7 @@ fn parse_app(mut t: Table<'_>, base: &Path, r: &mut Report<'_>) -> Option<AppCon
         drain_timeout,
         ready_path,
         reload_batch,
+        reload_keep_old,
         balance,
         sticky,
         sticky_cookie,

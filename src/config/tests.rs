@@ -222,6 +222,15 @@ fn readiness_and_reload_keys() {
         .expect("valid");
     assert_eq!(config.apps[0].ready_path.as_deref(), Some("/health"));
     assert_eq!(config.apps[0].reload_batch, 2);
+    assert!(config.apps[0].reload_keep_old, "reload_keep_old defaults to true");
+    let config = parse("[[app]]\nname = \"a\"\ncommand = [\"node\"]\nreload_keep_old = false\n").expect("valid");
+    assert!(!config.apps[0].reload_keep_old);
+    let got = messages("[[app]]\nname = \"a\"\ncommand = [\"node\"]\n\nreload_keep_old = \"no\"\n");
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("5: ") && m.contains("reload_keep_old: expected true or false, found a string")),
+        "{got:#?}"
+    );
     let got = messages("[[app]]\nname = \"a\"\ncommand = [\"node\"]\nready_path = \"health\"\nreload_batch = 0\n");
     assert!(
         got.iter()

@@ -210,7 +210,7 @@ fn render_workers(status: &Status, out: &mut String) {
         out,
         "corral_reloads_total",
         "counter",
-        "Rolling reloads, by app and result (ok, rolled_back, refused).",
+        "Rolling reloads, by app and result (ok, rolled_back, refused, partial).",
     );
     for app in &status.apps {
         for (result, n) in &app.reloads {

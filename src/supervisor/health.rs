@@ -122,7 +122,13 @@ impl Supervisor {
         if busy {
             return;
         }
-        let (slot, pid, spec, generation) = (worker.slot, worker.pid, Arc::clone(&worker.spec), worker.generation);
+        let (slot, pid) = (worker.slot, worker.pid);
+        let (spec, generation) = if self.apps[app].slots.get(slot).is_some_and(|s| s.lagging.is_some()) {
+            // A slot a reload left on an older generation: that one again, if still on disk.
+            self.slot_spec(app, slot)
+        } else {
+            (Arc::clone(&worker.spec), worker.generation)
+        };
         if let Some(old) = self.apps[app].workers.iter_mut().find(|w| w.id == id) {
             old.leaving = Some(reason);
         }

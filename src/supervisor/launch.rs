@@ -115,6 +115,12 @@ impl Supervisor {
                 .worker(slot, Some(pid))
                 .message(format!("generation {generation}")),
         );
+        if generation == self.apps[app_index].generation {
+            // The slot runs the app's current config now: it no longer lags behind a reload.
+            if let Some(slot) = self.apps[app_index].slots.get_mut(slot) {
+                slot.lagging = None;
+            }
+        }
         self.apps[app_index].workers.push(Worker {
             id,
             leaving: None,

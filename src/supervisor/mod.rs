@@ -25,7 +25,8 @@
 //! small helpers every part uses (`find`, `after`, `publish`); `handle` the public way in
 //! ([`Handle`], [`Command`], [`Scale`]); `launch` spawning a worker and starting a slot;
 //! `lifecycle` what follows from a worker's events (ready, never ready, drained, exited);
-//! `drain` stops, drains and the shutdown; `reload` the rolling reload; `health` passive and
+//! `drain` stops, drains and the shutdown; `reload` the rolling reload (and the slots a
+//! reload that stopped partway left on an older generation); `health` passive and
 //! active health checks, the memory cap and replacements; `admin` `status`, `scale`,
 //! `stop APP` and `flush`; `probe` the readiness checks; `policy` the restart decisions; `spawn` the
 //! process-level work.
@@ -121,6 +122,9 @@ struct Slot {
     /// Left empty on purpose: `Some("stopped")` or `Some("errored")`, until the next reload.
     parked: Option<&'static str>,
     last_exit: Option<String>,
+    /// Set when a reload with `reload_keep_old = false` stopped before reaching this slot: the
+    /// older config it runs, restarted while its command is on disk (see `reload::lagging`).
+    lagging: Option<reload::Lagging>,
 }
 
 /// The actor. Build it with [`Supervisor::new`], run it with [`Supervisor::run`].
@@ -401,8 +405,7 @@ impl Supervisor {
                 let occupied = self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live())
                     || self.apps[app].slots.get(slot).is_some_and(|s| s.parked.is_some());
                 if self.stopping.is_none() && !occupied && slot < self.apps[app].instances {
-                    let config = Arc::clone(&self.apps[app].config);
-                    let generation = self.apps[app].generation;
+                    let (config, generation) = self.slot_spec(app, slot);
                     self.start(app, slot, config, generation);
                 }
             }

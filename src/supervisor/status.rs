@@ -124,7 +124,8 @@ pub struct AppStatus {
     pub restarts_by_reason: BTreeMap<String, u64>,
     /// Rolling reloads of this app since corral started, by result: `ok`, `rolled_back` (a
     /// new worker failed; the old ones kept serving), `refused` (nothing was started: invalid
-    /// config, another reload running, corral stopping).
+    /// config, another reload running, corral stopping), `partial` (a new worker failed with
+    /// `reload_keep_old = false`: the reload stopped where it was).
     #[serde(default)]
     pub reloads: BTreeMap<String, u64>,
 }
@@ -138,18 +139,27 @@ pub enum ReloadResult {
     RolledBack,
     /// Nothing was started.
     Refused,
+    /// A new worker failed with `reload_keep_old = false`: the reload stopped where it was,
+    /// some slots on the new generation, the others on the old one.
+    Partial,
 }
 
 impl ReloadResult {
     /// Every result, in label order.
-    pub const ALL: [ReloadResult; 3] = [ReloadResult::Ok, ReloadResult::RolledBack, ReloadResult::Refused];
+    pub const ALL: [ReloadResult; 4] = [
+        ReloadResult::Ok,
+        ReloadResult::RolledBack,
+        ReloadResult::Refused,
+        ReloadResult::Partial,
+    ];
 
-    /// The label: `ok`, `rolled_back`, `refused`.
+    /// The label: `ok`, `rolled_back`, `refused`, `partial`.
     pub fn as_str(self) -> &'static str {
         match self {
             ReloadResult::Ok => "ok",
             ReloadResult::RolledBack => "rolled_back",
             ReloadResult::Refused => "refused",
+            ReloadResult::Partial => "partial",
         }
     }
 }

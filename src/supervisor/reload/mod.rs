@@ -1,5 +1,6 @@
 //! Rolling reload: replace every worker of an app, a batch at a time, without ever dropping
-//! below the configured capacity, and roll back if the new version does not come up.
+//! below the configured capacity, and roll back if the new version does not come up (or, with
+//! `reload_keep_old = false`, stop where it is).
 //!
 //! A reload is a state machine inside the supervisor actor ([`ReloadRun`]), advanced by the same
 //! events as everything else:
@@ -21,6 +22,15 @@
 //!    rotation as they were, and the caller gets the failing worker's exit status and last
 //!    output lines. A reload never replaces a healthy worker with a broken one.
 //!
+//! With `reload_keep_old = false` (read from the config the reload loads) the old workers are
+//! not kept: each drains and stops as soon as its batch's replacements are in rotation, and
+//! the next batch starts only once they have exited, so the app never runs more than
+//! `instances + reload_batch` workers (2N with the default). Capacity still never drops: a
+//! batch enters rotation before its old workers leave. With nothing to roll back to, a failure
+//! stops the reload where it is (`end`): the batch still starting is stopped, the slots
+//! already replaced keep the new generation, the others keep the old one (`lagging`), and the
+//! caller is told which slots run which.
+//!
 //! One reload runs at a time; a second request while one runs is refused, not queued, so a
 //! deploy script learns at once that its reload did not happen.
 
@@ -32,7 +42,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info};
 
-use super::status::{ReloadOutcome, ReloadResult};
+mod end;
+mod lagging;
+
+pub(super) use lagging::Lagging;
+
+use super::status::ReloadResult;
 use super::worker::{StopReason, WorkerState};
 use super::{CommandError, ErrorCode, Outcome, Supervisor};
 use crate::admin::events::{Draft, Events, Kind, Reason};
@@ -68,8 +83,11 @@ struct Phase {
     ready: HashSet<u64>,
     /// Every new worker of this phase.
     candidates: Vec<u64>,
-    /// Old workers out of rotation, kept until the commit and then stopped.
+    /// Old workers out of rotation, kept until the commit and then stopped (with
+    /// `reload_keep_old = false`: the current batch's, stopped once drained).
     retiring: Vec<u64>,
+    /// Slots whose batch entered rotation, in order.
+    swapped: Vec<usize>,
     committed: bool,
 }
 
@@ -81,11 +99,12 @@ impl ReloadRun {
             .is_some_and(|p| !p.committed && p.candidates.contains(&id))
     }
 
-    /// True for an old worker kept as the rollback of an uncommitted reload.
+    /// True for an old worker kept as the rollback of an uncommitted reload (never with
+    /// `reload_keep_old = false`: a drained old worker stops at once).
     pub(super) fn holds(&self, id: u64) -> bool {
         self.phase
             .as_ref()
-            .is_some_and(|p| !p.committed && p.retiring.contains(&id))
+            .is_some_and(|p| !p.committed && p.spec.reload_keep_old && p.retiring.contains(&id))
     }
 }
 
@@ -198,11 +217,16 @@ impl Supervisor {
             spec.instances.resolve(crate::config::usable_cpus())
         };
         let generation = self.apps[app].generation + 1;
+        let retire = if spec.reload_keep_old {
+            ""
+        } else {
+            " (reload_keep_old = false: each old worker stops once its replacement is ready)"
+        };
         say(
             &run.progress,
             &self.feed,
             format!(
-                "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time",
+                "{name}: replacing {} worker(s) with {instances} of generation {generation}, {} at a time{retire}",
                 self.apps[app].workers.iter().filter(|w| w.is_live()).count(),
                 spec.reload_batch
             ),
@@ -217,6 +241,7 @@ impl Supervisor {
             ready: HashSet::new(),
             candidates: Vec::new(),
             retiring: Vec::new(),
+            swapped: Vec::new(),
             committed: false,
         });
         self.next_batch();
@@ -337,12 +362,17 @@ impl Supervisor {
         let run = self.reload.as_mut().expect("UNWRAP: checked above");
         let phase = run.phase.as_mut().expect("UNWRAP: checked above");
         phase.retiring.extend(retiring);
+        phase.swapped.extend(batch.iter().map(|&(_, slot)| slot));
         run.replaced += batch.len();
         let name = phase.spec.name.clone();
         for line in lines {
             say(&run.progress, &self.feed, format!("{name} {line}"));
         }
-        self.next_batch();
+        // Without the rollback, the old workers just swapped out exit before the next batch
+        // starts: that is what bounds the peak to N + reload_batch (`reload_worker_gone`).
+        if phase.spec.reload_keep_old || phase.retiring.is_empty() {
+            self.next_batch();
+        }
     }
 
     /// Every slot runs the new generation: adopt the new config, and stop the old workers as
@@ -368,10 +398,12 @@ impl Supervisor {
         if state.slots.len() < phase.instances {
             state.slots.resize_with(phase.instances, Default::default);
         }
-        // A new version gets a clean slate: errored and stopped slots run again.
+        // A new version gets a clean slate: errored and stopped slots run again, and no slot
+        // lags behind an earlier reload any more.
         for slot in &mut state.slots {
             slot.parked = None;
             slot.history = Default::default();
+            slot.lagging = None;
         }
         let waiting = phase.retiring.len();
         say(
@@ -398,7 +430,26 @@ impl Supervisor {
         let Some(phase) = self.reload.as_mut().and_then(|r| r.phase.as_mut()) else {
             return;
         };
+        let before = phase.retiring.len();
         phase.retiring.retain(|&r| r != id);
+        let waiting = !phase.committed && !phase.spec.reload_keep_old && phase.batch.is_empty();
+        if waiting && before > 0 && phase.retiring.is_empty() {
+            // The old workers of the last batch have exited: the next one may start.
+            let Some(run) = self.reload.as_ref() else {
+                return;
+            };
+            if let Some(phase) = run.phase.as_ref().filter(|p| !p.todo.is_empty()) {
+                say(
+                    &run.progress,
+                    &self.feed,
+                    format!(
+                        "{}: the replaced old worker(s) have exited; next batch",
+                        phase.spec.name
+                    ),
+                );
+            }
+            return self.next_batch();
+        }
         self.check_phase_done();
     }
 
@@ -418,112 +469,5 @@ impl Supervisor {
         run.done.push(name);
         run.phase = None;
         self.next_phase();
-    }
-
-    fn reload_succeeded(&mut self) {
-        let Some(mut run) = self.reload.take() else {
-            return;
-        };
-        crate::notify::ready();
-        // The environment the reload chose stays for the next ones.
-        self.env_name.clone_from(&run.config.env_name);
-        let message = format!(
-            "reload done: {} worker(s) replaced in {:.1?} ({})",
-            run.replaced,
-            run.started.elapsed(),
-            run.done.join(", ")
-        );
-        info!("{message}");
-        self.emit(Draft::global(Kind::ReloadDone).message(message.clone()));
-        self.last_reload = Some(ReloadOutcome {
-            ok: true,
-            message: message.clone(),
-            at_ms: self.started.elapsed().as_millis() as u64,
-        });
-        if let Some(reply) = run.reply.take() {
-            let _client_gone = reply.send(Ok(message));
-        }
-    }
-
-    /// A new worker failed: undo the uncommitted part of the reload and report.
-    pub(super) fn reload_failed(&mut self, why: String) {
-        let Some(mut run) = self.reload.take() else {
-            return;
-        };
-        crate::notify::ready();
-        if let Some(phase) = run.phase.take().filter(|p| !p.committed) {
-            let app = phase.app;
-            self.apps[app].counts.reloaded(ReloadResult::RolledBack);
-            for id in &phase.candidates {
-                let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) else {
-                    continue;
-                };
-                match self.apps[app].workers[index].state {
-                    // In rotation already: let its requests finish first (it stops once drained).
-                    WorkerState::Ready => self.begin_drain(app, index, Reason::Reload),
-                    WorkerState::Starting => self.stop(app, index, StopReason::RolledBack),
-                    _ => {}
-                }
-            }
-            for id in &phase.retiring {
-                let Some(worker) = self.apps[app]
-                    .workers
-                    .iter_mut()
-                    .find(|w| w.id == *id && w.state == WorkerState::Draining)
-                else {
-                    continue;
-                };
-                if let Some(drain) = worker.drain.take() {
-                    drain.cancel();
-                }
-                worker.state = WorkerState::Ready;
-                worker.drained = false;
-                worker.stats.reset_draining();
-                worker.make_upstream();
-                if let Some(index) = self.apps[app].workers.iter().position(|w| w.id == *id) {
-                    self.watch_health(app, index);
-                }
-            }
-            self.publish(app);
-            // Slots whose old worker died meanwhile get one again, from the old config.
-            let config = Arc::clone(&self.apps[app].config);
-            let generation = self.apps[app].generation;
-            for slot in 0..self.apps[app].instances {
-                if !self.apps[app].workers.iter().any(|w| w.slot == slot && w.is_live()) {
-                    self.start(app, slot, Arc::clone(&config), generation);
-                }
-            }
-        }
-        let mut message = format!(
-            "reload failed: {why}\nrolled back: the new workers were stopped and the previous ones keep serving"
-        );
-        if !run.done.is_empty() {
-            message.push_str(&format!(
-                " (already reloaded before the failure: {})",
-                run.done.join(", ")
-            ));
-        }
-        error!("{message}");
-        self.emit(Draft::global(Kind::ReloadFailed).message(message.clone()));
-        self.last_reload = Some(ReloadOutcome {
-            ok: false,
-            message: message.clone(),
-            at_ms: self.started.elapsed().as_millis() as u64,
-        });
-        if let Some(reply) = run.reply.take() {
-            let _client_gone = reply.send(Err(CommandError::new(ErrorCode::Failed, message)));
-        }
-    }
-
-    /// corral is stopping: the reload ends where it is (everything is being stopped anyway).
-    pub(super) fn reload_aborted(&mut self, why: &str) {
-        if let Some(mut run) = self.reload.take() {
-            if let Some(reply) = run.reply.take() {
-                let _client_gone = reply.send(Err(CommandError::new(
-                    ErrorCode::Stopping,
-                    format!("reload interrupted: {why}"),
-                )));
-            }
-        }
     }
 }
