@@ -273,6 +273,8 @@ async fn handle(stream: UnixStream, supervisor: Handle, shutdown: CancellationTo
     if matches!(request, Request::Stop) {
         info!("stop requested over the control socket");
     }
+    // An upgrade's answer is sent before this process may exit.
+    let _answering = matches!(request, Request::Upgrade { .. }).then(|| upgrader.reply_token());
     let (progress, mut lines) = mpsc::unbounded_channel();
     let answer = commands::execute(request, &supervisor, &shutdown, &upgrader, progress);
     tokio::pin!(answer);

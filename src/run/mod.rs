@@ -376,6 +376,8 @@ pub async fn run(config: Config, mut inherited: Option<Inherited>) -> Result<(),
             Err(RunError::Forced(signal))
         }
     };
+    // An upgrade that a stop interrupted is stopped and answered before this process exits.
+    upgrader.finished(Duration::from_secs(40)).await;
     control_task.abort();
     admin_stop.cancel();
     if outcome.is_ok() {

@@ -45,6 +45,9 @@ pub struct Upgrader {
     /// Cancelled when a stop begins: an upgrade under way gives up (the new process is
     /// stopped), rather than taking over from a corral that was asked to stop.
     abort: CancellationToken,
+    /// Upgrades under way and the replies to them: a stopping corral waits for these, so a
+    /// `corral upgrade` client hears why its upgrade did not happen.
+    tasks: tokio_util::task::TaskTracker,
     deadline: Duration,
 }
 
@@ -77,6 +80,7 @@ impl Upgrader {
             stop_accepting,
             handed_over: CancellationToken::new(),
             abort: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
             deadline,
         }
     }
@@ -115,6 +119,17 @@ impl Upgrader {
         if !self.handed_over() {
             self.abort.cancel();
         }
+    }
+
+    /// Held by a transport while it answers an upgrade request (see [`Upgrader::finished`]).
+    pub fn reply_token(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
+        self.tasks.token()
+    }
+
+    /// Waits (at most `limit`) until every upgrade under way has ended and been answered.
+    pub async fn finished(&self, limit: Duration) {
+        self.tasks.close();
+        let _ = tokio::time::timeout(limit, self.tasks.wait()).await;
     }
 
     /// True once this process has handed over to a new one.
@@ -180,7 +195,7 @@ impl Upgrader {
             });
         }
         let this = Arc::clone(self);
-        let work = tokio::spawn(async move {
+        let work = self.tasks.spawn(async move {
             let result = this.hand_over(&binary, env, &progress).await;
             if result.is_err() {
                 this.set_peer(None);
