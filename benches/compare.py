@@ -12,6 +12,7 @@ Every load run is bounded (wrk -d), every process started is stopped.
   python3 benches/compare.py --connections 1000 --targets corral,nginx,haproxy,pm2   # memory
   python3 benches/compare.py --mode abuse         # legitimate load beside slowloris and aborted uploads
   python3 benches/compare.py --mode tls --rounds 5   # HTTPS and HTTP/2: corral vs nginx, handshakes
+  python3 benches/compare.py --mode upgrade     # failed requests over 50 self-upgrades under load
   python3 benches/compare.py --readme             # also rewrite the matching table in README.md
 
 Reload mode: wrk runs 30 s at fixed concurrency while the target's workers are replaced every
@@ -49,9 +50,28 @@ handshakes/s, and per request or handshake the CPU (/proc) of the proxy (user + 
 Node workers and of the load generator; and how much CPU went to processes outside the benchmark
 meanwhile (others' builds). Needs h2load (nghttp2-client) and openssl.
 
+Upgrade mode: corral, nginx, HAProxy and PM2 (by default), one after another (--rounds, default 1
+here), each upgrading itself in place --upgrades times (50; PM2 --pm2-upgrades if given, as each
+`pm2 update` takes seconds; no new upgrade after --upgrade-budget s, 180) under the load of
+benches/httpload.py: --connections (64) keep-alive connections and --fresh (8) loops of a new
+connection per request, 127.0.0.1 only, every request counted, `Connection: close` honoured as a
+real client does. Each upgrade starts once the previous one is over and --upgrade-pause (0.2 s)
+has passed: corral `corral upgrade -c CONFIG`, then until `corral status --json` shows
+`upgrade: null` (the previous corral drained and exited); nginx (daemonized, started from its
+absolute path) SIGUSR2 to the master, SIGWINCH to the old master once the new master's workers
+run, SIGQUIT once the old workers are gone, until the old master exits; HAProxy (daemonized,
+`stats socket ... expose-fd listeners`) `haproxy -f CFG -D -p PIDFILE -x SOCKET -sf OLD`, until
+the old process exits; PM2 `pm2 update` (the daemon is killed and resurrected), until it answers
+again. It reports per target the upgrades done, requests ok and failed, failed per upgrade, the
+median time until the new generation serves and until the old one has exited, the successful
+requests a second over the run, and the longest time without any successful answer (per upgrade,
+median, and in the whole run); on stderr, every kind of failure with its phase (which step
+of the upgrade was under way, and when relative to the switch). --upgrade-log FILE appends each
+run's raw upgrades and failures as JSON.
+
 With --readme, the report replaces the table between the markers of its mode in README.md
 (`<!-- bench:throughput-c64 -->` ... `<!-- /bench:throughput-c64 -->`, `bench:reload`,
-`bench:reload-time`, `bench:abuse`, `bench:tls`), headed by the date, the machine and the versions measured.
+`bench:reload-time`, `bench:abuse`, `bench:tls`, `bench:upgrade`), headed by the date, the machine and the versions measured.
 
 Needs wrk; nginx and PM2 are measured when available (`--install` fetches PM2 from npm into
 benches/.tools). Build corral first: cargo build --release. The corral binary is --corral, else
@@ -74,6 +94,7 @@ import time
 from pathlib import Path
 
 import attackers
+import httpload
 import tlsload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +157,22 @@ def children(pid):
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
     except OSError:
+        return []
+
+
+def alive(pid):
+    """True while a process exists and has not exited (a zombie nobody reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def read_pids(path):
+    """The pids in a pid file (one or more, whitespace-separated); [] if there is none yet."""
+    try:
+        return [int(x) for x in Path(path).read_text().split()]
+    except (OSError, ValueError):
         return []
 
 
@@ -251,6 +288,7 @@ class Corral(Target):
 
         wait_for("corral's workers", all_online)
         wait_for("corral", lambda: (tlsload.answers_tls if tls else answers)(self.port))
+        self.front = self.proc.pid  # the front process answering; another one after an upgrade
 
     def proxy_pids(self):
         return [self.proc.pid]
@@ -276,8 +314,52 @@ class Corral(Target):
         out = subprocess.run([str(CORRAL), "reload", "-c", str(self.config)], env=self.env, capture_output=True, text=True)
         return out.returncode == 0
 
+    def status(self):
+        """`corral status --json` of the front process answering now, None if none answers."""
+        try:
+            out = subprocess.run([str(CORRAL), "status", "--json", "-c", str(self.config)], env=self.env,
+                                 capture_output=True, timeout=10)
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError):
+            return None
+
+    def upgrade(self):
+        """`corral upgrade` (until it exits), then until the previous corral has drained and exited,
+        as `status` shows it (`upgrade` null): a new upgrade is refused as busy before that."""
+        old = self.front
+        started = time.monotonic()
+        out = subprocess.run([str(CORRAL), "upgrade", "-c", str(self.config)], env=self.env, capture_output=True,
+                             text=True, timeout=180)
+        switched = time.monotonic()
+        ok = out.returncode == 0
+
+        def settled():
+            status = self.status()
+            if status is None or status.get("upgrade") is not None:
+                return False
+            self.front = status["pid"]
+            return not ok or not alive(old)
+
+        wait_for("the previous corral to drain and exit", settled, deadline=120)
+        ended = time.monotonic()
+        if ok and self.front == old:
+            ok = False
+        return {"ok": ok, "error": "" if ok else (out.stdout + out.stderr).strip() or f"exit {out.returncode}",
+                "marks": [(started, "`corral upgrade` running"), (switched, "the old corral draining")],
+                "end": ended}
+
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
+        # After an upgrade the front process is no longer our child: the first one exited.
+        front = getattr(self, "front", self.proc.pid)
+        if front != self.proc.pid:
+            os.kill(front, signal.SIGTERM)
+            try:
+                wait_for("the upgraded corral to stop", lambda: not alive(front), deadline=30)
+            except RuntimeError:
+                print(f"corral pid {front} did not stop within 30 s; killed", file=sys.stderr, flush=True)
+                os.kill(front, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         stop_process(self.proc, "corral", 30)
         try:
             lines = self.log.read_text(errors="replace").splitlines()
@@ -290,6 +372,9 @@ class Corral(Target):
 
 class Nginx(Target):
     name = "nginx"
+    # Daemonized (`daemon on`), for --mode upgrade: nginx ignores SIGUSR2 while its parent is the
+    # one it started with and SIGWINCH unless daemonized, so the binary upgrade needs this.
+    daemon = False
 
     def __init__(self, workers, header_timeout=None, nofile=None, tls=None, processes=None, keepalive=64):
         self.port = free_port()
@@ -300,9 +385,19 @@ class Nginx(Target):
         self.workers = start_workers(workers)
         self.conf = Path(self.dir) / "nginx.conf"
         self.write_conf()
-        self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL,
+        # An absolute path: a binary upgrade (SIGUSR2) execs the master's argv[0].
+        self.binary = shutil.which("nginx") or "nginx"
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-p", self.dir], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=fd_limit(nofile))
+        if self.daemon:
+            self.proc.wait(30)  # the foreground process exits once the master runs
+            wait_for("nginx's pid file", self.master)
         wait_for("nginx", lambda: (tlsload.answers_tls if tls else answers)(self.port))
+
+    def master(self):
+        """The master's pid from the pid file, None before it is written."""
+        pids = read_pids(Path(self.dir) / "nginx.pid")
+        return pids[0] if pids else None
 
     def listen(self):
         """The server block's listen directive(s), with TLS and HTTP/2 when self.tls is set."""
@@ -324,7 +419,7 @@ class Nginx(Target):
     def write_conf(self):
         servers = "".join(f"    server 127.0.0.1:{p};\n" for p, _ in self.workers)
         head_timeout = f"  client_header_timeout {self.header_timeout}s;\n" if self.header_timeout else ""
-        self.conf.write_text(f"""daemon off;
+        self.conf.write_text(f"""daemon {"on" if self.daemon else "off"};
 worker_processes {self.processes or "auto"};
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
@@ -345,10 +440,39 @@ http {{
 """)
 
     def proxy_pids(self):
-        return [self.proc.pid] + children(self.proc.pid)
+        master = self.master() if self.daemon else self.proc.pid
+        return [master] + children(master) if master else []
 
     def worker_pids(self):
         return [w.pid for _, w in self.workers]
+
+    def upgrade(self):
+        """The documented binary upgrade: SIGUSR2 to the master (a new master starts from the same
+        binary with the listening sockets inherited, the old pid file becomes nginx.pid.oldbin),
+        SIGWINCH to the old master once the new one's workers run (its workers finish their
+        connections and exit), SIGQUIT to the old master once they are gone."""
+        old = self.master()
+        oldbin = Path(self.dir) / "nginx.pid.oldbin"
+        count = len(children(old))
+        started = time.monotonic()
+        os.kill(old, signal.SIGUSR2)
+
+        def new_master_up():
+            new = self.master()
+            return new not in (None, old) and read_pids(oldbin) == [old] and len(children(new)) >= count
+
+        wait_for("the new nginx master and its workers", new_master_up, deadline=60)
+        new = self.master()
+        switched = time.monotonic()
+        os.kill(old, signal.SIGWINCH)
+        wait_for("the old nginx workers to exit", lambda: not set(children(old)) - {new}, deadline=120)
+        quit_at = time.monotonic()
+        os.kill(old, signal.SIGQUIT)
+        wait_for("the old nginx master to exit", lambda: not alive(old), deadline=60)
+        return {"ok": True, "error": "", "end": time.monotonic(),
+                "marks": [(started, "USR2, until the new master's workers run"),
+                          (switched, "WINCH, until the old workers exit"),
+                          (quit_at, "QUIT, until the old master exits")]}
 
     def reload(self):
         old = self.workers
@@ -360,14 +484,32 @@ http {{
         return ok
 
     def stop(self):
-        self.proc.send_signal(signal.SIGQUIT)
-        stop_process(self.proc, "nginx", 30)
+        if self.daemon:
+            master = self.master()
+            if master:
+                os.kill(master, signal.SIGQUIT)
+                try:
+                    wait_for("nginx to stop", lambda: not alive(master), deadline=30)
+                except RuntimeError:
+                    print(f"nginx master {master} did not stop within 30 s; killed", file=sys.stderr, flush=True)
+                    for pid in [master] + children(master):
+                        os.kill(pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGQUIT)
+            stop_process(self.proc, "nginx", 30)
         stop_workers(self.workers)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Haproxy(Target):
     name = "haproxy"
+    # Daemonized with a pid file and a stats socket that passes the listeners on (`expose-fd
+    # listeners`), for --mode upgrade: the seamless reload `haproxy -sf OLD -x SOCKET`.
+    daemon = False
+    # `option idle-close-on-response` (HAProxy 2.6+, off by default): a stopping process answers
+    # the next request on an idle keep-alive connection (with `Connection: close`) instead of
+    # closing the connection under it. --haproxy-idle-close sets it.
+    idle_close = False
 
     def __init__(self, workers, header_timeout=None, nofile=None):
         self.port = free_port()
@@ -376,36 +518,70 @@ class Haproxy(Target):
         servers = "".join(f"    server w{i} 127.0.0.1:{p}\n" for i, (p, _) in enumerate(self.workers))
         head_timeout = f"    timeout http-request {header_timeout}s\n" if header_timeout else ""
         conf = Path(self.dir) / "haproxy.cfg"
+        self.conf, self.pidfile, self.sock = conf, Path(self.dir) / "haproxy.pid", Path(self.dir) / "stats.sock"
+        stats = f"    stats socket {self.sock} mode 600 level admin expose-fd listeners\n" if self.daemon else ""
         conf.write_text(f"""global
     nbthread {os.cpu_count()}
     maxconn 4096
-defaults
+{stats}defaults
     mode http
     timeout connect 5s
     timeout client 60s
     timeout server 60s
 {head_timeout}    option http-keep-alive
-    http-reuse always
+{"    option idle-close-on-response" + chr(10) if self.idle_close else ""}    http-reuse always
 frontend web
     bind 127.0.0.1:{self.port}
     default_backend app
 backend app
     balance roundrobin
 {servers}""")
-        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+        command = ["haproxy", "-D", "-p", str(self.pidfile)] if self.daemon else ["haproxy", "-W", "-db"]
+        self.proc = subprocess.Popen(command + ["-f", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=fd_limit(nofile))
+        if self.daemon:
+            self.proc.wait(30)  # the foreground process exits once the daemon runs
+            wait_for("haproxy's pid file", lambda: read_pids(self.pidfile))
         wait_for("haproxy", lambda: answers(self.port))
 
     def proxy_pids(self):
+        if self.daemon:
+            return read_pids(self.pidfile)
         return [self.proc.pid] + children(self.proc.pid)
 
+    def upgrade(self):
+        """The seamless reload: a new haproxy takes the listening sockets from the running one over
+        its stats socket (-x), then tells it to finish its connections and exit (-sf)."""
+        old = read_pids(self.pidfile)
+        started = time.monotonic()
+        out = subprocess.run(["haproxy", "-f", str(self.conf), "-D", "-p", str(self.pidfile), "-x", str(self.sock),
+                              "-sf", *map(str, old)], capture_output=True, text=True, timeout=60)
+        switched = time.monotonic()
+        ok = out.returncode == 0 and read_pids(self.pidfile) not in ([], old)
+        if ok:
+            wait_for("the old haproxy to exit", lambda: not any(alive(p) for p in old), deadline=120)
+        return {"ok": ok, "error": "" if ok else (out.stdout + out.stderr).strip() or f"exit {out.returncode}",
+                "end": time.monotonic(),
+                "marks": [(started, "`haproxy -sf -x` running"), (switched, "the old process finishing")]}
+
     def stop(self):
-        self.proc.send_signal(signal.SIGUSR1)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.daemon:
+            pids = read_pids(self.pidfile)
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR1)
+            try:
+                wait_for("haproxy to stop", lambda: not any(alive(p) for p in pids), deadline=10)
+            except RuntimeError:
+                print("haproxy did not stop within 10 s; killed", file=sys.stderr, flush=True)
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGUSR1)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         stop_workers(self.workers)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -431,6 +607,18 @@ class Pm2(Target):
     def reload(self):
         return subprocess.run([self.pm2, "reload", "hello"], env=self.env, capture_output=True).returncode == 0
 
+    def upgrade(self):
+        """`pm2 update`: saves the process list, kills the daemon (and with it the workers and the
+        listening socket the daemon holds in cluster mode), starts a new daemon and resurrects."""
+        started = time.monotonic()
+        out = subprocess.run([self.pm2, "update"], env=self.env, capture_output=True, text=True, timeout=120)
+        switched = time.monotonic()
+        ok = out.returncode == 0
+        wait_for("pm2 to answer again", lambda: answers(self.port), deadline=60)
+        return {"ok": ok, "error": "" if ok else (out.stdout + out.stderr).strip() or f"exit {out.returncode}",
+                "end": time.monotonic(),
+                "marks": [(started, "`pm2 update` running"), (switched, "until it answers again")]}
+
     def stop(self):
         subprocess.run([self.pm2, "kill"], env=self.env, capture_output=True)
         shutil.rmtree(self.home, ignore_errors=True)
@@ -447,6 +635,18 @@ def nginx_version():
 
 
 TARGETS = {"direct": Direct, "corral": Corral, "nginx": Nginx, "haproxy": Haproxy, "pm2": Pm2}
+
+
+class NginxDaemon(Nginx):
+    daemon = True
+
+
+class HaproxyDaemon(Haproxy):
+    daemon = True
+
+
+# --mode upgrade: the targets as they are started to be upgraded in place.
+UPGRADE_TARGETS = {"corral": Corral, "nginx": NginxDaemon, "haproxy": HaproxyDaemon, "pm2": Pm2}
 
 
 def run_wrk(port, duration, connections, sample_pids, on_sample=None, scheme="http"):
@@ -535,6 +735,182 @@ def measure_reloads(cls, args):
         }
     finally:
         target.stop()
+
+
+def upgrade_limit(name, args):
+    """How many upgrades a target gets: --upgrades, or --pm2-upgrades for PM2 when given (each
+    `pm2 update` takes seconds)."""
+    return args.pm2_upgrades if name == "pm2" and args.pm2_upgrades is not None else args.upgrades
+
+
+def upgrade_gap(result, u):
+    """The longest stretch with no successful answer that began during upgrade u or within
+    0.5 s after it ended, s (0 if none reached httpload.GAP)."""
+    begin, end = u["marks"][0][0], u["end"] + 0.5
+    return max((length for t, length in result["gaps"] if begin <= t <= end), default=0.0)
+
+
+def measure_upgrades(name, args):
+    """The load of httpload.Load while the target upgrades itself again and again: up to
+    upgrade_limit() upgrades, each started once the previous one is over, with --upgrade-pause s
+    between them, and no new one after --upgrade-budget s."""
+    target = UPGRADE_TARGETS[name](args.workers)
+    load = None
+    try:
+        warm = httpload.Load(target.port, keepalive=args.connections, fresh=args.fresh, max_seconds=10)
+        warm.start()
+        time.sleep(2)  # warm-up: JIT, pools
+        warm.stop()
+        load = httpload.Load(target.port, keepalive=args.connections, fresh=args.fresh,
+                             max_seconds=args.upgrade_budget + 300)
+        load.start()
+        time.sleep(1)
+        limit, upgrades = upgrade_limit(name, args), []
+        began = time.monotonic()
+        while len(upgrades) < limit and time.monotonic() - began < args.upgrade_budget:
+            upgrades.append(target.upgrade())
+            u = upgrades[-1]
+            if not u["ok"]:
+                print(f"  {name} upgrade {len(upgrades)} failed: {u['error']}", file=sys.stderr, flush=True)
+            time.sleep(args.upgrade_pause)
+        time.sleep(1)
+        result = load.stop()
+        load = None
+        result["upgrades"] = upgrades
+        result["limit"] = limit
+        result["seconds"] = time.monotonic() - began
+        return result
+    finally:
+        if load is not None:
+            load.stop()
+        target.stop()
+
+
+def phase_of(t, upgrades):
+    """(the phase a failure at monotonic time t fell in, s since that upgrade's start, s since
+    its second mark (the switch) or None). Upgrades run one after another: t belongs to the last
+    one started by then."""
+    started = [u for u in upgrades if u["marks"][0][0] <= t]
+    if not started:
+        return "before the first upgrade", None, None
+    u = started[-1]
+    marks = u["marks"]
+    switch = marks[1][0] if len(marks) > 1 else None
+    since = (t - marks[0][0], (t - switch) if switch is not None else None)
+    if t <= u["end"]:
+        return [m[1] for m in marks if m[0] <= t][-1], *since
+    if t <= u["end"] + 0.5:
+        return "within 0.5 s after the upgrade ended", *since
+    return "between upgrades", None, None
+
+
+def describe_failures(result):
+    """Failures grouped by (how, connection kind, phase), largest first, each with when it happened."""
+    groups = {}
+    for t, how, kind in result["failures"]:
+        phase, since_start, since_switch = phase_of(t, result["upgrades"])
+        groups.setdefault((how, kind, phase), []).append((since_start, since_switch))
+    out = []
+    for (how, kind, phase), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        when = ""
+        switch = sorted(x[1] for x in items if x[1] is not None)
+        start = sorted(x[0] for x in items if x[0] is not None)
+        if switch:
+            when = f", {switch[0]:+.3f} to {switch[-1]:+.3f} s from the switch (median {statistics.median(switch):+.3f})"
+        elif start:
+            when = f", {start[0]:.3f} to {start[-1]:.3f} s into the upgrade"
+        out.append(f"{len(items)} x {kind}: {how} [{phase}{when}]")
+    stored = len(result["failures"])
+    if stored < result["failed"]:
+        out.append(f"(phases of the first {stored} failures only; {result['failed']} in all)")
+    return out
+
+
+def upgrade_report(names, args):
+    upgradable = [n for n in names if n in UPGRADE_TARGETS]
+    for n in sorted(set(names) - set(upgradable)):
+        print(f"skipping {n} in upgrade mode: nothing to upgrade", file=sys.stderr)
+    runs = {n: [] for n in upgradable}
+    for r in range(args.rounds):
+        order = upgradable[r % len(upgradable):] + upgradable[: r % len(upgradable)]
+        for name in order:
+            result = measure_upgrades(name, args)
+            runs[name].append(result)
+            done = sum(u["ok"] for u in result["upgrades"])
+            print(f"round {r + 1} {name:>7}: {done} of {len(result['upgrades'])} upgrades ok in "
+                  f"{result['seconds']:.0f} s, {result['ok']} requests ok, {result['failed']} failed, "
+                  f"longest gap {result['max_gap'] * 1000:.0f} ms, {result['closes_honoured']} Connection: close "
+                  f"honoured", file=sys.stderr, flush=True)
+            if result["max_gap_at"] is not None:
+                phase, since_start, since_switch = phase_of(result["max_gap_at"] - result["max_gap"], result["upgrades"])
+                where = f", {since_switch:+.3f} s from the switch" if since_switch is not None else ""
+                print(f"    the longest gap began in: {phase}{where}", file=sys.stderr, flush=True)
+            for line in describe_failures(result)[:12]:
+                print(f"    {line}", file=sys.stderr, flush=True)
+            if args.upgrade_log:
+                with open(args.upgrade_log, "a") as log:
+                    log.write(json.dumps({"target": name, "round": r + 1, **result}) + "\n")
+
+    def total(name, key):
+        return sum(r[key] for r in runs[name])
+
+    def upgrades(name):
+        return [u for r in runs[name] for u in r["upgrades"]]
+
+    rows, notes = [], []
+    for n in upgradable:
+        ups = upgrades(n)
+        done = [u for u in ups if u["ok"]]
+        serving = [u["marks"][1][0] - u["marks"][0][0] for u in done]
+        whole = [u["end"] - u["marks"][0][0] for u in done]
+        gaps = [upgrade_gap(r, u) for r in runs[n] for u in r["upgrades"]]
+        failed = total(n, "failed")
+        rows.append([TARGETS[n].name, f"{len(done)}" + (f" of {len(ups)}" if len(done) != len(ups) else ""),
+                     total(n, "ok"), failed, f"{failed / len(done):.1f}" if done else "-",
+                     f"{total(n, 'ok') / total(n, 'seconds'):.0f}",
+                     f"{statistics.median(serving) * 1000:.0f}" if serving else "-",
+                     f"{statistics.median(whole) * 1000:.0f}" if whole else "-",
+                     f"{statistics.median(gaps) * 1000:.0f} / {max(r['max_gap'] for r in runs[n]) * 1000:.0f}"
+                     if gaps else "-"])
+        wanted = args.rounds * upgrade_limit(n, args)
+        if len(ups) < wanted:
+            notes.append(f"- {TARGETS[n].name}: {len(ups)} upgrades instead of {wanted}: the {args.upgrade_budget} s "
+                         f"budget per run was spent")
+        elif n == "pm2" and upgrade_limit(n, args) != args.upgrades:
+            notes.append(f"- {TARGETS[n].name}: {upgrade_limit(n, args)} upgrades per run instead of {args.upgrades} "
+                         f"(--pm2-upgrades: each `pm2 update` takes seconds)")
+        refused = [u["error"] for u in ups if not u["ok"]]
+        if refused:
+            notes.append(f"- {TARGETS[n].name}: {len(refused)} upgrades failed; the first said: "
+                         + refused[0].replace("\n", " / ")[:300])
+        kinds = {}
+        for r in runs[n]:
+            for k, v in r["kinds"].items():
+                kinds[k] = kinds.get(k, 0) + v
+        if kinds:
+            notes.append(f"- {TARGETS[n].name}, how requests failed: "
+                         + "; ".join(f"{v} {k}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    what = {"corral": "`corral upgrade`", "nginx": "USR2 / WINCH / QUIT",
+            "haproxy": "`haproxy -sf PID -x SOCKET`" + (" with `option idle-close-on-response`"
+                                                         if HaproxyDaemon.idle_close else ""),
+            "pm2": "`pm2 update`"}
+    lines = header(upgradable, (
+        f"{args.rounds} round(s); each target with {args.workers} Node hello workers upgrades itself up to "
+        f"{args.upgrades} times in a row ("
+        + ", ".join(f"{TARGETS[n].name} {what[n]}" for n in upgradable)
+        + f"), each once the previous one is over (the old generation exited) plus {args.upgrade_pause} s, under "
+          f"`benches/httpload.py` load: {args.connections} keep-alive connections and {args.fresh} loops of a new "
+          f"connection per request, honouring `Connection: close`, each failed request counted (a failed loop "
+          f"waits 10 ms before its next try). From each upgrade's start: until the new generation serves "
+          f"(corral: the command exits; nginx: the new master's workers run; HAProxy: the command exits; PM2: `pm2 "
+          f"update` exits), and until the old generation has exited; the longest time with no successful answer "
+          f"on any connection, per upgrade (median) and in the whole run. Counts are totals; times are medians:"))
+    lines += table(["target", "upgrades done", "requests ok", "requests failed", "failed per upgrade",
+                    "ok req/s over the run", "new one serves after, ms", "old one gone after, ms",
+                    "longest time without an answer, ms: per upgrade (median) / in the run"], rows)
+    if notes:
+        lines += [""] + notes
+    return "upgrade", lines
 
 
 def measure_abuse(cls, args):
@@ -1014,15 +1390,31 @@ def write_readme(section, lines):
 def main():
     global CORRAL, HELLO
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, help="default 3 (1 in upgrade mode)")
     ap.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 10; 15 in abuse mode)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--targets", help="default direct,corral,nginx,haproxy,pm2 (corral,nginx,haproxy in abuse mode)")
     ap.add_argument("--install", action="store_true", help="install PM2 from npm into benches/.tools")
-    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time", "abuse", "tls"], default="throughput")
+    ap.add_argument("--mode", choices=["throughput", "reload", "reload-time", "abuse", "tls", "upgrade"],
+                    default="throughput")
     ap.add_argument("--reload-every", type=float, default=3.0)
     ap.add_argument("--reload-duration", type=int, default=30)
+    ap.add_argument("--upgrades", type=int, default=50, help="upgrade mode: upgrades per target and round")
+    ap.add_argument("--pm2-upgrades", type=int,
+                    help="upgrade mode: upgrades of PM2 per round, if fewer than --upgrades (each `pm2 update` "
+                         "takes seconds)")
+    ap.add_argument("--upgrade-budget", type=float, default=180,
+                    help="upgrade mode: no new upgrade of a target after this many seconds of its run")
+    ap.add_argument("--upgrade-pause", type=float, default=0.2,
+                    help="upgrade mode: seconds between one upgrade's end and the next one's start")
+    ap.add_argument("--upgrade-log", type=Path,
+                    help="upgrade mode: append each run's upgrades and failures (monotonic times) as a JSON line")
+    ap.add_argument("--haproxy-idle-close", action="store_true",
+                    help="upgrade mode: give HAProxy `option idle-close-on-response` (not its default)")
+    ap.add_argument("--fresh", type=int, default=8,
+                    help="upgrade mode: load loops opening a new connection per request (beside --connections "
+                         "keep-alive ones)")
     ap.add_argument("--slowloris", type=int, default=200, help="abuse mode: slowloris connections kept open")
     ap.add_argument("--uploads-per-s", type=int, default=200, help="abuse mode: aborted uploads a second")
     ap.add_argument("--header-timeout", type=int, default=10, help="abuse mode: every proxy's request-head timeout, s")
@@ -1042,10 +1434,17 @@ def main():
                                                 "$CARGO_TARGET_DIR/release/corral, else target/release/corral)")
     ap.add_argument("--readme", action="store_true", help="write the report into README.md between its markers")
     args = ap.parse_args()
+    HaproxyDaemon.idle_close = args.haproxy_idle_close
+    if args.rounds is None:
+        args.rounds = 1 if args.mode == "upgrade" else 3
+    if args.mode == "upgrade" and not (0 < args.upgrades <= 1000 and 0 < args.connections <= 1000
+                                       and 0 <= args.fresh <= 200 and 0 < (args.pm2_upgrades or 1) <= 1000):
+        sys.exit("--upgrades, --pm2-upgrades: 1 to 1000; --connections: 1 to 1000; --fresh: 0 to 200")
     if args.duration is None:
         args.duration = 15 if args.mode == "abuse" else 10
     if args.targets is None:
-        args.targets = {"abuse": "corral,nginx,haproxy", "tls": "corral,nginx"}.get(args.mode,
+        args.targets = {"abuse": "corral,nginx,haproxy", "tls": "corral,nginx",
+                        "upgrade": "corral,nginx,haproxy,pm2"}.get(args.mode,
                                                                                    "direct,corral,nginx,haproxy,pm2")
     if args.mode == "tls":
         if set(args.targets.split(",")) - {"corral", "nginx"}:
@@ -1088,6 +1487,8 @@ def main():
         section, lines = abuse_report(names, args)
     elif args.mode == "tls":
         section, lines = tls_report(names, args)
+    elif args.mode == "upgrade":
+        section, lines = upgrade_report(names, args)
     else:
         section, lines = throughput_report(names, args)
     print("\n" + "\n".join(lines))
