@@ -280,11 +280,7 @@ fn without_keep_old_a_build_failing_midway_stops_where_it_is_and_says_which_slot
     // A crash of a slot left on the old command restarts the old command (still on disk).
     let (old_pid, _) = after[&2];
     kill(Pid::from_raw(old_pid as i32), Signal::SIGKILL)?;
-    let restarted = poll_until(DEADLINE, "slot 2 to run again", || {
-        let slots = online_by_slot(&corral).ok()?;
-        slots.get(&2).copied().filter(|&(pid, _)| pid != old_pid)
-    })
-    .map_err(|e| corral.explain(e))?;
+    let restarted = replaced(&corral, 2, old_pid)?;
     assert_eq!(restarted.1, 1, "slot 2 must restart the old generation: {restarted:?}");
 
     // The fixed build goes everywhere, one generation on.
@@ -320,11 +316,7 @@ fn without_keep_old_a_slot_whose_old_script_is_gone_restarts_with_the_new_comman
     std::fs::remove_file(&crash_file)?;
     let (old_pid, _) = slots[&1];
     kill(Pid::from_raw(old_pid as i32), Signal::SIGKILL)?;
-    let moved = poll_until(DEADLINE, "slot 1 to run the new generation", || {
-        let slots = online_by_slot(&corral).ok()?;
-        slots.get(&1).copied().filter(|&(pid, _)| pid != old_pid)
-    })
-    .map_err(|e| corral.explain(e))?;
+    let moved = replaced(&corral, 1, old_pid)?;
     assert_eq!(moved.1, 2, "{moved:?}");
     let logs = corral.logs();
     let missing = format!("{} no longer exists on disk", old_script.display());
@@ -364,4 +356,13 @@ fn without_keep_old_a_build_failing_on_the_first_slot_changes_nothing() -> TestR
     let fixed = online_by_slot(&corral)?;
     assert!(fixed.values().all(|&(_, generation)| generation == 2), "{fixed:?}");
     Ok(())
+}
+
+/// Waits until `slot` runs a worker other than `old_pid`: its (pid, generation).
+fn replaced(corral: &Corral, slot: u64, old_pid: u64) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    poll_until(DEADLINE, &format!("slot {slot} to run a new worker"), || {
+        let slots = online_by_slot(corral).ok()?;
+        slots.get(&slot).copied().filter(|&(pid, _)| pid != old_pid)
+    })
+    .map_err(|e| corral.explain(e))
 }

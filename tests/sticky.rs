@@ -6,20 +6,9 @@ use std::collections::BTreeSet;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::http::{get, Conn, Response};
+use support::http::{cookie, get, ws_frame, ws_open, ws_read, Conn, Response};
 use support::load::Load;
 use support::{poll_until, Corral, Options, TestResult, DEADLINE};
-
-/// The `name=value` part of a response's Set-Cookie for `name`.
-fn cookie(response: &Response, name: &str) -> Option<String> {
-    response
-        .headers
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
-        .filter_map(|(_, v)| v.split(';').next())
-        .find(|pair| pair.starts_with(&format!("{name}=")))
-        .map(str::to_owned)
-}
 
 fn session(addr: std::net::SocketAddr, cookies: &str) -> Result<Response, Box<dyn std::error::Error>> {
     let mut conn = Conn::open(addr)?;
@@ -150,51 +139,6 @@ fn sticky_ip_pins_a_client_address() -> TestResult {
         "different clients should not all share one worker: {seen:?}"
     );
     Ok(())
-}
-
-/// A WebSocket client frame: FIN + text, masked (clients must mask).
-fn ws_frame(text: &str) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut frame = vec![0x81, 0x80 | text.len() as u8];
-    frame.extend(mask);
-    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
-fn ws_read(conn: &mut Conn) -> Result<String, Box<dyn std::error::Error>> {
-    let head = conn.read_exact_bytes(2)?;
-    assert_eq!(head[0], 0x81, "a final text frame");
-    let payload = conn.read_exact_bytes(usize::from(head[1] & 0x7f))?;
-    Ok(String::from_utf8(payload)?)
-}
-
-fn ws_open(addr: std::net::SocketAddr) -> Result<Conn, Box<dyn std::error::Error>> {
-    let mut conn = Conn::open(addr)?;
-    conn.send(
-        "GET",
-        "/ws",
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("Sec-WebSocket-Version", "13"),
-        ],
-        &[],
-    )?;
-    let (status, headers) = conn.read_head()?;
-    assert_eq!(status, 101);
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(
-        header("sec-websocket-accept").as_deref(),
-        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-    );
-    assert!(header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")));
-    Ok(conn)
 }
 
 #[test]

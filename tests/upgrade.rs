@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::http::{get, Conn};
+use support::http::{cookie, get, ws_open, ws_read, Conn};
 use support::load::Load;
 use support::{alive, poll_until, Corral, Options, PortHold, TestResult, DEADLINE};
 
@@ -107,14 +107,7 @@ fn sse_and_websocket_of_the_old_process_end_cleanly_at_drain_and_the_sticky_cook
     let mut corral = Corral::start(options)?;
     let mut conn = Conn::open(corral.addr)?;
     let first = conn.request("GET", "/session", &[], &[])?;
-    let sticky = first
-        .headers
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
-        .filter_map(|(_, v)| v.split(';').next())
-        .find(|pair| pair.starts_with("corral_sticky="))
-        .ok_or("no affinity cookie")?
-        .to_owned();
+    let sticky = cookie(&first, "corral_sticky").ok_or("no affinity cookie")?;
     let slot = first.json()["slot"].clone();
     let old_pid = first.json()["pid"].clone();
 
@@ -122,23 +115,9 @@ fn sse_and_websocket_of_the_old_process_end_cleanly_at_drain_and_the_sticky_cook
     sse.send("GET", "/sse", &[("Accept", "text/event-stream")], &[])?;
     assert_eq!(sse.read_head()?.0, 200);
     assert!(String::from_utf8_lossy(&sse.read_chunk()?.ok_or("no first event")?).contains("\"n\":0"));
-    let mut ws = Conn::open(corral.addr)?;
-    ws.send(
-        "GET",
-        "/ws",
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("Sec-WebSocket-Version", "13"),
-        ],
-        &[],
-    )?;
-    assert_eq!(ws.read_head()?.0, 101);
-    // The worker's greeting: one short text frame.
-    let head = ws.read_exact_bytes(2)?;
-    assert_eq!(head[0], 0x81, "a final text frame");
-    ws.read_exact_bytes(usize::from(head[1] & 0x7f))?;
+    let mut ws = ws_open(corral.addr)?;
+    // The worker's greeting.
+    ws_read(&mut ws)?;
 
     let (ok, text) = upgrade(&corral, &[])?;
     assert!(ok, "{text}\n{}", corral.logs());
@@ -156,10 +135,7 @@ fn sse_and_websocket_of_the_old_process_end_cleanly_at_drain_and_the_sticky_cook
     assert_eq!(next.json()["slot"], slot, "{}", next.text());
     assert_ne!(next.json()["pid"], old_pid);
     assert!(
-        !next
-            .headers
-            .iter()
-            .any(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v.starts_with("corral_sticky=")),
+        cookie(&next, "corral_sticky").is_none(),
         "the old cookie was not accepted: {:?}",
         next.headers
     );

@@ -213,14 +213,7 @@ async fn recent_output(socket: &Path, app: &str) -> String {
         .ok()
         .flatten()
         .unwrap_or_default();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let mut out = format!("its last output ({} line(s)):\n", lines.len());
-    for line in lines {
-        out.push_str(&format!("  [{} {}] {}\n", line.app, line.slot, line.text));
-    }
-    out
+    crate::logs::recent::report(&lines)
 }
 
 /// Stops the instance at `socket` and reaps `child`.

@@ -33,6 +33,19 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// `lines` as a failure report shows them: a heading, then one indented `[app slot] text` line
+/// each; empty without lines.
+pub fn report(lines: &[LogLine]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("its last output ({} line(s)):\n", lines.len());
+    for line in lines {
+        out.push_str(&format!("  [{} {}] {}\n", line.app, line.slot, line.text));
+    }
+    out
+}
+
 /// One app's recent output.
 #[derive(Debug, Default)]
 pub struct Recent {

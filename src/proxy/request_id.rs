@@ -61,6 +61,14 @@ pub fn make() -> HeaderValue {
     HeaderValue::from_bytes(&id[..len]).expect("UNWRAP: hex digits and dashes are a valid header value")
 }
 
+/// Draws the process's prefix now. The first draw from the system randomness initialises
+/// aws-lc's entropy source (about 70 ms of CPU on the benchmark machine), which must not fall
+/// on a request: a corral taking over by upgrade, which makes no ticket key, paid it on its
+/// first request, and every connection waited that long after the switch.
+pub fn init() {
+    prefix();
+}
+
 /// 12 hex digits, random, drawn once per process.
 fn prefix() -> &'static [u8; 12] {
     static PREFIX: OnceLock<[u8; 12]> = OnceLock::new();

@@ -123,11 +123,11 @@ impl Serving<'_> {
                 let addr = *addr;
                 let accept_loop = async move {
                     match hold {
-                        // Taking over: not before the running corral has stopped accepting.
-                        Some(released) => tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = released.cancelled() => {}
-                        },
+                        Some(released) => {
+                            if !released_before_stop(&released, &stop).await {
+                                return;
+                            }
+                        }
                         None => tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = async {
@@ -175,9 +175,8 @@ impl Serving<'_> {
                 accept_loops.spawn_on(
                     async move {
                         if let Some(released) = hold {
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = released.cancelled() => {}
+                            if !released_before_stop(&released, &stop).await {
+                                return;
                             }
                         }
                         if let Err(e) =
@@ -191,5 +190,14 @@ impl Serving<'_> {
             }
             info!(%addr, "http_redirect: answering 308 to https");
         }
+    }
+}
+
+/// Taking over: waits until the running corral has stopped accepting (true), or for `stop`
+/// (false: this process gave up before the switch).
+async fn released_before_stop(released: &CancellationToken, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = released.cancelled() => true,
     }
 }

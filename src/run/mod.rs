@@ -89,27 +89,27 @@ pub async fn run(config: Config, mut inherited: Option<Inherited>) -> Result<(),
     crate::limits::raise();
     let mut signals = Signals::install().map_err(RunError::Signals)?;
 
+    crate::proxy::request_id::init();
     let shards = Shards::start(crate::config::usable_cpus()).map_err(RunError::Shards)?;
     for warning in &config.warnings {
         warn!("{}:{}: {}", config.path.display(), warning.line, warning.message);
     }
     // One front per public address: the apps that share it (several when they name `hosts`).
+    // A socket the previous corral handed over is served as it is; others are bound here.
+    let open = |addr: std::net::SocketAddr, handed: Option<Vec<std::net::TcpListener>>| match handed {
+        Some(handed) => listener::adopt(handed, shards.len()),
+        None => listener::bind(addr, shards.len()),
+    };
     let addresses = group_by(&config, |app| app.listen);
-    let mut sockets = Vec::new();
-    for (addr, _) in &addresses {
-        sockets.push(match inherited.as_mut().and_then(|i| i.public(*addr)) {
-            Some(handed) => listener::adopt(handed, shards.len())?,
-            None => listener::bind(*addr, shards.len())?,
-        });
-    }
+    let sockets = addresses
+        .iter()
+        .map(|(addr, _)| open(*addr, inherited.as_mut().and_then(|i| i.public(*addr))))
+        .collect::<Result<Vec<_>, _>>()?;
     let redirects = group_by(&config, |app| app.http_redirect);
-    let mut redirect_sockets = Vec::new();
-    for (addr, _) in &redirects {
-        redirect_sockets.push(match inherited.as_mut().and_then(|i| i.redirect(*addr)) {
-            Some(handed) => listener::adopt(handed, shards.len())?,
-            None => listener::bind(*addr, shards.len())?,
-        });
-    }
+    let redirect_sockets = redirects
+        .iter()
+        .map(|(addr, _)| open(*addr, inherited.as_mut().and_then(|i| i.redirect(*addr))))
+        .collect::<Result<Vec<_>, _>>()?;
     // Certificates are loaded before anything starts: a file that broke since `check` fails
     // the start with its name.
     let mut certs: Vec<Option<Arc<CertStore>>> = Vec::new();
@@ -195,10 +195,10 @@ pub async fn run(config: Config, mut inherited: Option<Inherited>) -> Result<(),
         }));
     }
     for (socket, (addr, _)) in sockets.iter().zip(&addresses) {
-        upgrader.keep(true, *addr, &socket.sockets);
+        upgrader.keep_public(*addr, &socket.sockets);
     }
     for (socket, (addr, _)) in redirect_sockets.iter().zip(&redirects) {
-        upgrader.keep(false, *addr, &socket.sockets);
+        upgrader.keep_redirect(*addr, &socket.sockets);
     }
     upgrader.keep_control(control.listener());
     tokio::spawn(crate::reaper::run(shutdown.child_token()));

@@ -342,15 +342,12 @@ fn switch_output(stdout: &OwnedFd, stderr: &OwnedFd) {
 
 /// The failing app's last output lines, for the failure report.
 async fn recent_output(supervisor: &Handle, app: &str) -> String {
-    let Ok(lines) = supervisor.logs(Some(app.to_owned()), REPORT_LINES).await else {
-        return String::new();
-    };
-    if lines.is_empty() {
-        return String::new();
+    let lines = supervisor
+        .logs(Some(app.to_owned()), REPORT_LINES)
+        .await
+        .unwrap_or_default();
+    match crate::logs::recent::report(&lines) {
+        report if report.is_empty() => report,
+        report => format!("\n{}", report.trim_end()),
     }
-    let mut out = format!("\nits last output ({} line(s)):", lines.len());
-    for line in lines {
-        out.push_str(&format!("\n  [{} {}] {}", line.app, line.slot, line.text));
-    }
-    out
 }

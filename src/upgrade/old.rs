@@ -45,6 +45,9 @@ pub struct Upgrader {
     /// Cancelled when a stop begins: an upgrade under way gives up (the new process is
     /// stopped), rather than taking over from a corral that was asked to stop.
     abort: CancellationToken,
+    /// The channel to the process this one handed over to, open until this one exits: its
+    /// end is how the new process learns that the old one is gone.
+    successor: Mutex<Option<tokio::net::unix::OwnedWriteHalf>>,
     /// Upgrades under way and the replies to them: a stopping corral waits for these, so a
     /// `corral upgrade` client hears why its upgrade did not happen.
     tasks: tokio_util::task::TaskTracker,
@@ -80,15 +83,20 @@ impl Upgrader {
             stop_accepting,
             handed_over: CancellationToken::new(),
             abort: CancellationToken::new(),
+            successor: Mutex::new(None),
             tasks: tokio_util::task::TaskTracker::new(),
             deadline,
         }
     }
 
-    /// Keeps copies of an address's listening sockets, to hand over.
-    pub fn keep<F: AsFd>(&self, role_public: bool, config: SocketAddr, sockets: &[F]) {
-        let role = if role_public { Role::Public } else { Role::Redirect };
-        self.keep_role(role, config, sockets);
+    /// Keeps copies of a public address's listening sockets, to hand over.
+    pub fn keep_public<F: AsFd>(&self, config: SocketAddr, sockets: &[F]) {
+        self.keep_role(Role::Public, config, sockets);
+    }
+
+    /// Keeps copies of an `http_redirect` address's listening sockets, to hand over.
+    pub fn keep_redirect<F: AsFd>(&self, config: SocketAddr, sockets: &[F]) {
+        self.keep_role(Role::Redirect, config, sockets);
     }
 
     /// Keeps a copy of the admin listener.
@@ -463,9 +471,7 @@ impl Upgrader {
         if let Err(e) = write.write_all(line.as_bytes()).await {
             warn!(error = %e, "the new corral went away at the switch");
         }
-        // The write half stays open until this process exits: its end is how the new process
-        // learns that the old one is gone.
-        std::mem::forget(write);
+        *self.successor.lock().unwrap_or_else(|p| p.into_inner()) = Some(write);
         say(format!(
             "new corral (pid {pid}) took over; draining this one (pid {})",
             std::process::id()

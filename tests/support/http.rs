@@ -182,3 +182,59 @@ impl Conn {
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     Conn::open(addr)?.get(path)
 }
+
+/// The `name=value` part of a response's Set-Cookie for `name`.
+pub fn cookie(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.split(';').next())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// A WebSocket client frame: FIN + text, masked (clients must mask).
+pub fn ws_frame(text: &str) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend(mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+pub fn ws_read(conn: &mut Conn) -> Result<String, Box<dyn std::error::Error>> {
+    let head = conn.read_exact_bytes(2)?;
+    assert_eq!(head[0], 0x81, "a final text frame");
+    let payload = conn.read_exact_bytes(usize::from(head[1] & 0x7f))?;
+    Ok(String::from_utf8(payload)?)
+}
+
+pub fn ws_open(addr: std::net::SocketAddr) -> Result<Conn, Box<dyn std::error::Error>> {
+    let mut conn = Conn::open(addr)?;
+    conn.send(
+        "GET",
+        "/ws",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        &[],
+    )?;
+    let (status, headers) = conn.read_head()?;
+    assert_eq!(status, 101);
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("sec-websocket-accept").as_deref(),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    assert!(header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")));
+    Ok(conn)
+}

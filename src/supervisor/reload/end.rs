@@ -42,14 +42,28 @@ impl Supervisor {
             run.done.join(", ")
         );
         info!("{message}");
-        self.emit(Draft::global(Kind::ReloadDone).message(message.clone()));
+        self.record_reload(run.reply.take(), Ok(message));
+    }
+
+    /// How a reload ended, in the event stream and the status, and to its caller.
+    fn record_reload(
+        &mut self,
+        reply: Option<tokio::sync::oneshot::Sender<super::Outcome>>,
+        result: Result<String, String>,
+    ) {
+        let (ok, message) = match &result {
+            Ok(message) => (true, message.clone()),
+            Err(message) => (false, message.clone()),
+        };
+        let kind = if ok { Kind::ReloadDone } else { Kind::ReloadFailed };
+        self.emit(Draft::global(kind).message(message.clone()));
         self.last_reload = Some(ReloadOutcome {
-            ok: true,
-            message: message.clone(),
+            ok,
+            message,
             at_ms: self.started.elapsed().as_millis() as u64,
         });
-        if let Some(reply) = run.reply.take() {
-            let _client_gone = reply.send(Ok(message));
+        if let Some(reply) = reply {
+            let _client_gone = reply.send(result.map_err(|message| CommandError::new(ErrorCode::Failed, message)));
         }
     }
 
@@ -84,15 +98,7 @@ impl Supervisor {
             ));
         }
         error!("{message}");
-        self.emit(Draft::global(Kind::ReloadFailed).message(message.clone()));
-        self.last_reload = Some(ReloadOutcome {
-            ok: false,
-            message: message.clone(),
-            at_ms: self.started.elapsed().as_millis() as u64,
-        });
-        if let Some(reply) = run.reply.take() {
-            let _client_gone = reply.send(Err(CommandError::new(ErrorCode::Failed, message)));
-        }
+        self.record_reload(run.reply.take(), Err(message));
     }
 
     /// `reload_keep_old = true`: the new workers leave, the held old ones return to rotation.
